@@ -1,0 +1,12 @@
+"""dropit_cuda: DropIT (dropping intermediate tensors) for memory-efficient PyTorch training.
+
+Conv and linear layers cache their input only for the weight gradient; DropIT caches only the
+largest-magnitude ``1 - gamma`` fraction of every chunk of that input, packed, and computes the
+weight gradient from the sparse copy.
+"""
+
+from ._native import extension_info
+from .ops import Packed, pack, unpack
+
+__all__ = ["Packed", "extension_info", "pack", "unpack"]
+__version__ = "0.1.0"

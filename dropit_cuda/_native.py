@@ -1,0 +1,70 @@
+"""Loads the native library: the ahead-of-time ``_C`` module, else a just-in-time build."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+
+from . import _build
+
+_state: dict = {}
+
+
+def _jit_build() -> str:
+    with_cuda = _build.want_cuda()
+    if with_cuda:
+        _build.prepare_cuda_env()
+        if "torch.utils.cpp_extension" in sys.modules:  # it read CUDA_HOME at import
+            sys.modules["torch.utils.cpp_extension"].CUDA_HOME = _build.find_cuda_home()
+    from torch.utils import cpp_extension
+
+    args = _build.compile_args(with_cuda)
+    cpp_extension.load(
+        name="dropit_cuda_jit" + ("_cuda" if with_cuda else "_cpu"),
+        sources=_build.sources(with_cuda),
+        extra_include_paths=[str(_build.root() / "csrc")],
+        extra_cflags=args["cxx"],
+        extra_cuda_cflags=args["nvcc"],
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=False,
+    )
+    return "jit"
+
+
+def load() -> str:
+    """Loads the ops once; returns how they were built: ``"aot"`` or ``"jit"``."""
+    if "mode" not in _state:
+        try:
+            importlib.import_module("dropit_cuda._C")
+            _state["mode"] = "aot"
+        except ImportError:
+            if not (_build.root() / "csrc").is_dir():
+                raise ImportError(
+                    "dropit_cuda's compiled module _C is missing and its C++ sources are not "
+                    "beside the package to build it just in time; reinstall with `pip install .`"
+                ) from None
+            _state["mode"] = _jit_build()
+    return _state["mode"]
+
+
+def extension_info() -> dict:
+    """How the native code was built.
+
+    Keys: ``mode`` (``"aot"`` or ``"jit"``), ``cuda_kernels`` (whether CUDA implementations are
+    registered), ``cuda_archs`` (the architectures they were compiled for), ``cuda_available``
+    (whether torch sees a GPU now), ``torch`` and ``torch_cuda`` (versions).
+    """
+    mode = load()
+    fields = dict(kv.split("=", 1) for kv in torch.ops.dropit_cuda.build_info().split("|"))
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("dropit_cuda::pack", "CUDA")
+    return {
+        "mode": mode,
+        "cuda_kernels": bool(has_cuda),
+        "cuda_archs": fields.get("archs", "").split(";") if fields.get("archs") else [],
+        "cuda_available": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+    }

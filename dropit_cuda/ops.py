@@ -1,0 +1,220 @@
+"""Python wrappers of the native ops: ``pack``, ``unpack`` and the ``Packed`` cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from . import _native
+
+_native.load()
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_KINDS = ("auto", "bitmap", "offsets")
+MAX_CHUNK = 65536
+
+
+def check_gamma(gamma: float, name: str = "gamma") -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(gamma).__name__}")
+    if not 0.0 <= gamma < 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1), got {gamma}")
+    return float(gamma)
+
+
+def check_chunk(chunk: int, name: str = "chunk") -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, int):
+        raise TypeError(f"{name} must be an int in [1, {MAX_CHUNK}], got {type(chunk).__name__}")
+    if not 1 <= chunk <= MAX_CHUNK:
+        raise ValueError(f"{name} must be in [1, {MAX_CHUNK}], got {chunk}")
+    return chunk
+
+
+def keep_count(length: int, gamma: float) -> int:
+    """Elements a chunk of ``length`` keeps: ``length - floor(gamma * length)``."""
+    return length - math.floor(gamma * length)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of the packed form of ``numel`` elements in chunks of ``chunk``."""
+
+    numel: int
+    chunk: int
+    gamma: float
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.numel // self.chunk)
+
+    @property
+    def keep(self) -> int:
+        return keep_count(self.chunk, self.gamma)
+
+    @property
+    def total_kept(self) -> int:
+        if self.num_chunks == 0:
+            return 0
+        last = self.numel - (self.num_chunks - 1) * self.chunk
+        return (self.num_chunks - 1) * self.keep + keep_count(last, self.gamma)
+
+    @property
+    def bitmap_words(self) -> int:
+        return self.num_chunks * (-(-self.chunk // 32))
+
+    def resolve_index(self, index: str) -> str:
+        """``"auto"`` picks the smaller encoding (the bitmap on a tie)."""
+        if index != "auto":
+            return index
+        return "bitmap" if 4 * self.bitmap_words <= 2 * self.total_kept else "offsets"
+
+
+def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
+    """``x`` as a 1-D tensor in its memory order, and that order's memory format."""
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return x.permute(0, 2, 3, 1).reshape(-1), torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return x.permute(0, 2, 3, 4, 1).reshape(-1), torch.channels_last_3d
+    return x.contiguous().view(-1), torch.contiguous_format
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The kept values of a tensor and their index; ``unpack`` rebuilds the sparse copy.
+
+    ``values`` holds, for chunk ``c``, its kept values at ``values[c*K : c*K + keep(L_c)]`` in
+    ascending index order (``K = keep(chunk)``). ``index`` is ``bitmap`` (int32 words,
+    ``ceil(chunk/32)`` per chunk, bit ``j`` of word ``w`` marks element ``32*w + j``) or
+    ``offsets`` (uint16 local positions, aligned with ``values``). ``tensors`` and
+    ``with_tensors`` let autograd functions pass the tensors through ``ctx.save_for_backward``.
+    """
+
+    values: torch.Tensor
+    index: torch.Tensor
+    index_kind: str
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    memory_format: torch.memory_format
+    chunk: int
+    gamma: float
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed tensors."""
+        return self.values.nbytes + self.index.nbytes
+
+    @property
+    def bitmap(self) -> Optional[torch.Tensor]:
+        return self.index if self.index_kind == "bitmap" else None
+
+    @property
+    def offsets(self) -> Optional[torch.Tensor]:
+        return self.index if self.index_kind == "offsets" else None
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.numel, self.chunk, self.gamma)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.values, self.index
+
+    def with_tensors(self, values: torch.Tensor, index: torch.Tensor) -> "Packed":
+        """The same metadata over other tensors (e.g. those from ``ctx.saved_tensors``)."""
+        return replace(self, values=values, index=index)
+
+    def validate(self) -> None:
+        """Raises ValueError/TypeError if the tensors don't match the metadata."""
+        check_gamma(self.gamma)
+        check_chunk(self.chunk)
+        if self.index_kind not in ("bitmap", "offsets"):
+            raise ValueError(f"index_kind must be 'bitmap' or 'offsets', got {self.index_kind!r}")
+        g = self.geometry
+        if self.values.dtype != self.dtype:
+            raise TypeError(f"Packed.values has dtype {self.values.dtype}, metadata says {self.dtype}")
+        if self.values.dim() != 1 or self.values.numel() != g.total_kept:
+            raise ValueError(
+                f"Packed.values has shape {tuple(self.values.shape)}, expected ({g.total_kept},) "
+                f"for shape {tuple(self.shape)}, gamma={self.gamma}, chunk={self.chunk}"
+            )
+        want = (torch.int32, g.bitmap_words) if self.index_kind == "bitmap" else (torch.uint16, g.total_kept)
+        if self.index.dtype != want[0]:
+            raise TypeError(f"Packed.index ({self.index_kind}) must be {want[0]}, got {self.index.dtype}")
+        if self.index.dim() != 1 or self.index.numel() != want[1]:
+            raise ValueError(
+                f"Packed.index ({self.index_kind}) has shape {tuple(self.index.shape)}, expected ({want[1]},)"
+            )
+        if self.values.device != self.index.device:
+            raise ValueError("Packed.values and Packed.index are on different devices")
+
+
+def pack(
+    x: torch.Tensor,
+    gamma: float = 0.9,
+    chunk: int = 16384,
+    index: str = "auto",
+    *,
+    random_seed: Optional[int] = None,
+) -> Packed:
+    """Keeps the largest-magnitude ``1 - gamma`` fraction of every ``chunk`` elements of ``x``.
+
+    ``x`` is read in memory order (contiguous, or channels_last where it is dense in that layout).
+    A chunk of length ``L`` keeps ``L - floor(gamma*L)`` elements: those with the largest
+    ``|x|`` (NaN counts above inf; ties go to the lower index). With ``random_seed`` the elements
+    are ranked by a hash of ``(random_seed, position)`` instead: the "random" strategy.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    gamma = check_gamma(gamma)
+    chunk = check_chunk(chunk)
+    if index not in INDEX_KINDS:
+        raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
+    if random_seed is not None and (isinstance(random_seed, bool) or not isinstance(random_seed, int)):
+        raise TypeError(f"random_seed must be an int or None, got {type(random_seed).__name__}")
+    flat, memory_format = _memory_order(x.detach())
+    kind = Geometry(flat.numel(), chunk, gamma).resolve_index(index)
+    seed = None if random_seed is None else random_seed & 0x7FFFFFFFFFFFFFFF
+    values, idx = torch.ops.dropit_cuda.pack(flat, gamma, chunk, kind == "bitmap", seed)
+    return Packed(values, idx, kind, x.shape, x.dtype, x.device, memory_format, chunk, gamma)
+
+
+def unpack(p: Packed) -> torch.Tensor:
+    """The dense tensor of ``p``: its shape, dtype, device and layout, dropped elements 0."""
+    if not isinstance(p, Packed):
+        raise TypeError(f"p must be a dropit_cuda.Packed, got {type(p).__name__}")
+    p.validate()
+    flat = torch.ops.dropit_cuda.unpack(
+        p.values, p.index, p.numel, p.gamma, p.chunk, p.index_kind == "bitmap"
+    )
+    shape = tuple(p.shape)
+    if p.memory_format == torch.channels_last:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    if p.memory_format == torch.channels_last_3d:
+        n, c, d, h, w = shape
+        return flat.view(n, d, h, w, c).permute(0, 4, 1, 2, 3)
+    return flat.view(shape)
+
+
+@torch.library.register_fake("dropit_cuda::pack")
+def _pack_fake(x, gamma, chunk, bitmap, seed=None):
+    g = Geometry(x.numel(), chunk, gamma)
+    values = x.new_empty(g.total_kept)
+    if bitmap:
+        return values, x.new_empty(g.bitmap_words, dtype=torch.int32)
+    return values, x.new_empty(g.total_kept, dtype=torch.uint16)
+
+
+@torch.library.register_fake("dropit_cuda::unpack")
+def _unpack_fake(values, index, numel, gamma, chunk, bitmap):
+    return values.new_empty(numel)
