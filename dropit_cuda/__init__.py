@@ -7,6 +7,7 @@ weight gradient from the sparse copy.
 
 from ._native import extension_info
 from .ops import Packed, pack, unpack
+from .relu import MaskedReLU, masked_relu
 
-__all__ = ["Packed", "extension_info", "pack", "unpack"]
+__all__ = ["MaskedReLU", "Packed", "extension_info", "masked_relu", "pack", "unpack"]
 __version__ = "0.1.0"
