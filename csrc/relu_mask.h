@@ -18,30 +18,9 @@
 #include <tuple>
 
 #include "dropit.h"
+#include "relu_mask_math.h"
 
 namespace dropit {
-
-// Sign bit and the bit pattern of +inf of a floating format.
-template <typename Bits>
-struct FloatBits {
-  Bits sign;
-  Bits inf;
-};
-
-// Whether the element's mask bit is set: x > 0 or x is NaN.
-template <typename Bits>
-DROPIT_HD bool relu_mask_bit(Bits x, Bits sign, Bits inf) {
-  const Bits mag = x & static_cast<Bits>(~sign);
-  return mag > inf || ((x & sign) == 0 && mag != 0);
-}
-
-// torch.relu on the bit pattern: +0 for x < 0, x itself otherwise.
-template <typename Bits>
-DROPIT_HD Bits relu_value(Bits x, Bits sign, Bits inf) {
-  const Bits mag = x & static_cast<Bits>(~sign);
-  const bool negative = (x & sign) != 0 && mag != 0 && mag <= inf;
-  return negative ? static_cast<Bits>(0) : x;
-}
 
 // Words of a mask over n elements.
 inline int64_t relu_mask_words(int64_t n) { return (n + 31) / 32; }

@@ -295,3 +295,34 @@ def test_torch_compile_matches_eager():
     compiled(x).sum().backward()
     for a, p in zip(eager, model.parameters()):
         torch.testing.assert_close(p.grad, a)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 33, 4099, 3_000_017])
+def test_cuda_matches_cpu_bytes(dtype, n):
+    x = special_input(n, dtype, seed=7)
+    y_cpu, mask_cpu, _ = relu_mask(x)
+    y, mask, _ = relu_mask(x.cuda())
+    assert torch.equal(bits(y.cpu()), bits(y_cpu)) and torch.equal(mask.cpu(), mask_cpu)
+    z = x.cuda()
+    _, mask_inplace, _ = relu_mask(z, inplace=True)
+    assert torch.equal(bits(z.cpu()), bits(y_cpu)) and torch.equal(mask_inplace.cpu(), mask_cpu)
+    grad = special_input(n, dtype, seed=8)
+    ref = relu_mask_backward(grad, mask_cpu)
+    assert torch.equal(bits(relu_mask_backward(grad.cuda(), mask).cpu()), bits(ref))
+
+
+@cuda
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_module_matches_nn_relu(inplace):
+    x0 = special_input(2 * 8 * 9 * 9, torch.float32, seed=9).view(2, 8, 9, 9).cuda()
+    x0 = x0.to(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(x0)
+    y_ref, g_ref = _grads(lambda ip: nn.ReLU(inplace=ip), x0, grad_out, inplace)
+    y, g = _grads(lambda ip: dc.MaskedReLU(inplace=ip), x0, grad_out, inplace)
+    assert_same_bits(y.cpu(), y_ref.cpu())
+    assert_same_bits(g.cpu(), g_ref.cpu())
