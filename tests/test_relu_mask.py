@@ -326,3 +326,90 @@ def test_cuda_module_matches_nn_relu(inplace):
     y, g = _grads(lambda ip: dc.MaskedReLU(inplace=ip), x0, grad_out, inplace)
     assert_same_bits(y.cpu(), y_ref.cpu())
     assert_same_bits(g.cpu(), g_ref.cpu())
+
+
+# --- In a model: the conv inputs are held by the convs alone -----------------------------------
+
+
+def swap_relus(model: nn.Module) -> nn.Module:
+    """Test-local swap of every nn.ReLU for a MaskedReLU (convert does this for users)."""
+    for name, child in model.named_children():
+        if type(child) is nn.ReLU:
+            setattr(model, name, dc.MaskedReLU(inplace=child.inplace))
+        else:
+            swap_relus(child)
+    return model
+
+
+def conv_input_holders(model: nn.Module, x: torch.Tensor):
+    """One forward pass; for each conv, the set of modules that saved a tensor sharing the
+    storage of the conv's input (written with hooks only, independent of dc.memory)."""
+    stack: list[str] = ["<top>"]
+    saved: list[tuple[str, int]] = []
+    conv_inputs: dict[str, torch.Tensor] = {}  # kept alive so their addresses aren't reused
+    handles = []
+    for name, m in model.named_modules():
+        if next(m.children(), None) is not None:
+            continue
+
+        def pre(mod, args, name=name):
+            stack.append(name)
+            if isinstance(mod, nn.Conv2d):
+                conv_inputs[name] = args[0]
+
+        def post(mod, args, out):
+            stack.pop()
+
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+
+    def pack(t):
+        saved.append((stack[-1], t.untyped_storage().data_ptr()))
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    holders = {
+        conv: {who for who, ptr in saved if ptr == inp.untyped_storage().data_ptr()}
+        for conv, inp in conv_inputs.items()
+    }
+    return out, holders
+
+
+def test_resnet18_conv_inputs_held_by_convs_alone():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(weights=None, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    _, holders = conv_input_holders(plain, x)
+    relus = {n for n, m in plain.named_modules() if isinstance(m, nn.ReLU)}
+    # Plain: every conv shares its input with a ReLU's cache, except the stem (the image) and
+    # the first conv after the max-pool (which saves its own input, not its output).
+    shared = {c for c, h in holders.items() if h & relus}
+    assert set(holders) - shared == {"conv1", "layer1.0.conv1"}
+
+    masked = swap_relus(copy.deepcopy(plain))
+    out, holders = conv_input_holders(masked, x)
+    # Only convs hold them (a block's conv1 and its downsample conv read the same tensor).
+    assert len(holders) == 20
+    assert all(conv in h and h <= set(holders) for conv, h in holders.items())
+    ref = plain(x)
+    assert torch.equal(out, ref)
+
+
+def test_resnet18_with_masked_relu_trains_a_step_like_plain():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(weights=None, num_classes=10)
+    masked = swap_relus(copy.deepcopy(plain))
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    for model in (plain, masked):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+    for (n, a), b in zip(plain.named_parameters(), masked.parameters()):
+        assert torch.equal(a, b), n
