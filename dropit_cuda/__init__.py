@@ -7,7 +7,34 @@ weight gradient from the sparse copy.
 
 from ._native import extension_info
 from .ops import Packed, pack, unpack
+from . import functional, strategies
+from .strategies import STRATEGIES
+from .modules import (
+    DropITConv1d,
+    DropITConv2d,
+    DropITConv3d,
+    DropITLinear,
+    DropITMultiheadAttention,
+)
+from .convert import convert, revert
 from .relu import MaskedReLU, masked_relu
 
-__all__ = ["MaskedReLU", "Packed", "extension_info", "masked_relu", "pack", "unpack"]
+__all__ = [
+    "DropITConv1d",
+    "DropITConv2d",
+    "DropITConv3d",
+    "DropITLinear",
+    "DropITMultiheadAttention",
+    "MaskedReLU",
+    "Packed",
+    "STRATEGIES",
+    "convert",
+    "extension_info",
+    "functional",
+    "masked_relu",
+    "pack",
+    "revert",
+    "strategies",
+    "unpack",
+]
 __version__ = "0.1.0"
