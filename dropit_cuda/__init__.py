@@ -7,6 +7,7 @@ weight gradient from the sparse copy.
 
 from ._native import extension_info
 from .ops import Packed, pack, unpack
+from . import memory
 
-__all__ = ["Packed", "extension_info", "pack", "unpack"]
+__all__ = ["Packed", "extension_info", "memory", "pack", "unpack"]
 __version__ = "0.1.0"
