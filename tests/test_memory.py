@@ -271,3 +271,80 @@ def test_packed_in_ctx_counted():
     kept = 3 * (64 - 48) + (8 - 6)  # keep(L) = L - floor(0.75 L)
     bitmap = 4 * 2 * 4  # 4 chunks, ceil(64/32) = 2 words of 4 bytes
     assert r.total_bytes == kept * F32 + min(bitmap, 2 * kept)
+
+
+class PackedLinearFn(torch.autograd.Function):
+    """A linear layer caching a packed input through save_for_backward (as DropIT layers do)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gamma):
+        p = dc.pack(x.detach(), gamma=gamma, chunk=128)
+        ctx.save_for_backward(p.values, p.index, weight)
+        ctx.meta = p.with_tensors(p.values[:0], p.index[:0])  # metadata only: empty views
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        values, index, weight = ctx.saved_tensors
+        x = dc.unpack(ctx.meta.with_tensors(values, index))
+        return g @ weight, g.t() @ x, None
+
+
+class PackedLinear(nn.Linear):
+    def forward(self, x):
+        return PackedLinearFn.apply(x, self.weight, 0.9)
+
+
+def test_packed_cache_through_save_for_backward():
+    m = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), PackedLinear(64, 8))
+    x = torch.randn(10, 16)
+    r = dc.memory.measure(m, x)
+    # 640 elements in chunks of 128: 5 chunks keep 128 - floor(115.2) = 13 each; bitmap 4 words each.
+    packed = 5 * 13 * F32 + 5 * 4 * 4
+    relu_out = nbytes(10, 64)
+    assert r.total_bytes == nbytes(10, 16) + relu_out + packed
+    row = r.module("2")
+    assert row.saved_bytes == row.exclusive_bytes == row.freeable_bytes == packed
+    assert row.is_layer  # an nn.Linear subclass
+
+
+def _bench_module():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_memory_smoke(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    bench = _bench_module()
+    out = tmp_path / "memory.json"
+    argv = ["--device", "cpu", "--models", "resnet18_cifar", "--batch", "1", "--dtypes", "fp32",
+            "--gammas", "0.9", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["variant"] == "baseline"
+    # Its first stage alone keeps about 15 tensors of 64x32x32 fp32 (256 KiB each) per sample.
+    assert rows[0]["saved_bytes"] > 10 * 256 * 1024
+    if hasattr(dc, "convert"):
+        assert [r["variant"] for r in rows][:2] == ["baseline", "dropit g=0.9"]
+        # conv inputs are ReLU outputs the ReLUs keep too: converting frees (almost) nothing
+        assert rows[1]["saved_bytes"] <= rows[0]["saved_bytes"]
+    assert "resnet18_cifar" in capsys.readouterr().out
+
+
+def test_bench_memory_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench = _bench_module()
+    rows = []
+    for dtype, scale in (("fp32", 4), ("bf16", 2)):
+        for gamma, b in ((None, 100), (0.8, 60), (0.9, 55)):
+            rows.append({"model": "vit_b_16", "dtype": dtype, "gamma": gamma, "options": {}, "batch": 2,
+                         "activation_bytes": b * scale * 1024**2})
+    path = tmp_path / "p.png"
+    bench.plot(rows, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
