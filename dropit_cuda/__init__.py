@@ -18,6 +18,7 @@ from .modules import (
 )
 from .convert import convert, revert
 from .relu import MaskedReLU, masked_relu
+from . import memory
 
 __all__ = [
     "DropITConv1d",
@@ -32,6 +33,7 @@ __all__ = [
     "extension_info",
     "functional",
     "masked_relu",
+    "memory",
     "pack",
     "revert",
     "strategies",
