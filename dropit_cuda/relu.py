@@ -157,6 +157,21 @@ class MaskedReLU(nn.ReLU):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return masked_relu(input, self.inplace)
 
+    @classmethod
+    def from_module(cls, module: nn.ReLU) -> "MaskedReLU":
+        """Turns ``module`` (an ``nn.ReLU``) into a ``MaskedReLU`` in place, keeping ``inplace``
+        and its hooks; returns it. Changing the object itself means a ReLU module used in several
+        places (torchvision's ``BasicBlock`` applies ``self.relu`` twice) is masked everywhere."""
+        if not isinstance(module, nn.ReLU):
+            raise TypeError(f"module must be an nn.ReLU, got {type(module).__name__}")
+        module.__class__ = cls
+        return module  # type: ignore[return-value]
+
+    def to_plain(self) -> nn.ReLU:
+        """Turns this module back into a plain ``nn.ReLU`` in place (``dc.revert`` calls this)."""
+        self.__class__ = nn.ReLU
+        return self
+
 
 @torch.library.register_fake("dropit_cuda::relu_mask_forward")
 def _relu_mask_forward_fake(x):
