@@ -413,3 +413,89 @@ def test_resnet18_with_masked_relu_trains_a_step_like_plain():
         opt.step()
     for (n, a), b in zip(plain.named_parameters(), masked.parameters()):
         assert torch.equal(a, b), n
+
+
+# --- convert(relu_mask=True) ------------------------------------------------------------------
+
+
+def _resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=10)
+
+
+def test_convert_swaps_relus_and_revert_undoes_it():
+    model = _resnet18()
+    relus = {n: m for n, m in model.named_modules() if type(m) is nn.ReLU}
+    assert relus and all(m.inplace for m in relus.values())
+    dc.convert(model, gamma=0.9)  # relu_mask is on by default
+    for name, m in model.named_modules():
+        assert type(m) is not nn.ReLU, name
+    for name, m in relus.items():
+        assert model.get_submodule(name) is m and type(m) is dc.MaskedReLU and m.inplace
+    dc.revert(model)
+    assert all(type(model.get_submodule(n)) is nn.ReLU and m.inplace for n, m in relus.items())
+    assert not any(isinstance(m, (dc.MaskedReLU, dc.DropITConv2d)) for m in model.modules())
+
+    off = dc.convert(_resnet18(), gamma=0.9, relu_mask=False)
+    assert sum(type(m) is nn.ReLU for m in off.modules()) == len(relus)
+    with pytest.raises(TypeError, match="relu_mask"):
+        dc.convert(_resnet18(), relu_mask=1)
+
+
+def test_convert_relu_mask_respects_patterns_and_shared_modules():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Linear(4, 8), relu, nn.Linear(8, 8), relu, nn.Linear(8, 2), nn.ReLU(inplace=True))
+    dc.convert(model, exclude="5")
+    # one module object used twice is masked in both places; the excluded one stays plain
+    assert type(model[1]) is dc.MaskedReLU and model[3] is model[1]
+    assert type(model[5]) is nn.ReLU
+    only = dc.convert(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), include="1")
+    assert type(only[1]) is dc.MaskedReLU and type(only[2]) is nn.Linear
+
+
+def test_converted_resnet18_trains_a_step():
+    model = dc.convert(_resnet18(), gamma=0.9)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([3, 4])
+    loss = nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()) if p.dim() == 4)
+
+
+def test_memory_measure_shows_conv_inputs_held_by_convs_alone():
+    x = torch.randn(2, 3, 32, 32)
+    plain = _resnet18()
+    convs = [n for n, m in plain.named_modules() if isinstance(m, nn.Conv2d)]
+    # A block's conv1 and its downsample conv read one tensor: held by two convs, by no ReLU.
+    pairs = {n for n in convs if n.endswith("downsample.0")}
+    pairs |= {n.replace("downsample.0", "conv1") for n in pairs}
+    after_relu = [n for n in convs if n not in pairs | {"conv1", "layer1.0.conv1"}]
+    assert len(after_relu) == 12
+
+    r_plain = dc.memory.measure(plain, x)
+    assert all(r_plain.module(n).freeable_bytes == 0 for n in after_relu)
+
+    masked = dc.convert(copy.deepcopy(plain), include="*relu")  # convs stay plain
+    assert not any(isinstance(m, dc.DropITConv2d) for m in masked.modules())
+    r_masked = dc.memory.measure(masked, x)
+    for n in after_relu:
+        row = r_masked.module(n)
+        assert row.freeable_bytes == row.saved_bytes == r_plain.module(n).saved_bytes > 0, n
+    # With plain convs only what the ReLUs held alone is freed (the last one's output, read by
+    # the average pool); the masks come on top, 1 bit per element.
+    masks = r_masked.by_type["MaskedReLU"]
+    relu_alone = r_plain.by_type["ReLU"].exclusive_bytes
+    assert relu_alone == 2 * 512 * 4
+    assert r_masked.total_bytes == r_plain.total_bytes - relu_alone + masks.saved_bytes
+    assert masks.saved_bytes * 32 == r_plain.by_type["ReLU"].saved_bytes
+
+    # And with DropIT convs, those inputs are replaced by packed caches.
+    converted = dc.convert(copy.deepcopy(plain), gamma=0.9)
+    r_conv = dc.memory.measure(converted, x)
+    for n in after_relu:
+        assert 0 < r_conv.module(n).saved_bytes < 0.25 * r_plain.module(n).saved_bytes, n
+    assert r_conv.total_bytes < r_masked.total_bytes
