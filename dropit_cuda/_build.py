@@ -73,7 +73,7 @@ def sources(with_cuda: bool, base: Path | None = None) -> list[str]:
 
 
 def compile_args(with_cuda: bool) -> dict[str, list[str]]:
-    cxx = ["-O3", "-std=c++20"]
+    cxx = ["-O3", "-std=c++20", "-DDROPIT_PYTHON_MODULE"]
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
