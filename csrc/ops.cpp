@@ -67,8 +67,10 @@ static std::string build_info() {
 #else
   info += "0";
 #endif
-#ifdef DROPIT_CUDA_ARCHS
-  info += "|archs=" DROPIT_CUDA_ARCHS;
+#ifdef DROPIT_CUDA_ARCHS  // a bare comma-separated list: quotes don't survive every build tool
+#define DROPIT_STRINGIFY(...) #__VA_ARGS__
+#define DROPIT_STRING(...) DROPIT_STRINGIFY(__VA_ARGS__)
+  info += "|archs=" DROPIT_STRING(DROPIT_CUDA_ARCHS);
 #endif
   return info;
 }

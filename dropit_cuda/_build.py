@@ -77,7 +77,7 @@ def compile_args(with_cuda: bool) -> dict[str, list[str]]:
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        define = f'-DDROPIT_CUDA_ARCHS="{archs}"'
+        define = "-DDROPIT_CUDA_ARCHS=" + ",".join(archs.replace(";", " ").split())
         cxx += ["-DDROPIT_WITH_CUDA", define]
         nvcc += ["-DDROPIT_WITH_CUDA", define]
         if os.environ.get("DROPIT_PTXAS_VERBOSE") == "1":
