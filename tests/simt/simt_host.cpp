@@ -5,7 +5,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -199,10 +202,15 @@ void run_block(Machine& m) {
     f.ctx.uc_link = &m.sched;
     makecontext(&f.ctx, fiber_entry, 0);
   }
+  std::vector<int> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (m.opt.order == LaunchOptions::Order::kReverse) std::reverse(order.begin(), order.end());
+  std::mt19937_64 rng(m.opt.shuffle_seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(m.block));
   while (m.done < n) {
     bool progressed = false;
+    if (m.opt.order == LaunchOptions::Order::kShuffled) std::shuffle(order.begin(), order.end(), rng);
     for (int i = 0; i < n && m.error.empty(); ++i) {
-      Fiber& f = m.fibers[m.opt.reverse_order ? n - 1 - i : i];
+      Fiber& f = m.fibers[order[i]];
       if (f.state != State::kRunnable) continue;
       m.cur = &f;
       ++m.stats.switches;

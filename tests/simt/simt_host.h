@@ -22,7 +22,11 @@ namespace host {
 
 struct LaunchOptions {
   size_t stack_bytes = 64 * 1024;  // per fiber
-  bool reverse_order = false;      // resume fibers from the highest thread index down
+  // Order in which the scheduler resumes runnable fibers in each sweep: by thread index up,
+  // down, or a fresh pseudo-random permutation per sweep (from shuffle_seed).
+  enum class Order { kForward, kReverse, kShuffled };
+  Order order = Order::kForward;
+  uint64_t shuffle_seed = 0;
   unsigned char poison = 0xA5;     // fill byte of shared memory at block start
 };
 
