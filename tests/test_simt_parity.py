@@ -98,7 +98,7 @@ def adversarial(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("chunk,n", [(7, 112), (1000, 2400)])
+@pytest.mark.parametrize("chunk,n", [(7, 336), (1000, 2400), (4096, 8200)])
 def test_adversarial_inputs(simt, dtype, chunk, n):
     for name, x in adversarial(dtype, n).items():
         for gamma in (0.5, 0.9, 0.99):

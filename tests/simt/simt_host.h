@@ -1,6 +1,7 @@
 // Host SIMT layer: runs kernel bodies written against csrc/cuda/simt.cuh on the CPU.
 //
-// A block's threads are cooperative fibers (ucontext) on the calling OS thread.
+// A block's threads are cooperative fibers (a small assembly context switch on x86-64,
+// ucontext elsewhere) on the calling OS thread.
 // A fiber runs until it reaches a barrier or a warp intrinsic, then yields:
 //  - sync() returns only when every thread of the block has reached it;
 //  - a warp intrinsic returns only when all 32 lanes of the warp have called
