@@ -286,7 +286,7 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
         if ((kept >> lane) & 1u) {
           const int pos = above_before + (ties_before < need ? ties_before : need) +
                           bitmap::rank_in_word(kept);
-          if (pos < k) {
+          if (static_cast<unsigned>(pos) < static_cast<unsigned>(k)) {  // guards a corrupt state
             vc[pos] = v[j];
             if (oc) oc[pos] = static_cast<uint16_t>(word * 32 + lane);
           }

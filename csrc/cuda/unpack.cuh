@@ -100,7 +100,7 @@ DROPIT_DEVICE void unpack_bitmap_block(const UnpackParams<Bits>& p) {
         const int e = base + (warp * kUnpackItems + j) * 32 + lane;
         if (e < L) {
           const int pos = pos0 + simt::popc(w[j] & lt);
-          const bool kept = ((w[j] >> lane) & 1u) && pos < k;
+          const bool kept = ((w[j] >> lane) & 1u) && static_cast<unsigned>(pos) < static_cast<unsigned>(k);
           oc[e] = kept ? vc[pos] : static_cast<Bits>(0);
         }
         pos0 += simt::popc(w[j]);

@@ -18,17 +18,27 @@ bool is_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
-dropit::simt::host::LaunchOptions options(int64_t stack_kb, bool reverse) {
-  dropit::simt::host::LaunchOptions o;
+dropit::simt::host::LaunchOptions options(int64_t stack_kb, const std::string& order) {
+  using Opt = dropit::simt::host::LaunchOptions;
+  Opt o;
   o.stack_bytes = static_cast<size_t>(stack_kb) * 1024;
-  o.reverse_order = reverse;
+  if (order == "forward") {
+    o.order = Opt::Order::kForward;
+  } else if (order == "reverse") {
+    o.order = Opt::Order::kReverse;
+  } else if (order.rfind("shuffled:", 0) == 0) {
+    o.order = Opt::Order::kShuffled;
+    o.shuffle_seed = std::stoull(order.substr(9));
+  } else {
+    TORCH_CHECK(false, "order must be forward, reverse or shuffled:<seed>, got ", order);
+  }
   return o;
 }
 
 std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64_t chunk, bool bitmap,
                                         std::optional<int64_t> seed, int64_t threads, int64_t source,
                                         int64_t smem_limit, int64_t grid, std::string variant,
-                                        bool reverse, int64_t stack_kb) {
+                                        std::string order, int64_t stack_kb) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous() && is_float(x.scalar_type()),
               "x must be a 1-D contiguous floating CPU tensor");
   TORCH_CHECK(gamma >= 0.0 && gamma < 1.0 && chunk >= 1 && chunk <= dropit::kMaxChunk, "bad gamma/chunk");
@@ -52,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64
   j.source = static_cast<int>(source);
   j.smem_limit = static_cast<size_t>(smem_limit);
   j.grid = grid;
-  j.options = options(stack_kb, reverse);
+  j.options = options(stack_kb, order);
   if (variant == "kernels") {
     dropit::simt_test::pack_kernels(j);
   } else if (variant == "drop_hist") {
@@ -66,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64
 }
 
 at::Tensor unpack(const at::Tensor& values, const at::Tensor& index, int64_t numel, double gamma,
-                  int64_t chunk, bool bitmap, int64_t threads, int64_t grid, bool reverse, int64_t stack_kb) {
+                  int64_t chunk, bool bitmap, int64_t threads, int64_t grid, std::string order, int64_t stack_kb) {
   TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous() &&
                   is_float(values.scalar_type()),
               "values must be a 1-D contiguous floating CPU tensor");
@@ -88,7 +98,7 @@ at::Tensor unpack(const at::Tensor& values, const at::Tensor& index, int64_t num
   j.geometry = g;
   j.threads = static_cast<int>(threads);
   j.grid = grid;
-  j.options = options(stack_kb, reverse);
+  j.options = options(stack_kb, order);
   dropit::simt_test::unpack_kernels(j);
   return out;
 }
@@ -110,10 +120,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, py::arg("x"), py::arg("gamma"), py::arg("chunk"), py::arg("bitmap"),
         py::arg("seed") = py::none(), py::arg("threads") = 0, py::arg("source") = -1,
         py::arg("smem_limit") = 227 * 1024, py::arg("grid") = 0, py::arg("variant") = "kernels",
-        py::arg("reverse") = false, py::arg("stack_kb") = 64,
+        py::arg("order") = "forward", py::arg("stack_kb") = 64,
         py::call_guard<py::gil_scoped_release>());
   m.def("unpack", &unpack, py::arg("values"), py::arg("index"), py::arg("numel"), py::arg("gamma"),
         py::arg("chunk"), py::arg("bitmap"), py::arg("threads") = 0, py::arg("grid") = 0,
-        py::arg("reverse") = false, py::arg("stack_kb") = 64, py::call_guard<py::gil_scoped_release>());
+        py::arg("order") = "forward", py::arg("stack_kb") = 64, py::call_guard<py::gil_scoped_release>());
   m.def("last_stats", &last_stats);
 }

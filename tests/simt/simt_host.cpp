@@ -1,11 +1,16 @@
 // Host SIMT layer: the implementation behind csrc/cuda/simt.cuh's host branch.
 #include "simt_host.h"
 
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -23,8 +28,50 @@ constexpr int kWarp = 32;
 
 enum class State { kRunnable, kBarrier, kWarp, kDone };
 
+#if defined(__x86_64__)
+// A minimal context switch (the signal mask is left alone: ucontext's
+// swapcontext makes two system calls per switch). Saves the callee-saved
+// registers, MXCSR and the x87 control word on the old stack, stores its stack
+// pointer in *save and continues on the stack `to`.
+extern "C" void dropit_simt_switch(void** save, void* to);
+asm(R"(
+  .text
+  .p2align 4
+  .globl dropit_simt_switch
+  .hidden dropit_simt_switch
+  .type dropit_simt_switch,@function
+dropit_simt_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size dropit_simt_switch,.-dropit_simt_switch
+)");
+#endif
+
 struct Fiber {
+#if defined(__x86_64__)
+  void* sp = nullptr;
+#else
   ucontext_t ctx;
+#endif
   State state = State::kRunnable;
   int tid = 0;
   size_t next_slot = 0;  // static shared arrays declared so far in this block
@@ -59,7 +106,11 @@ struct Machine {
   std::vector<Fiber> fibers;
   std::vector<std::unique_ptr<char[]>> stacks;
   size_t stack_bytes = 0;
+#if defined(__x86_64__)
+  void* sched_sp = nullptr;
+#else
   ucontext_t sched;
+#endif
   Fiber* cur = nullptr;
   int at_barrier = 0;
   int done = 0;
@@ -87,7 +138,20 @@ Machine& machine() {
 // Back to the scheduler; returns when the scheduler resumes this fiber.
 void yield(Machine& m) {
   Fiber* f = m.cur;
+#if defined(__x86_64__)
+  dropit_simt_switch(&f->sp, m.sched_sp);
+#else
   swapcontext(&f->ctx, &m.sched);
+#endif
+}
+
+// From the scheduler into fiber f, until it yields.
+void resume(Machine& m, Fiber& f) {
+#if defined(__x86_64__)
+  dropit_simt_switch(&m.sched_sp, f.sp);
+#else
+  swapcontext(&m.sched, &f.ctx);
+#endif
 }
 
 // Records a misuse and parks the fiber for good: the scheduler stops the launch.
@@ -115,7 +179,33 @@ void fiber_entry() {
   m.cur->state = State::kDone;
   ++m.done;
   if (m.at_barrier > 0) fail(m, "thread exited while others wait at a barrier");
-  // returning resumes uc_link: the scheduler
+#if defined(__x86_64__)
+  yield(m);  // never resumed: done fibers are not runnable
+  std::abort();
+#endif
+  // (ucontext) returning resumes uc_link: the scheduler
+}
+
+void init_fiber(Machine& m, Fiber& f, char* stack, size_t bytes) {
+#if defined(__x86_64__)
+  // The initial frame, as dropit_simt_switch leaves it: control words, six
+  // registers, then the "return address" fiber_entry. At fiber_entry's first
+  // instruction rsp must be 8 mod 16, as after a call.
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15);
+  top -= 8;  // fiber_entry's own (never used) return address slot
+  uint64_t* p = reinterpret_cast<uint64_t*>(top);
+  *--p = reinterpret_cast<uint64_t>(&fiber_entry);
+  for (int r = 0; r < 6; ++r) *--p = 0;
+  *--p = 0x037F00001F80ull;  // x87 control word (high half) and MXCSR (low half): the defaults
+  f.sp = p;
+  (void)m;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = stack;
+  f.ctx.uc_stack.ss_size = bytes;
+  f.ctx.uc_link = &m.sched;
+  makecontext(&f.ctx, fiber_entry, 0);
+#endif
 }
 
 void complete_warp(Machine& m, int w) {
@@ -193,20 +283,21 @@ void run_block(Machine& m) {
     f.tid = t;
     f.next_slot = 0;
     f.op = WarpOp::kBallot;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = m.stacks[t].get();
-    f.ctx.uc_stack.ss_size = m.opt.stack_bytes;
-    f.ctx.uc_link = &m.sched;
-    makecontext(&f.ctx, fiber_entry, 0);
+    init_fiber(m, f, m.stacks[t].get(), m.opt.stack_bytes);
   }
+  std::vector<int> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (m.opt.order == LaunchOptions::Order::kReverse) std::reverse(order.begin(), order.end());
+  std::mt19937_64 rng(m.opt.shuffle_seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(m.block));
   while (m.done < n) {
     bool progressed = false;
+    if (m.opt.order == LaunchOptions::Order::kShuffled) std::shuffle(order.begin(), order.end(), rng);
     for (int i = 0; i < n && m.error.empty(); ++i) {
-      Fiber& f = m.fibers[m.opt.reverse_order ? n - 1 - i : i];
+      Fiber& f = m.fibers[order[i]];
       if (f.state != State::kRunnable) continue;
       m.cur = &f;
       ++m.stats.switches;
-      swapcontext(&m.sched, &f.ctx);
+      resume(m, f);
       m.cur = nullptr;
       progressed = true;
     }

@@ -1,6 +1,7 @@
 // Host SIMT layer: runs kernel bodies written against csrc/cuda/simt.cuh on the CPU.
 //
-// A block's threads are cooperative fibers (ucontext) on the calling OS thread.
+// A block's threads are cooperative fibers (a small assembly context switch on x86-64,
+// ucontext elsewhere) on the calling OS thread.
 // A fiber runs until it reaches a barrier or a warp intrinsic, then yields:
 //  - sync() returns only when every thread of the block has reached it;
 //  - a warp intrinsic returns only when all 32 lanes of the warp have called
@@ -22,7 +23,11 @@ namespace host {
 
 struct LaunchOptions {
   size_t stack_bytes = 64 * 1024;  // per fiber
-  bool reverse_order = false;      // resume fibers from the highest thread index down
+  // Order in which the scheduler resumes runnable fibers in each sweep: by thread index up,
+  // down, or a fresh pseudo-random permutation per sweep (from shuffle_seed).
+  enum class Order { kForward, kReverse, kShuffled };
+  Order order = Order::kForward;
+  uint64_t shuffle_seed = 0;
   unsigned char poison = 0xA5;     // fill byte of shared memory at block start
 };
 
