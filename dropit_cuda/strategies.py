@@ -212,7 +212,8 @@ def _pack_channels(x: torch.Tensor, gamma: float, channel_dim: int, pick: Callab
 
 def _pick_min_k_channels(x, dim, keep):
     others = [d for d in range(x.dim()) if d != dim]
-    norms = torch.linalg.vector_norm(x, dim=others, dtype=torch.float32) if others else x.float().abs()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norms = torch.linalg.vector_norm(x, dim=others, dtype=acc) if others else x.to(acc).abs()
     # NaN norms count as largest, like the element key
     norms = torch.nan_to_num(norms, nan=float("inf"))
     idx = torch.topk(norms, keep, sorted=False).indices
