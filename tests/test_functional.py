@@ -123,12 +123,14 @@ def test_gradcheck_float64_gamma0(strategy):
     wc = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     bc = torch.randn(6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: DF.conv2d(x, w, b, 2, 1, 1, 2, gamma=0.0, strategy=strategy, chunk=16), (xc, wc, bc)
+        lambda x, w, b: DF.conv2d(x, w, b, 2, 1, 1, 2, gamma=0.0, strategy=strategy, chunk=16), (xc, wc, bc),
+        fast_mode=True,
     )
     x1 = torch.randn(2, 2, 7, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, w: DF.conv1d(x, w, None, 1, "same", 2, gamma=0.0, strategy=strategy, padding_mode="reflect"), (x1, w1)
+        lambda x, w: DF.conv1d(x, w, None, 1, "same", 2, gamma=0.0, strategy=strategy, padding_mode="reflect"),
+        (x1, w1), fast_mode=True,
     )
 
 
@@ -198,16 +200,18 @@ def _saved(fn):
     return out, saved
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_cache_holds_packed_input_not_dense(strategy):
+@pytest.mark.parametrize("strategy, padding_mode", [(s, "zeros") for s in STRATEGIES] + [
+    ("parallel_min_k", m) for m in ("reflect", "replicate", "circular")])
+def test_cache_holds_packed_input_not_dense(strategy, padding_mode):
     torch.manual_seed(6)
     conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
     x = torch.randn(2, 8, 16, 16, requires_grad=True)
-    out, saved = _saved(lambda: DF.conv2d(x, conv.weight, None, padding=1, gamma=0.9, strategy=strategy))
+    out, saved = _saved(lambda: DF.conv2d(x, conv.weight, None, padding=1, gamma=0.9, strategy=strategy,
+                                          padding_mode=padding_mode))
     assert any(t is conv.weight for t in saved)
     others = [t for t in saved if t is not conv.weight]
     assert others, "the packed input must go through save_for_backward"
-    assert not any(t.numel() == x.numel() and t.dtype == x.dtype for t in others)
+    assert not any(t.numel() >= x.numel() and t.dtype == x.dtype for t in others)
     assert not any(t.dtype == torch.int64 and t.numel() > 8 for t in others)
     nbytes = sum(t.nbytes for t in others)
     assert nbytes < 0.25 * x.nbytes  # ~0.1*4 + 1/8 bytes per element (channels: 0.1*4 + tiny)
@@ -339,3 +343,18 @@ def test_autocast(device, dtype):
         for a, b in zip(_grads(out, params, gout), _grads(want, params, gout)):
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+def test_padded_conv_gamma09_caches_padded_input(padding_mode):
+    torch.manual_seed(10)
+    conv = nn.Conv2d(3, 4, 3, padding=(2, 1), padding_mode=padding_mode)
+    x = torch.randn(2, 3, 7, 6, requires_grad=True)
+    out = DF.conv2d(x, conv.weight, conv.bias, padding=(2, 1), gamma=0.9, chunk=32, padding_mode=padding_mode)
+    gout = torch.randn_like(out)
+    gx, gw = _grads(out, [x, conv.weight], gout)
+    rx, _ = _grads(conv(x), [x, conv.weight], gout)
+    _assert_same(gx, rx)
+    padded = F.pad(x.detach(), [1, 1, 2, 2], mode=padding_mode)
+    x_hat = dc.unpack(dc.pack(padded, 0.9, 32))
+    _assert_same(gw, _exact_weight_grad_conv(x_hat, conv.weight, conv.bias, gout))
