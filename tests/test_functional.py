@@ -66,6 +66,7 @@ CONV_LAYOUT_CASES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("case, layout", CONV_LAYOUT_CASES)
 def test_conv_gamma0_equals_nn(case, layout):
     nd, cin, cout, k, s, p, d, g, bias, mode = case
