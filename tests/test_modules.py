@@ -214,3 +214,21 @@ def test_direct_dropit_mha_and_transformer_layer():
     for u, v in zip(torch.autograd.grad(out, [x, *layer.parameters()], gout),
                     torch.autograd.grad(want, [x, *ref.parameters()], gout)):
         torch.testing.assert_close(u, v)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_converted_transformer_encoder_eval_fast_path():
+    torch.manual_seed(3)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2)
+    ref = copy.deepcopy(enc).eval()
+    dc.convert(enc, gamma=0.9)
+    enc.eval()
+    x = torch.randn(2, 5, 8)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[0, -2:] = True
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x, src_key_padding_mask=kpm), ref(x, src_key_padding_mask=kpm))
+    enc.train()
+    out = enc(x)
+    out.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters())
