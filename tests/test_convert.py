@@ -184,3 +184,10 @@ def test_vit_b_16():
     dc.revert(m)
     assert all(type(a) is nn.MultiheadAttention for a in attn)
     assert all(type(a.out_proj) is NonDynamicallyQuantizableLinear for a in attn)
+
+
+def test_from_module_failure_leaves_module_plain():
+    lin = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="strategy"):
+        dc.DropITLinear.from_module(lin, gamma=0.5, strategy="bogus")
+    assert type(lin) is nn.Linear and "gamma" not in lin.__dict__

@@ -75,6 +75,13 @@ def test_module_defaults_and_bad_arguments():
         dc.DropITConv2d(4, 3, 3, strategy="median")
     with pytest.raises(ValueError, match="chunk"):
         dc.DropITConv1d(4, 3, 3, chunk=100000)
+    m.gamma = 0.25
+    assert m.gamma == 0.25
+    with pytest.raises(ValueError, match="gamma"):
+        m.gamma = 1.5
+    with pytest.raises(ValueError, match="strategy"):
+        m.strategy = "max_k"
+    assert (m.gamma, m.strategy) == (0.25, "parallel_min_k")
 
 
 def test_module_copy_and_pickle():
