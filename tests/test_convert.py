@@ -191,3 +191,19 @@ def test_from_module_failure_leaves_module_plain():
     with pytest.raises(ValueError, match="strategy"):
         dc.DropITLinear.from_module(lin, gamma=0.5, strategy="bogus")
     assert type(lin) is nn.Linear and "gamma" not in lin.__dict__
+
+
+def test_channels_last_model_gamma0():
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    m = m.to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(m)
+    dc.convert(m, gamma=0.0, skip_first=False)
+    x = torch.randn(2, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    out, want = m(x), ref(x)
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    want.sum().backward()
+    for p, q in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
