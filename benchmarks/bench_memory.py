@@ -196,6 +196,32 @@ def format_row(r: dict[str, Any]) -> str:
             f" {peak} {ratio('peak_bytes')} {step} {ratio('step_ms')}")
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (per-sample figures, so batches of any size compare)."""
+    mib = 1024.0**2
+    cuda = any("step_ms" in r for r in rows)
+    head = ["model", "precision", "variant", "batch", "saved MiB", "vs baseline",
+            "activations MiB/sample", "vs baseline", "held by conv/linear alone"]
+    if cuda:
+        head += ["peak MiB", "vs baseline", "step ms", "vs baseline"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pct(r: dict[str, Any], key: str) -> str:
+        v = r.get(f"{key}_vs_baseline")
+        return "" if v is None or r["gamma"] is None else f"{100 * (v - 1):+.1f}%"
+
+    for r in rows:
+        act = r["activation_bytes"]
+        cells = [r["model"], r["dtype"], r["variant"], str(r["batch"]), f"{r['saved_bytes'] / mib:.1f}",
+                 pct(r, "saved_bytes"), f"{act / r['batch'] / mib:.2f}", pct(r, "activation_bytes"),
+                 f"{100.0 * r['layer_freeable_bytes'] / act:.1f}%" if act else "-"]
+        if cuda:
+            cells += [f"{r['peak_bytes'] / mib:.0f}" if "peak_bytes" in r else "-", pct(r, "peak_bytes"),
+                      f"{r['step_ms']:.1f}" if "step_ms" in r else "-", pct(r, "step_ms")]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def plot(rows: list[dict[str, Any]], path: str) -> None:
     """Saved bytes per sample against gamma, one panel per model, one line per precision/option."""
     import matplotlib
@@ -266,6 +292,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-train", action="store_true", help="on CUDA, skip peak memory and step time")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of saved bytes against gamma")
+    p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     p.add_argument("--verbose", action="store_true", help="print every dc.memory report")
     args = p.parse_args(argv)
     if args.batch is not None and args.batch < 1:
@@ -301,6 +328,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for line in targets(rows):
         print(line)
     print(f"# done in {time.perf_counter() - t0:.1f} s")
+    if args.markdown:
+        print()
+        print(markdown(rows))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": args.device,
