@@ -128,7 +128,32 @@ def train_step_figures(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype
     return {"peak_bytes": peak, "peak_over_resting_bytes": peak - base, "step_ms": statistics.median(times)}
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def measure_variant(args: argparse.Namespace, name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    dname: str, label: str, gamma: Optional[float], kwargs: dict) -> dict[str, Any]:
+    """One row: saved bytes (and on CUDA the training-step figures) of one variant."""
+    dtype = DTYPES[dname]
+    model = make_variant(base, gamma, kwargs)
+    t0 = time.perf_counter()
+    rep = measure_saved(model, x, dtype)
+    row: dict[str, Any] = {
+        "model": name, "dtype": dname, "variant": label, "gamma": gamma,
+        "options": kwargs, "batch": x.shape[0], "device": str(x.device),
+        "saved_bytes": rep.total_bytes,
+        "weight_copy_bytes": rep.weight_copy_bytes,
+        "activation_bytes": rep.total_bytes - rep.weight_copy_bytes,
+        "layer_freeable_bytes": rep.layer_freeable_bytes,
+        "dropit_bytes": rep.dropit_bytes,
+        "by_type": {k: v.to_dict() for k, v in rep.by_type.items()},
+        "measure_s": round(time.perf_counter() - t0, 3),
+    }
+    if args.verbose:
+        print(rep, flush=True)
+    if x.device.type == "cuda" and not args.no_train:
+        row.update(train_step_figures(model, x, y, dtype, args.warmup, args.steps))
+    return row
+
+
+def run(args: argparse.Namespace, errors: list[str]) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
     rows: list[dict[str, Any]] = []
@@ -139,35 +164,24 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         x = torch.randn((batch,) + INPUT[name], generator=g).to(device)
         y = torch.randint(0, CLASSES[name], (batch,), generator=g).to(device)
         for dname in args.dtypes:
-            dtype = DTYPES[dname]
             baseline: Optional[dict[str, Any]] = None
             for label, gamma, kwargs in variants(args.gammas):
-                model = make_variant(base, gamma, kwargs)
-                t0 = time.perf_counter()
-                rep = measure_saved(model, x, dtype)
-                row: dict[str, Any] = {
-                    "model": name, "dtype": dname, "variant": label, "gamma": gamma,
-                    "options": kwargs, "batch": batch, "device": str(device),
-                    "saved_bytes": rep.total_bytes,
-                    "weight_copy_bytes": rep.weight_copy_bytes,
-                    "activation_bytes": rep.total_bytes - rep.weight_copy_bytes,
-                    "layer_freeable_bytes": rep.layer_freeable_bytes,
-                    "dropit_bytes": rep.dropit_bytes,
-                    "by_type": {k: v.to_dict() for k, v in rep.by_type.items()},
-                    "measure_s": round(time.perf_counter() - t0, 3),
-                }
-                if on_cuda and not args.no_train:
-                    row.update(train_step_figures(model, x, y, dtype, args.warmup, args.steps))
-                if baseline is None:
+                try:
+                    row = measure_variant(args, name, base, x, y, dname, label, gamma, kwargs)
+                except Exception as e:  # keep going: one failing variant should not hide the rest
+                    msg = f"{name} {dname} {label}: {type(e).__name__}: {e}"
+                    print(f"# FAILED {msg}", flush=True)
+                    errors.append(msg)
+                    if on_cuda:
+                        torch.cuda.empty_cache()
+                    continue
+                if gamma is None:
                     baseline = row
                 for key in ("saved_bytes", "activation_bytes", "peak_bytes", "step_ms"):
-                    if key in row and baseline.get(key):
+                    if baseline is not None and key in row and baseline.get(key):
                         row[f"{key}_vs_baseline"] = row[key] / baseline[key]
                 rows.append(row)
                 print(format_row(row), flush=True)
-                if args.verbose:
-                    print(rep, flush=True)
-                del model, rep
                 if on_cuda:
                     torch.cuda.empty_cache()
         del base
@@ -267,7 +281,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 def targets(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for r in rows:
-        if r["model"] == "vit_b_16" and r["dtype"] == "fp32" and r["gamma"] == 0.9 and not r["options"]:
+        if (r["model"] == "vit_b_16" and r["dtype"] == "fp32" and r["gamma"] == 0.9 and not r["options"]
+                and "saved_bytes_vs_baseline" in r):
             less = 100 * (1 - r["saved_bytes_vs_baseline"])
             out.append(f"target ViT-B/16 g=0.9 fp32: saved-for-backward bytes {less:.1f}% below baseline"
                        f" (target >= 30%): {'met' if less >= 30 else 'NOT met'}")
@@ -324,7 +339,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(HEADER)
     print("-" * len(HEADER))
     t0 = time.perf_counter()
-    rows = run(args)
+    errors: list[str] = []
+    rows = run(args, errors)
     for line in targets(rows):
         print(line)
     print(f"# done in {time.perf_counter() - t0:.1f} s")
@@ -338,12 +354,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "torch": torch.__version__, "host": platform.node(), "argv": sys.argv[1:],
                 "extension": dc.extension_info()}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "rows": rows, "errors": errors}, f, indent=1)
         print(f"# wrote {args.json}")
     if args.plot:
         plot(rows, args.plot)
         print(f"# wrote {args.plot}")
-    return 0
+    for msg in errors:
+        print(f"# FAILED {msg}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
