@@ -69,8 +69,10 @@ def variants(gammas: list[float]) -> list[tuple[str, Optional[float], dict]]:
     out: list[tuple[str, Optional[float], dict]] = [("baseline", None, {})]
     if not hasattr(dc, "convert"):
         return out
+    # relu_mask defaults to on where convert has it: these rows turn it off to show DropIT alone
+    plain = {"relu_mask": False} if convert_supports("relu_mask") else {}
     for g in gammas:
-        out.append((f"dropit g={g}", g, {}))
+        out.append((f"dropit g={g}", g, plain))
     if convert_supports("relu_mask"):
         for g in gammas:
             out.append((f"dropit g={g} +relu_mask", g, {"relu_mask": True}))
