@@ -335,6 +335,9 @@ def test_bench_memory_smoke(tmp_path, capsys):
         # conv inputs are ReLU outputs the ReLUs keep too: converting frees (almost) nothing,
         # and the packs come on top of the dense tensors (about +7% at gamma 0.9)
         assert 0.95 <= rows[1]["saved_bytes_vs_baseline"] <= 1.15
+        masked = [r for r in rows if r["options"].get("relu_mask")]
+        if masked:  # ReLUs caching a 1-bit mask leave the conv inputs to the convs alone
+            assert masked[0]["saved_bytes_vs_baseline"] < 0.7
     assert "resnet18_cifar" in capsys.readouterr().out
 
 
@@ -384,9 +387,18 @@ def test_converted_model_frees_only_exclusive_inputs():
     assert r.dropit_bytes == packed and r.layer_freeable_bytes == nbytes(10, 16)
 
     # ReLU keeps its output, the very tensor the linear caches: packing adds the pack on top.
+    import inspect
+
+    has_mask = "relu_mask" in inspect.signature(dc.convert).parameters
+    no_mask = {"relu_mask": False} if has_mask else {}
     base = dc.memory.measure(build(nn.ReLU()), x)
-    r = dc.memory.measure(dc.convert(build(nn.ReLU()), gamma=0.9, chunk=128), x)
+    r = dc.memory.measure(dc.convert(build(nn.ReLU()), gamma=0.9, chunk=128, **no_mask), x)
     assert r.total_bytes == base.total_bytes + packed
+    if has_mask:  # a ReLU caching a 1-bit mask (int32 words) leaves the tensor to the linear
+        r = dc.memory.measure(dc.convert(build(nn.ReLU()), gamma=0.9, chunk=128, relu_mask=True), x)
+        mask = 4 * (-(-640 // 32))
+        assert r.total_bytes == nbytes(10, 16) + mask + packed
+        assert r.module("1").exclusive_bytes == mask
 
 
 def test_converted_under_autocast():
