@@ -165,9 +165,12 @@ def run(args: argparse.Namespace, errors: list[str]) -> list[dict[str, Any]]:
         g = torch.Generator().manual_seed(1)
         x = torch.randn((batch,) + INPUT[name], generator=g).to(device)
         y = torch.randint(0, CLASSES[name], (batch,), generator=g).to(device)
+        todo = variants(args.gammas)
+        if not any(isinstance(m, nn.ReLU) for m in base.modules()):
+            todo = [v for v in todo if not v[2].get("relu_mask")]  # the same rows again
         for dname in args.dtypes:
             baseline: Optional[dict[str, Any]] = None
-            for label, gamma, kwargs in variants(args.gammas):
+            for label, gamma, kwargs in todo:
                 try:
                     row = measure_variant(args, name, base, x, y, dname, label, gamma, kwargs)
                 except Exception as e:  # keep going: one failing variant should not hide the rest
@@ -266,6 +269,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
                 continue
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    color="C0" if key.startswith("fp32") else "C1",
                     linestyle="--" if "relu_mask" in key else "-", label=key)
         ax.set_title(f"{name} (train mode, per sample)")
         ax.set_xlabel("gamma (0 = plain model)")
