@@ -212,7 +212,8 @@ def _pack_channels(x: torch.Tensor, gamma: float, channel_dim: int, pick: Callab
 
 def _pick_min_k_channels(x, dim, keep):
     others = [d for d in range(x.dim()) if d != dim]
-    norms = torch.linalg.vector_norm(x, dim=others, dtype=torch.float32) if others else x.float().abs()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norms = torch.linalg.vector_norm(x, dim=others, dtype=acc) if others else x.to(acc).abs()
     # NaN norms count as largest, like the element key
     norms = torch.nan_to_num(norms, nan=float("inf"))
     idx = torch.topk(norms, keep, sorted=False).indices
@@ -255,6 +256,7 @@ _UNPACK = {
     "random_channel": _unpack_channels,
 }
 STRATEGIES = tuple(_PACK)
+_CHANNEL_STRATEGIES = ("min_k_channel", "random_channel")
 
 
 def compress(
@@ -272,7 +274,7 @@ def compress(
         gamma: dropping rate in ``[0, 1)``.
         chunk: chunk size of the chunked strategies, in ``[1, 65536]`` (checked for all).
         channel_dim: the channel dimension of the channel strategies (1 for conv inputs, -1 for
-            linear inputs).
+            linear inputs); checked only for those strategies.
     Returns:
         a :class:`Cached`; ``.unpack()`` gives the dense copy with the dropped elements zero.
     """
@@ -285,7 +287,7 @@ def compress(
     chunk = check_chunk(chunk)
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
         raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
-    if x.dim() > 0 and not -x.dim() <= channel_dim < x.dim():
+    if strategy in _CHANNEL_STRATEGIES and not -max(x.dim(), 1) <= channel_dim < max(x.dim(), 1):
         raise ValueError(f"channel_dim {channel_dim} is out of range for a {x.dim()}-D tensor")
     tensors, meta = _PACK[strategy](x, gamma, chunk, channel_dim)
     return Cached(strategy, tuple(tensors), meta)
