@@ -141,7 +141,8 @@ def convert(
     """Swaps ``model``'s layers for DropIT layers in place and returns ``model``.
 
     Converted: ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` (exact types;
-    subclasses with their own forward are left alone). The modules keep their class's parameters
+    subclasses with their own forward are left alone), and ``nn.ReLU`` into :class:`MaskedReLU`
+    unless ``relu_mask=False``. The modules keep their class's parameters
     (the very same ``Parameter`` objects), buffers, hooks and ``state_dict``: only their class
     changes. ``nn.MultiheadAttention`` becomes :class:`DropITMultiheadAttention`, whose input
     projections go through DropIT, and its ``out_proj`` becomes a :class:`DropITLinear` that it
@@ -163,18 +164,19 @@ def convert(
         exclude: patterns of the same kind; matching modules are not converted.
         example_inputs: optional input (a tensor or a tuple of positional arguments) for
             ``skip_first``'s detection.
-        relu_mask: also turn every ``nn.ReLU`` (exact type) into a :class:`MaskedReLU`, which
-            caches a 1-bit mask instead of its output (outputs and gradients unchanged, bit for
-            bit). Without it, in conv -> BatchNorm -> ReLU -> conv stacks (ResNets) DropIT frees
-            almost nothing: the ReLU keeps the dense tensor the next conv packs. With it, that
-            tensor is held by the conv alone and its packing frees it. ``include``/``exclude``
+        relu_mask: also turn every ``nn.ReLU`` (exact type) into a :class:`MaskedReLU`, which caches
+            a 1-bit mask instead of its output (outputs and gradients unchanged, bit for bit).
+            Without it, in conv -> BatchNorm -> ReLU -> conv stacks (ResNets) DropIT frees almost
+            nothing: the ReLU keeps the dense tensor the next conv packs. With it, that tensor is
+            held by the conv alone and its packing frees it. The module object itself changes class,
+            so one ReLU applied in several places is masked everywhere. ``include``/``exclude``
             apply to ReLUs too; ``skip_first`` does not (a ReLU is not a layer). Turn it off when
             code needs ``type(m) is nn.ReLU`` (e.g. module-fusion passes matching on types), for
-            forward-mode AD or ``torch.func`` transforms (MaskedReLU's autograd function
-            supports neither), or where it gains nothing: a ReLU whose output is saved by another
-            op anyway (a max-pool, a BatchNorm, a DropIT-skipped layer) keeps that output alive,
-            so the mask costs 1 bit per element more. Activations called as functions
-            (``F.relu``, ``torch.relu``) are not modules and stay as they are.
+            forward-mode AD, ``torch.func`` transforms or TorchScript (MaskedReLU's Python autograd
+            function supports none of them; ``torch.compile`` works), or where it gains nothing: a
+            ReLU whose output another op saves anyway (a max-pool, a BatchNorm, a layer left dense)
+            keeps that output alive, so the mask costs 1 bit per element more. Activations called as
+            functions (``F.relu``, ``torch.relu``) are not modules and stay as they are.
 
     Raises:
         TypeError/ValueError naming the argument: bad settings, patterns of the wrong type, or an

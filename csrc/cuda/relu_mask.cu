@@ -12,8 +12,7 @@
 namespace dropit {
 namespace {
 
-constexpr int kThreads = 256;                  // 8 warps, one mask word each per step
-constexpr int64_t kMaxBlocks = int64_t{1} << 16;  // beyond this, warps stride over the words
+using relu_kernels::kThreads;
 
 template <typename Bits>
 __global__ void __launch_bounds__(kThreads)
@@ -27,11 +26,7 @@ relu_mask_backward_kernel(const Bits* grad, const uint32_t* mask, Bits* out, int
   relu_kernels::relu_mask_backward_body<Bits>(grad, mask, out, n);
 }
 
-unsigned grid_for(int64_t n) {
-  const int64_t words = relu_mask_words(n);
-  const int64_t warps = kThreads / 32;
-  return static_cast<unsigned>(std::min<int64_t>((words + warps - 1) / warps, kMaxBlocks));
-}
+unsigned grid_for(int64_t n) { return static_cast<unsigned>(relu_kernels::grid_for(n)); }
 
 template <typename Fn>
 void dispatch_width(at::ScalarType t, Fn&& fn) {

@@ -17,6 +17,18 @@
 namespace dropit {
 namespace relu_kernels {
 
+// Launch shape (host side, shared by the launcher and the host SIMT tests):
+// kThreads threads, one mask word per warp per step, at most kMaxBlocks blocks.
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t{1} << 16;
+
+inline int64_t grid_for(int64_t n, int threads = kThreads, int64_t max_blocks = kMaxBlocks) {
+  const int64_t words = (n + 31) / 32;
+  const int64_t warps = threads / 32;
+  const int64_t blocks = (words + warps - 1) / warps;
+  return blocks < max_blocks ? blocks : max_blocks;
+}
+
 // First mask word of this warp and the stride between its words.
 DROPIT_DEVICE int64_t first_word() {
   return simt::block_idx() * bitmap::num_warps() + bitmap::warp_id();
