@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-machine check: on a machine with a CUDA GPU, torch installed and no network, builds the
 # extension just in time with its CUDA kernels (for this GPU's architecture only, to be quick),
-# runs tests/test_cuda.py and benchmarks/bench_select.py, and writes everything into OUTDIR.
+# runs tests/test_cuda.py, the CUDA tests of tests/test_relu_mask.py and benchmarks/bench_select.py, and writes everything into OUTDIR.
 # Takes about 3-5 minutes. Usage: benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 if [ $# -ne 1 ]; then echo "usage: $0 OUTDIR" >&2; exit 2; fi
@@ -35,6 +35,7 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_ext}"
 step build 240 "$PY" -c "import json, dropit_cuda as dc; info = dc.extension_info(); print(json.dumps(info)); assert info['cuda_kernels'] and info['cuda_available'], info"
 if [ $? -eq 0 ]; then
   step test_cuda 150 "$PY" -m pytest -q -ra tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+  step test_relu_mask_cuda 60 "$PY" -m pytest -q -ra tests/test_relu_mask.py -k cuda --junitxml="$OUT/test_relu_mask_cuda.xml"
   step bench_select 120 "$PY" benchmarks/bench_select.py --device cuda --numel 67108864 --chunk 16384 \
     --gamma 0.9 --json "$OUT/bench_select.json"
 fi
