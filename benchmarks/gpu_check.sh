@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU-machine check: on a machine with a CUDA GPU, torch installed and no network, builds the
 # extension just in time with its CUDA kernels (for this GPU's architecture only, to be quick),
-# runs tests/test_cuda.py, the CUDA tests of tests/test_relu_mask.py and benchmarks/bench_select.py, and writes everything into OUTDIR.
+# runs tests/test_cuda.py, the CUDA tests of tests/test_relu_mask.py and benchmarks/bench_select.py,
+# and writes everything into OUTDIR.
 # Takes about 3-5 minutes. Usage: benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 if [ $# -ne 1 ]; then echo "usage: $0 OUTDIR" >&2; exit 2; fi
