@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "dropit.h"
 
@@ -16,19 +17,28 @@ struct FloatBits {
   Bits inf;
 };
 
+// Both functions compare in the signed integer of the width: the magnitude
+// (sign cleared) and +inf are non-negative there, and a set sign bit reads as
+// a negative number. Plain signed compares and bitwise logic let compilers
+// vectorise the CPU loops.
+
 // Whether the element's mask bit is set: x > 0 or x is NaN.
 template <typename Bits>
 DROPIT_HD bool relu_mask_bit(Bits x, Bits sign, Bits inf) {
-  const Bits mag = x & static_cast<Bits>(~sign);
-  return mag > inf || ((x & sign) == 0 && mag != 0);
+  using S = std::make_signed_t<Bits>;
+  const S v = static_cast<S>(x);
+  const S mag = static_cast<S>(x & static_cast<Bits>(~sign));
+  return (v > 0) | (mag > static_cast<S>(inf));  // sign clear and not +0, or NaN
 }
 
 // torch.relu on the bit pattern: +0 for x < 0, x itself otherwise.
 template <typename Bits>
 DROPIT_HD Bits relu_value(Bits x, Bits sign, Bits inf) {
-  const Bits mag = x & static_cast<Bits>(~sign);
-  const bool negative = (x & sign) != 0 && mag != 0 && mag <= inf;
-  return negative ? static_cast<Bits>(0) : x;
+  using S = std::make_signed_t<Bits>;
+  const S v = static_cast<S>(x);
+  const S mag = static_cast<S>(x & static_cast<Bits>(~sign));
+  const bool negative = (v < 0) & (mag != 0) & (mag <= static_cast<S>(inf));
+  return x & static_cast<Bits>(static_cast<Bits>(negative) - Bits{1});  // branch-free select
 }
 
 }  // namespace dropit
