@@ -12,7 +12,9 @@ static bool is_relu_mask_float(at::ScalarType t) {
 void check_relu_mask_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK_TYPE(is_relu_mask_float(x.scalar_type()), name,
                    " must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 1 && x.is_contiguous(), name, " must be 1-D and contiguous");
+  TORCH_CHECK_VALUE(x.is_non_overlapping_and_dense(), name,
+                    " must be dense in some dimension order (contiguous, channels_last, a "
+                    "transpose...): the kernels walk its storage");
 }
 
 void check_relu_mask_backward_args(const at::Tensor& grad, const at::Tensor& mask) {
@@ -48,12 +50,14 @@ static at::Tensor relu_mask_forward_inplace_cpu(at::Tensor& x) {
 }  // namespace dropit
 
 TORCH_LIBRARY_FRAGMENT(dropit_cuda, m) {
-  // x: 1-D, in the memory order of the user's tensor. y = relu(x); mask: one
-  // bit per element (int32 words), set where y > 0 or y is NaN.
+  // x: any tensor dense in some dimension order; y = relu(x) with x's strides;
+  // mask: one bit per element in storage order (int32 words), set where y > 0
+  // or y is NaN.
   m.def("relu_mask_forward(Tensor x) -> (Tensor y, Tensor mask)");
   // The same, writing y into x; returns the mask.
   m.def("relu_mask_forward_inplace(Tensor(a!) x) -> Tensor mask");
-  // grad_input = mask ? grad : +0, element for element (grad in the mask's order).
+  // grad_input = mask ? grad : +0 with grad's strides; grad must be laid out
+  // like the forward's y (the mask follows its storage order).
   m.def("relu_mask_backward(Tensor grad, Tensor mask) -> Tensor");
 }
 

@@ -2,8 +2,9 @@
 // by the CPU kernels, the CUDA kernels and the host SIMT layer.
 //
 // Mask layout: int32 words, ceil(n/32) of them; bit j of word w belongs to
-// element 32*w + j of the tensor in memory order (the bit convention of the
-// packed bitmap). Bits past the last element are 0.
+// element 32*w + j of the tensor in storage order (the tensor is dense in some
+// dimension order; the bit convention of the packed bitmap). Bits past the
+// last element are 0.
 //
 // Semantics, matching torch.relu and its autograd formula exactly:
 //   forward   y = (x < 0) ? +0 : x        (so -0 stays -0 and NaN passes through)
@@ -39,7 +40,7 @@ inline uint64_t float_inf_bits(at::ScalarType t) {
 void check_relu_mask_input(const at::Tensor& x, const char* name);
 void check_relu_mask_backward_args(const at::Tensor& grad, const at::Tensor& mask);
 
-// Kernels per device. `y` may alias `x` (the in-place form).
+// Kernels per device. `y` has x's strides and may be x (the in-place form).
 void relu_mask_forward_cpu_into(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mask);
 at::Tensor relu_mask_backward_cpu(const at::Tensor& grad, const at::Tensor& mask);
 

@@ -13,6 +13,8 @@ input gradient equals ``nn.ReLU``'s bit for bit: ``grad`` where the output is po
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -25,73 +27,74 @@ _MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 __all__ = ["MaskedReLU", "masked_relu", "relu_mask", "relu_mask_backward"]
 
 
-def _layout(x: torch.Tensor) -> tuple[torch.memory_format, bool]:
-    """The memory order the mask follows for ``x``, and whether ``x`` is dense in it."""
-    if x.is_contiguous():
-        return torch.contiguous_format, True
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last, True
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d, True
-    return torch.contiguous_format, False
+Strides = tuple[int, ...]
 
 
-def _flatten(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """``x`` as a 1-D tensor in the memory order ``fmt`` (a view when ``x`` is dense in it)."""
-    if fmt == torch.channels_last:
-        return x.contiguous(memory_format=fmt).permute(0, 2, 3, 1).reshape(-1)
-    if fmt == torch.channels_last_3d:
-        return x.contiguous(memory_format=fmt).permute(0, 2, 3, 4, 1).reshape(-1)
-    return x.contiguous().view(-1)
+def _dense(x: torch.Tensor) -> bool:
+    """Whether ``x``'s elements fill its storage span exactly once, in some dimension order
+    (what ATen calls non-overlapping and dense): then its storage order is its memory order."""
+    if x.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
-def _unflatten(flat: torch.Tensor, shape: torch.Size, fmt: torch.memory_format) -> torch.Tensor:
-    """Inverse of :func:`_flatten`: a tensor of ``shape`` laid out in ``fmt``."""
-    if fmt == torch.channels_last:
-        n, c, h, w = shape
-        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
-    if fmt == torch.channels_last_3d:
-        n, c, d, h, w = shape
-        return flat.view(n, d, h, w, c).permute(0, 4, 1, 2, 3)
-    return flat.view(shape)
+def _as_layout(t: torch.Tensor, strides: Strides) -> torch.Tensor:
+    """``t`` itself if it has ``strides``, else a copy with them (a dense layout of its shape)."""
+    if tuple(t.stride()) == tuple(strides):
+        return t
+    out = torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
 
 
-def relu_mask(x: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.memory_format]:
+def relu_mask(x: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor, Strides]:
     """``torch.relu(x)`` and its 1-bit mask, without autograd.
 
-    Returns ``(y, mask, memory_format)``: ``mask`` is int32, ``ceil(x.numel() / 32)`` words; bit
-    ``j`` of word ``w`` is set where element ``32*w + j`` of ``y`` (in ``memory_format``'s
-    order: contiguous, or channels_last where ``x`` is dense in it) is positive or NaN. With
-    ``inplace`` the result is written into ``x`` and ``y`` is ``x``.
+    Returns ``(y, mask, strides)``. The mask follows the memory order of ``y``, whose
+    ``strides`` are returned: ``x``'s own where ``x`` is dense in some dimension order
+    (contiguous, channels_last, a transpose...), contiguous otherwise. ``mask`` is int32,
+    ``ceil(x.numel() / 32)`` words; bit ``j`` of word ``w`` is set where the element at storage
+    position ``32*w + j`` of ``y`` is positive or NaN. With ``inplace`` the result is written
+    into ``x`` and ``y`` is ``x``; otherwise ``y`` is a new tensor (never a view).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _MASK_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    fmt, dense = _layout(x)
     with torch.no_grad():
-        if inplace and dense:
-            mask = torch.ops.dropit_cuda.relu_mask_forward_inplace(_flatten(x, fmt))
-            return x, mask, fmt
-        y_flat, mask = torch.ops.dropit_cuda.relu_mask_forward(_flatten(x, fmt))
-        y = _unflatten(y_flat, x.shape, fmt)
+        if _dense(x):
+            if inplace:
+                return x, torch.ops.dropit_cuda.relu_mask_forward_inplace(x), tuple(x.stride())
+            y, mask = torch.ops.dropit_cuda.relu_mask_forward(x)
+            return y, mask, tuple(y.stride())
+        y, mask = torch.ops.dropit_cuda.relu_mask_forward(x.contiguous())
         if inplace:
             x.copy_(y)
-            return x, mask, fmt
-        return y, mask, fmt
+            return x, mask, tuple(y.stride())
+        return y, mask, tuple(y.stride())
 
 
 def relu_mask_backward(
-    grad: torch.Tensor, mask: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+    grad: torch.Tensor, mask: torch.Tensor, strides: Optional[Strides] = None
 ) -> torch.Tensor:
     """ReLU's input gradient from the mask of :func:`relu_mask`: ``grad`` where the bit is set,
-    ``+0`` elsewhere. ``memory_format`` is the one :func:`relu_mask` returned."""
+    ``+0`` elsewhere, as a new tensor with ``strides`` (those :func:`relu_mask` returned; by
+    default ``grad``'s own if it is dense, else contiguous); ``grad`` is copied into that layout
+    first where it differs."""
     if not isinstance(grad, torch.Tensor):
         raise TypeError(f"grad must be a torch.Tensor, got {type(grad).__name__}")
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    flat = torch.ops.dropit_cuda.relu_mask_backward(_flatten(grad, memory_format), mask)
-    return _unflatten(flat, grad.shape, memory_format)
+    if strides is None:
+        g = grad if _dense(grad) else grad.contiguous()
+    else:
+        g = _as_layout(grad, strides)
+    return torch.ops.dropit_cuda.relu_mask_backward(g, mask)
 
 
 class _ApplyMask(torch.autograd.Function):
@@ -99,31 +102,31 @@ class _ApplyMask(torch.autograd.Function):
     what makes double backward through :class:`MaskedReLU` work)."""
 
     @staticmethod
-    def forward(ctx, grad, mask, memory_format):
+    def forward(ctx, grad, mask, strides):
         ctx.save_for_backward(mask)
-        ctx.memory_format = memory_format
-        return relu_mask_backward(grad, mask, memory_format)
+        ctx.strides = strides
+        return relu_mask_backward(grad, mask, strides)
 
     @staticmethod
     def backward(ctx, gg):
         (mask,) = ctx.saved_tensors
-        return _ApplyMask.apply(gg, mask, ctx.memory_format), None, None
+        return _ApplyMask.apply(gg, mask, ctx.strides), None, None
 
 
 class _MaskedReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, inplace):
-        y, mask, fmt = relu_mask(x, inplace)
+        y, mask, strides = relu_mask(x, inplace)
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(mask)  # the only cache: 1 bit per element
-        ctx.memory_format = fmt
+        ctx.strides = strides
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return _ApplyMask.apply(grad, mask, ctx.memory_format), None
+        return _ApplyMask.apply(grad, mask, ctx.strides), None
 
 
 def masked_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:

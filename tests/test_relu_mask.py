@@ -61,8 +61,8 @@ def reference_mask(x: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 100, 4099])
 def test_forward_and_mask_match_reference(dtype, n):
     x = special_input(n, dtype, seed=n)
-    y, mask, fmt = relu_mask(x)
-    assert fmt == torch.contiguous_format
+    y, mask, strides = relu_mask(x)
+    assert strides == x.stride() and y.stride() == x.stride()
     assert_same_bits(y, torch.relu(x))
     assert mask.dtype == torch.int32 and mask.shape == ((n + 31) // 32,)
     assert mask.tolist() == reference_mask(x)
@@ -108,6 +108,23 @@ def test_matches_nn_relu_bit_for_bit(dtype, inplace, kind):
     y, g = _grads(lambda ip: dc.MaskedReLU(inplace=ip), x0, grad_out, inplace)
     assert_same_bits(y, y_ref)
     assert_same_bits(g, g_ref)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_mask_follows_storage_order(inplace):
+    base = special_input(2 * 5 * 3 * 4, torch.float32, seed=11)
+    cl = base.view(2, 3, 4, 5).permute(0, 3, 1, 2)  # channels_last: storage order is `base`
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    tr = base.view(12, 10).t()  # a transpose: storage order is `base` too
+    for x in (cl, tr):
+        x = x.clone(memory_format=torch.preserve_format)
+        ref_y = torch.relu(x)
+        y, mask, strides = relu_mask(x, inplace=inplace)
+        assert strides == x.stride() == y.stride() and (y is x) == inplace
+        assert_same_bits(y, ref_y)
+        assert mask.tolist() == reference_mask(base)
+        want = (~(ref_y <= 0)).float()
+        assert torch.equal(relu_mask_backward(torch.ones_like(x), mask, strides), want)
 
 
 def test_negative_zero_and_nan_semantics():
@@ -272,6 +289,10 @@ def test_bad_arguments():
         relu_mask_backward(torch.randn(40), mask.long())
     with pytest.raises(TypeError, match="grad"):
         relu_mask_backward(torch.ones(40, dtype=torch.int32), mask)
+    with pytest.raises(ValueError, match="dense"):
+        torch.ops.dropit_cuda.relu_mask_forward(torch.randn(4, 6)[:, ::2])
+    with pytest.raises(ValueError, match="dense"):
+        torch.ops.dropit_cuda.relu_mask_backward(torch.randn(40, 2)[:, 0], mask)
 
 
 def test_fake_impls():
@@ -499,3 +520,19 @@ def test_memory_measure_shows_conv_inputs_held_by_convs_alone():
     for n in after_relu:
         assert 0 < r_conv.module(n).saved_bytes < 0.25 * r_plain.module(n).saved_bytes, n
     assert r_conv.total_bytes < r_masked.total_bytes
+
+
+def test_output_modified_in_place_afterwards():
+    # nn.ReLU saved its output, so changing it in place breaks its backward; the mask doesn't
+    # depend on the output tensor, and the gradient is still ReLU's.
+    x0 = torch.randn(50)
+    x = x0.clone().requires_grad_()
+    y = nn.ReLU()(x)
+    y.mul_(3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    x = x0.clone().requires_grad_()
+    y = dc.MaskedReLU()(x)
+    y.mul_(3)
+    y.sum().backward()
+    assert torch.equal(x.grad, 3 * (x0 > 0).float())
