@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU-machine check: on a machine with a CUDA GPU, torch installed and no network, builds the
 # extension just in time with its CUDA kernels (for this GPU's architecture only, to be quick),
-# runs tests/test_cuda.py, the CUDA tests of tests/test_relu_mask.py and benchmarks/bench_select.py,
-# and writes everything into OUTDIR.
+# runs tests/test_cuda.py, the CUDA tests of tests/test_relu_mask.py, benchmarks/bench_select.py
+# and benchmarks/bench_relu_mask.py, and writes everything into OUTDIR.
 # Takes about 3-5 minutes. Usage: benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 if [ $# -ne 1 ]; then echo "usage: $0 OUTDIR" >&2; exit 2; fi
@@ -39,6 +39,8 @@ if [ $? -eq 0 ]; then
   step test_relu_mask_cuda 60 "$PY" -m pytest -q -ra tests/test_relu_mask.py -k cuda --junitxml="$OUT/test_relu_mask_cuda.xml"
   step bench_select 120 "$PY" benchmarks/bench_select.py --device cuda --numel 67108864 --chunk 16384 \
     --gamma 0.9 --json "$OUT/bench_select.json"
+  step bench_relu_mask 60 "$PY" benchmarks/bench_relu_mask.py --device cuda --numel 67108864 \
+    --json "$OUT/bench_relu_mask.json"
 fi
 echo "== gpu_check: $( [ $status -eq 0 ] && echo ok || echo FAILED ) in $((SECONDS - start)) s; results in $OUT"
 exit $status

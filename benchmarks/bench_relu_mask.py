@@ -1,0 +1,108 @@
+"""Microbenchmark: the ReLU-mask ops against torch's ReLU forward and backward.
+
+Compared on the same tensor in the same run:
+- forward: ``relu_mask`` (writes y and the 1-bit mask) against ``torch.relu``, both out of place,
+  and the in-place forms against ``torch.relu_``;
+- backward: ``relu_mask_backward(grad, mask)`` against ``threshold_backward(grad, y, 0)``, what
+  ``nn.ReLU``'s backward runs (it reads the saved output instead of the mask).
+Prints milliseconds, GB/s of the bytes each op must move (forward: read x, write y and the mask;
+backward: read grad and the mask or y, write the gradient) and the bytes cached per element.
+
+    python benchmarks/bench_relu_mask.py                        # every device present, 16M elements
+    python benchmarks/bench_relu_mask.py --device cuda --numel 67108864 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from dropit_cuda.relu import relu_mask, relu_mask_backward  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` after one warm-up call: process CPU time (all threads) on
+    the CPU, CUDA events on the stream on a GPU."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.process_time()
+            fn()
+            samples.append((time.process_time() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def bench_one(device: torch.device, dtype: torch.dtype, numel: int, repeats: int) -> dict:
+    x = torch.randn(numel, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+    s = x.element_size()
+    y, mask, strides = relu_mask(x)
+    z = x.clone()
+    r = {
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "numel": numel,
+        "fwd_ms": timed(lambda: relu_mask(x), device, repeats),
+        "torch_fwd_ms": timed(lambda: torch.relu(x), device, repeats),
+        "fwd_inplace_ms": timed(lambda: relu_mask(z, inplace=True), device, repeats),
+        "torch_fwd_inplace_ms": timed(lambda: torch.relu_(z), device, repeats),
+        "bwd_ms": timed(lambda: relu_mask_backward(grad, mask, strides), device, repeats),
+        "torch_bwd_ms": timed(lambda: torch.ops.aten.threshold_backward(grad, y, 0), device, repeats),
+        "cached_bytes_per_element": mask.nbytes / numel,
+        "torch_cached_bytes_per_element": s,
+    }
+    fwd_bytes = numel * 2 * s + mask.nbytes
+    bwd_bytes = numel * 2 * s + mask.nbytes
+    r["fwd_gbps"] = fwd_bytes / r["fwd_ms"] / 1e6
+    r["bwd_gbps"] = bwd_bytes / r["bwd_ms"] / 1e6
+    r["torch_fwd_gbps"] = numel * 2 * s / r["torch_fwd_ms"] / 1e6
+    r["torch_bwd_gbps"] = numel * 3 * s / r["torch_bwd_ms"] / 1e6
+    return r
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'device':6} {'dtype':9} {'numel':>10} | {'fwd ms':>7} {'GB/s':>6} {'torch':>7} | "
+            f"{'inpl ms':>7} {'torch':>7} | {'bwd ms':>7} {'GB/s':>6} {'torch':>7} | {'B/elem':>6} {'torch':>5}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['device']:6} {r['dtype']:9} {r['numel']:>10} | {r['fwd_ms']:7.2f} {r['fwd_gbps']:6.1f} "
+              f"{r['torch_fwd_ms']:7.2f} | {r['fwd_inplace_ms']:7.2f} {r['torch_fwd_inplace_ms']:7.2f} | "
+              f"{r['bwd_ms']:7.2f} {r['bwd_gbps']:6.1f} {r['torch_bwd_ms']:7.2f} | "
+              f"{r['cached_bytes_per_element']:6.3f} {r['torch_cached_bytes_per_element']:5d}")
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", action="append", help="cpu or cuda (default: every device present)")
+    p.add_argument("--numel", type=int, default=16 << 20)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    rows = [bench_one(torch.device(d), DTYPES[t], args.numel, args.repeats) for d in devices for t in args.dtypes]
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
