@@ -44,6 +44,7 @@ enum class KeySource : int {
 
 constexpr int kPackItems = 4;   // bitmap words per warp per compaction tile
 constexpr int kHistCopies = 4;  // histogram copies (spread the shared atomics of a bin)
+constexpr int kLoadAhead = 4;   // global loads in flight per thread in the first radix pass
 constexpr int kRadixBins = 256;
 constexpr int kMinThreads = 256;  // the digit scan uses one thread per bin
 constexpr int kMaxThreads = 1024;
@@ -185,21 +186,52 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
       simt::sync();
       uint32_t* h = hist + (warp % kHistCopies) * kRadixBins;
       const int high = shift + 8;  // bits above the current digit are fixed
-      for (int i = tid; i < L; i += nthreads) {
-        Bits bits = 0;
-        if constexpr (Src == KeySource::kSharedBits) {
-          if (pass == 0) {
-            bits = xc[i];
-            staged[i] = bits;
-          } else {
-            bits = staged[i];
+      if (pass == 0) {
+        // Every key counts. Magnitude keys crowd into a few top digits (the
+        // exponent), so the lanes of a warp that share a bin add once
+        // (match_any). Loads are issued kLoadAhead at a time, in warp-uniform
+        // steps.
+        for (int i0 = tid - lane; i0 < L; i0 += nthreads * kLoadAhead) {
+          Bits b[kLoadAhead];
+#pragma unroll
+          for (int u = 0; u < kLoadAhead; ++u) {
+            const int i = i0 + u * nthreads + lane;
+            b[u] = 0;
+            if constexpr (Src != KeySource::kRandom) {
+              if (i < L) b[u] = xc[i];
+            }
           }
-        } else if constexpr (Src == KeySource::kGlobalBits) {
-          bits = xc[i];
+#pragma unroll
+          for (int u = 0; u < kLoadAhead; ++u) {
+            const int i = i0 + u * nthreads + lane;
+            const bool in = i < L;
+            if constexpr (Src == KeySource::kSharedBits) {
+              if (in) staged[i] = b[u];
+            }
+            const uint32_t bin =
+                static_cast<uint32_t>(pack_key<Bits, Key, Src>(b[u], p.seed, xbase + i) >> shift) & 0xffu;
+            if constexpr (Src == KeySource::kRandom) {
+              if (in) simt::atomic_add_shared(&h[bin], 1u);
+            } else {
+              const uint32_t peers = simt::match_any(in ? bin : 0x100u);
+              if (in && lane == simt::ffs(peers) - 1)
+                simt::atomic_add_shared(&h[bin], static_cast<uint32_t>(simt::popc(peers)));
+            }
+          }
         }
-        const Key key = pack_key<Bits, Key, Src>(bits, p.seed, xbase + i);
-        if (pass == 0 || static_cast<Key>(key >> high) == static_cast<Key>(prefix >> high))
-          simt::atomic_add_shared(&h[(key >> shift) & 0xff], 1u);
+      } else {
+        // Only the keys that match the prefix count: few, spread over the bins.
+        for (int i = tid; i < L; i += nthreads) {
+          Bits bits = 0;
+          if constexpr (Src == KeySource::kSharedBits) {
+            bits = staged[i];
+          } else if constexpr (Src == KeySource::kGlobalBits) {
+            bits = xc[i];
+          }
+          const Key key = pack_key<Bits, Key, Src>(bits, p.seed, xbase + i);
+          if (static_cast<Key>(key >> high) == static_cast<Key>(prefix >> high))
+            simt::atomic_add_shared(&h[(key >> shift) & 0xff], 1u);
+        }
       }
 #if DROPIT_TEST_DROP_BARRIER != 1
       simt::sync();

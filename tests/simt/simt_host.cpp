@@ -221,6 +221,13 @@ void complete_warp(Machine& m, int w) {
       for (int l = 0; l < kWarp; ++l) lanes[l].out = word;
       break;
     }
+    case WarpOp::kMatchAny:
+      for (int l = 0; l < kWarp; ++l) {
+        uint64_t peers = 0;
+        for (int q = 0; q < kWarp; ++q) peers |= (lanes[q].in == lanes[l].in ? 1ull : 0ull) << q;
+        lanes[l].out = peers;
+      }
+      break;
     case WarpOp::kShfl:
       for (int l = 0; l < kWarp; ++l) lanes[l].out = lanes[lanes[l].arg & (kWarp - 1)].in;
       break;
