@@ -29,7 +29,7 @@ for src in csrc/cuda/*.cu; do
     /Compiling entry function/ {
       n = split($0, q, "'"'"'"); name = q[2]; arch = q[4]
     }
-    /bytes stack frame/ { frame = $0; sub(/^.*: */, "", frame) }
+    /bytes stack frame/ { frame = $0; sub(/^[ \t]+/, "", frame) }
     /Used [0-9]+ registers/ { line = $0; sub(/^.*Used/, "Used", line); print "  " arch "  " name ": " line "; " frame }
   ' "$log" | (command -v c++filt >/dev/null && c++filt || cat) \
     | sed -E 's/dropit::\(anonymous namespace\):://g; s/dropit:://g; s/unsigned long/u64/g; s/unsigned int/u32/g; s/unsigned short/u16/g' \
