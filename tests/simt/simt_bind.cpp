@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "simt_kernels.h"
+#include "simt_selftest.h"
 
 namespace {
 
@@ -126,4 +127,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("chunk"), py::arg("bitmap"), py::arg("threads") = 0, py::arg("grid") = 0,
         py::arg("order") = "forward", py::arg("stack_kb") = 64, py::call_guard<py::gil_scoped_release>());
   m.def("last_stats", &last_stats);
+  m.def("exchange", &dropit::simt_test::exchange, py::arg("op"), py::arg("threads"), py::arg("arg") = 0,
+        py::arg("grid") = 1);
+  m.def("misuse", &dropit::simt_test::misuse, py::arg("what"));
 }
