@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 import torch
 
@@ -38,6 +40,13 @@ def load() -> str:
     """Loads the ops once; returns how they were built: ``"aot"`` or ``"jit"``."""
     if "mode" not in _state:
         try:
+            spec = importlib.util.find_spec("dropit_cuda._C")
+            if spec is None or spec.origin is None:
+                raise ImportError("no compiled _C")
+            # Only a _C built beside this very package: an import hook of another install of
+            # dropit_cuda (an editable one, say) could otherwise hand over its older library.
+            if Path(spec.origin).resolve().parent != Path(__file__).resolve().parent:
+                raise ImportError(f"_C at {spec.origin} belongs to another copy of dropit_cuda")
             importlib.import_module("dropit_cuda._C")
             _state["mode"] = "aot"
         except ImportError:
@@ -63,7 +72,7 @@ def extension_info() -> dict:
     return {
         "mode": mode,
         "cuda_kernels": bool(has_cuda),
-        "cuda_archs": fields.get("archs", "").split(";") if fields.get("archs") else [],
+        "cuda_archs": fields["archs"].split(",") if fields.get("archs") else [],
         "cuda_available": torch.cuda.is_available(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,

@@ -1,6 +1,7 @@
 """The CPU pack/unpack ops against the independent reference in tests/reference.py."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -285,3 +286,8 @@ def test_extension_info():
     assert isinstance(info["cuda_kernels"], bool)
     if info["cuda_kernels"]:
         assert info["cuda_archs"]
+    # CI says what it built, so that a silent fallback (JIT, or no CUDA kernels) fails there.
+    if os.environ.get("DROPIT_EXPECT_MODE"):
+        assert info["mode"] == os.environ["DROPIT_EXPECT_MODE"]
+    if os.environ.get("DROPIT_EXPECT_CUDA_KERNELS") == "1":
+        assert info["cuda_kernels"] and "9.0+PTX" in info["cuda_archs"], info
