@@ -86,8 +86,10 @@ inline PackParams<Bits> make_pack_params(const ChunkGeometry& g, const Bits* x, 
 // Static shared memory of the pack body (bytes), for the launch plan.
 constexpr size_t kPackStaticSmem = sizeof(uint32_t) * (kHistCopies * kRadixBins + 2 * 32 + 8 + 4);
 
-// Threads per block for chunks of D: ~16 elements per thread, 256..1024.
-inline int pack_threads(int64_t D) { return D <= 4096 ? 256 : (D <= 8192 ? 512 : 1024); }
+// Threads per block for chunks of D. At ~56 registers a thread, 1024-thread
+// blocks would fill an SM's register file alone; two 512-thread blocks per SM
+// let one block's barriers and scans overlap the other's loads.
+inline int pack_threads(int64_t D) { return D <= 4096 ? 256 : 512; }
 
 struct PackPlan {
   int threads;
