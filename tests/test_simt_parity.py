@@ -8,10 +8,12 @@ big chunks come with few chunks.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import dropit_cuda  # noqa: F401  (loads the ops)
+from reference import bit_patterns, select_fast
 from simt.build import load
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -160,3 +162,40 @@ def test_layer_really_synchronises(simt):
     simt.pack(randn(16384, torch.float32, 7), 0.9, 16384, True, threads=1024)
     stats = simt.last_stats()
     assert stats["blocks"] == 1 and stats["barriers"] >= 4 + 4 + 1 and stats["warp_ops"] > 0
+
+
+def random_keys_from(seed, first, count):
+    """The random key (splitmix64's finaliser of seed and global index) of indices first.., here."""
+    mask = (1 << 64) - 1
+    out = np.empty(count, dtype=np.int64)
+    for j in range(count):
+        z = (seed + (first + j + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        out[j] = z >> 32
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_chunks_past_2_31_elements(simt, dtype):
+    # The last chunks of a tensor of more than 2^31 elements: the layer runs only their blocks, on
+    # pointers that stand for the whole tensor, so every chunk offset needs 64 bits.
+    D = 16384
+    n = (1 << 31) + 3 * D + 123
+    start = (n // D - 2) * D
+    tail = randn(n - start, dtype, 31)
+    ops = torch.ops.dropit_cuda
+    for bitmap in (True, False):
+        values, index = simt.pack(tail, 0.9, D, bitmap, threads=512, start=start)
+        ref_values, ref_index = ops.pack(tail, 0.9, D, bitmap)  # chunks are independent
+        assert same_bytes(values, ref_values) and same_bytes(index, ref_index)
+        out = simt.unpack(ref_values, ref_index, n, 0.9, D, bitmap, start=start)
+        assert same_bytes(out, ops.unpack(ref_values, ref_index, tail.numel(), 0.9, D, bitmap))
+    # Random keys hash the global index.
+    seed = 77
+    values, index = simt.pack(tail, 0.9, D, False, seed, threads=512, start=start)
+    bits = bit_patterns(tail)
+    kept = select_fast(random_keys_from(seed, start, tail.numel()), D, 0.9)
+    np.testing.assert_array_equal(bit_patterns(values), np.concatenate([bits[c * D + p] for c, p in enumerate(kept)]))
+    np.testing.assert_array_equal(index.numpy().astype(np.int64), np.concatenate(kept))

@@ -393,7 +393,7 @@ void launch(int64_t grid, int block_threads, size_t dynamic_smem, const std::fun
   m.error.clear();
   g_machine = &m;
   try {
-    for (int64_t b = 0; b < grid; ++b) {
+    for (int64_t b = options.first_block; b < grid; ++b) {
       m.block = b;
       run_block(m);
       ++m.stats.blocks;
