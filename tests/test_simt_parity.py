@@ -3,7 +3,7 @@ CPU ops: packed buffers and unpacked tensors must be byte-identical.
 
 The test-only extension (tests/simt/) is compiled just in time by the ``simt`` fixture. Sizes
 are chosen so the emulation (a fiber per GPU thread) stays within a few minutes on two cores:
-big chunks come with few chunks.
+big chunks come with few chunks. (About 30 s on two cores, plus about 90 s to compile the extension.)
 """
 
 import math
@@ -67,19 +67,24 @@ def test_small_chunks(simt, dtype, chunk):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_chunk_16384(simt, dtype):
-    x = randn(16384 + 700, dtype, 16384)  # a full chunk and a short one
-    for gamma in GAMMAS:
-        for bitmap in (True, False):
-            for t, order in ((256, "forward"), (1024, "shuffled:4")):
-                check(simt, x, gamma, 16384, bitmap, threads=t, unpack_threads=t, order=order)
+    for n in (3 * 16384, 2 * 16384 + 8193, 16384 // 3):  # divides D, doesn't, one short chunk
+        x = randn(n, dtype, 16384 + n)
+        for gamma in GAMMAS:
+            for bitmap in (True, False):
+                for t, order in ((256, "forward"), (1024, "shuffled:4")):
+                    check(simt, x, gamma, 16384, bitmap, threads=t, unpack_threads=t, order=order)
+    # The launcher's own block size.
+    check(simt, randn(2 * 16384, dtype, 9), 0.9, 16384, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_chunk_65536(simt, dtype):
     # float32 and float64 chunks of 65536 don't fit in shared memory: the global-memory path.
-    x = randn(65536 + 5, dtype, 65536)
-    for gamma, bitmap, t in [(0.9, True, 1024), (0.99, False, 256), (0.5, True, 256), (0.0, False, 1024)]:
-        check(simt, x, gamma, 65536, bitmap, threads=t, unpack_threads=t)
+    for n in (2 * 65536, 65536 + 5, 65536 // 3):
+        x = randn(n, dtype, 65536 + n)
+        for gamma in GAMMAS:
+            for bitmap, t in ((True, 1024), (False, 256)):
+                check(simt, x, gamma, 65536, bitmap, threads=t, unpack_threads=t)
 
 
 def adversarial(dtype, n):
