@@ -23,6 +23,7 @@ for src in csrc/cuda/*.cu; do
       -Icsrc $TORCH_INC -I"$CUDA_HOME/include" >"$log" 2>&1; then
     echo "nvcc failed for $src:"; cat "$log"; status=1; continue
   fi
+  if grep -qi "warning" "$log"; then echo "== $src: compiler warnings"; grep -i -A3 "warning" "$log" | head -40; fi
   echo "== $src (ptxas -v: registers, shared memory per kernel)"
   # ptxas prints "Compiling entry function '<mangled>' for 'sm_XX'" then "Used N registers, ...".
   awk '
