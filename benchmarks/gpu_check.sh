@@ -24,7 +24,7 @@ step() {  # step NAME SECONDS CMD...: runs CMD with a time limit, logs to OUT/NA
   return $rc
 }
 : > "$OUT/steps.txt"
-{ date -u +%Y-%m-%dT%H:%M:%SZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1; } > "$OUT/machine.txt"
+{ date -u +%Y-%m-%dT%H:%M:%SZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"; } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"
 
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
