@@ -139,7 +139,12 @@ DROPIT_DEVICE Key pack_key(Bits bits, uint64_t seed, int64_t global_index) {
 // kSharedBits, chunk * sizeof(Bits) bytes of dynamic shared memory.
 template <typename Bits, typename Key, KeySource Src>
 DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
-  constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8);
+  // Significant key bits: a magnitude key's top bit (the sign) is always 0, so
+  // its first digit starts below it: for float32 the first digit is the whole
+  // exponent. The last digit may overlap the one before (e.g. 31 = 8+8+8+7
+  // bits); the overlapping bit is already fixed by the prefix, which is harmless.
+  constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);
+  constexpr int kPasses = (kKeyBits + 7) / 8;
   DROPIT_SHARED(uint32_t, hist, kHistCopies * kRadixBins);
   DROPIT_SHARED(uint32_t, scan_slots, 2 * 32);  // two alternating buffers
   DROPIT_SHARED(uint32_t, bin_sums, 8);         // per-warp sums of the digit scan
@@ -180,14 +185,14 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
 
     // ---- 1. radix select: the keep-th largest key, 8 bits at a time ----
     Key prefix = 0;  // digits found so far, in place
-    int shift = kKeyBits;
+    int shift = kKeyBits;  // low bit of the current digit
     int need = k;  // how many to keep among the keys that match the prefix
-    for (int pass = 0; pass < kKeyBits / 8; ++pass) {
-      shift -= 8;
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int high = shift;  // bits from `high` up are fixed by the prefix
+      shift = shift > 8 ? shift - 8 : 0;
       for (int i = tid; i < kHistCopies * kRadixBins; i += nthreads) hist[i] = 0u;
       simt::sync();
       uint32_t* h = hist + (warp % kHistCopies) * kRadixBins;
-      const int high = shift + 8;  // bits above the current digit are fixed
       if (pass == 0) {
         // Every key counts. Magnitude keys crowd into a few top digits (the
         // exponent), so the lanes of a warp that share a bin add once
