@@ -81,6 +81,4 @@ def compile_args(with_cuda: bool) -> dict[str, list[str]]:
         cxx += ["-DDROPIT_WITH_CUDA", define]
         # Not to nvcc: it splits -D values at commas. Only ops.cpp (a C++ file) reads it.
         nvcc += ["-DDROPIT_WITH_CUDA"]
-        if os.environ.get("DROPIT_PTXAS_VERBOSE") == "1":
-            nvcc.append("-Xptxas=-v")
     return {"cxx": cxx, "nvcc": nvcc}
