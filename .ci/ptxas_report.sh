@@ -4,8 +4,7 @@
 # Needs nvcc and a CUDA build of torch; no GPU. Usage: .ci/ptxas_report.sh [archs...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ARCHS=("${@:-80 90}")
-[ $# -gt 0 ] || ARCHS=(80 90)
+if [ $# -gt 0 ]; then ARCHS=("$@"); else ARCHS=(80 90); fi
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 NVCC="$CUDA_HOME/bin/nvcc"
 PY="${PYTHON:-python}"
@@ -14,21 +13,27 @@ ABI=$("$PY" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 status=0
+GENCODE=()
+for arch in "${ARCHS[@]}"; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
 for src in csrc/cuda/*.cu; do
-  for arch in "${ARCHS[@]}"; do
-    log="$TMP/$(basename "$src" .cu)_sm$arch.log"
-    if ! "$NVCC" -c "$src" -o "$TMP/out.o" -std=c++20 -O3 --expt-relaxed-constexpr \
-        -gencode "arch=compute_$arch,code=sm_$arch" -Xptxas -v \
-        -DDROPIT_WITH_CUDA -D_GLIBCXX_USE_CXX11_ABI="$ABI" \
-        -Icsrc $TORCH_INC -I"$CUDA_HOME/include" >"$log" 2>&1; then
-      echo "nvcc failed for $src (sm_$arch):"; cat "$log"; status=1; continue
-    fi
-    echo "== $src sm_$arch"
-    # ptxas prints "Compiling entry function '<mangled>'" then "Used N registers, ... smem ...".
-    awk '
-      /Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); name = substr($0, RSTART + 1, RLENGTH - 2) }
-      /Used [0-9]+ registers/ { sub(/^.*Used/, "Used"); print "  " name ": " $0 }
-    ' "$log" | (command -v c++filt >/dev/null && c++filt || cat) | sed -E 's/dropit::\(anonymous namespace\):://g; s/dropit:://g'
-  done
+  log="$TMP/$(basename "$src" .cu).log"
+  # One nvcc run for all archs: the host side is compiled once.
+  if ! "$NVCC" -c "$src" -o "$TMP/out.o" -std=c++20 -O3 --expt-relaxed-constexpr "${GENCODE[@]}" \
+      -Xptxas -v -DDROPIT_WITH_CUDA -D_GLIBCXX_USE_CXX11_ABI="$ABI" \
+      -Icsrc $TORCH_INC -I"$CUDA_HOME/include" >"$log" 2>&1; then
+    echo "nvcc failed for $src:"; cat "$log"; status=1; continue
+  fi
+  if grep -qi "warning" "$log"; then echo "== $src: compiler warnings"; grep -i -A3 "warning" "$log" | head -40; fi
+  echo "== $src (ptxas -v: registers, shared memory per kernel)"
+  # ptxas prints "Compiling entry function '<mangled>' for 'sm_XX'" then "Used N registers, ...".
+  awk '
+    /Compiling entry function/ {
+      n = split($0, q, "'"'"'"); name = q[2]; arch = q[4]
+    }
+    /bytes stack frame/ { frame = $0; sub(/^[ \t]+/, "", frame) }
+    /Used [0-9]+ registers/ { line = $0; sub(/^.*Used/, "Used", line); print "  " arch "  " name ": " line "; " frame }
+  ' "$log" | (command -v c++filt >/dev/null && c++filt || cat) \
+    | sed -E 's/dropit::\(anonymous namespace\):://g; s/dropit:://g; s/unsigned long/u64/g; s/unsigned int/u32/g; s/unsigned short/u16/g' \
+    | sort
 done
 exit $status

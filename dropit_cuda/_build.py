@@ -79,7 +79,6 @@ def compile_args(with_cuda: bool) -> dict[str, list[str]]:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         define = "-DDROPIT_CUDA_ARCHS=" + ",".join(archs.replace(";", " ").split())
         cxx += ["-DDROPIT_WITH_CUDA", define]
-        nvcc += ["-DDROPIT_WITH_CUDA"]  # nvcc splits -D values at commas; only ops.cpp reads the list
-        if os.environ.get("DROPIT_PTXAS_VERBOSE") == "1":
-            nvcc.append("-Xptxas=-v")
+        # Not to nvcc: it splits -D values at commas. Only ops.cpp (a C++ file) reads it.
+        nvcc += ["-DDROPIT_WITH_CUDA"]
     return {"cxx": cxx, "nvcc": nvcc}

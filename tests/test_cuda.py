@@ -159,3 +159,16 @@ def test_more_than_2_31_elements():
         ref = torch.ops.dropit_cuda.unpack(tail_values, tail_index, n - start, 0.9, 16384, bitmap)
         assert same_bytes(out[start:], ref)
         del out
+
+
+@pytest.mark.parametrize("dtype,chunk", [
+    (torch.float32, 12288), (torch.float32, 11000), (torch.float16, 24576), (torch.float64, 6144),
+    (torch.float64, 16384), (torch.float32, 56000), (torch.float32, 57344), (torch.bfloat16, 65536),
+])
+def test_shared_memory_edges(dtype, chunk):
+    # Staged chunks around the 48 KB default limit and the device's opt-in maximum, and the
+    # global-memory path just past it.
+    x = randn(2 * chunk + 77, dtype, chunk)
+    for gamma in (0.5, 0.9):
+        for bitmap in (True, False):
+            check(x, gamma, chunk, bitmap)

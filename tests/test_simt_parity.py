@@ -3,15 +3,17 @@ CPU ops: packed buffers and unpacked tensors must be byte-identical.
 
 The test-only extension (tests/simt/) is compiled just in time by the ``simt`` fixture. Sizes
 are chosen so the emulation (a fiber per GPU thread) stays within a few minutes on two cores:
-big chunks come with few chunks.
+big chunks come with few chunks. (About 30 s on two cores, plus about 90 s to compile the extension.)
 """
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import dropit_cuda  # noqa: F401  (loads the ops)
+from reference import bit_patterns, select_fast
 from simt.build import load
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -65,19 +67,24 @@ def test_small_chunks(simt, dtype, chunk):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_chunk_16384(simt, dtype):
-    x = randn(16384 + 700, dtype, 16384)  # a full chunk and a short one
-    for gamma in GAMMAS:
-        for bitmap in (True, False):
-            for t, order in ((256, "forward"), (1024, "shuffled:4")):
-                check(simt, x, gamma, 16384, bitmap, threads=t, unpack_threads=t, order=order)
+    for n in (3 * 16384, 2 * 16384 + 8193, 16384 // 3):  # divides D, doesn't, one short chunk
+        x = randn(n, dtype, 16384 + n)
+        for gamma in GAMMAS:
+            for bitmap in (True, False):
+                for t, order in ((256, "forward"), (1024, "shuffled:4")):
+                    check(simt, x, gamma, 16384, bitmap, threads=t, unpack_threads=t, order=order)
+    # The launcher's own block size.
+    check(simt, randn(2 * 16384, dtype, 9), 0.9, 16384, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_chunk_65536(simt, dtype):
     # float32 and float64 chunks of 65536 don't fit in shared memory: the global-memory path.
-    x = randn(65536 + 5, dtype, 65536)
-    for gamma, bitmap, t in [(0.9, True, 1024), (0.99, False, 256), (0.5, True, 256), (0.0, False, 1024)]:
-        check(simt, x, gamma, 65536, bitmap, threads=t, unpack_threads=t)
+    for n in (2 * 65536, 65536 + 5, 65536 // 3):
+        x = randn(n, dtype, 65536 + n)
+        for gamma in GAMMAS:
+            for bitmap, t in ((True, 1024), (False, 256)):
+                check(simt, x, gamma, 65536, bitmap, threads=t, unpack_threads=t)
 
 
 def adversarial(dtype, n):
@@ -160,3 +167,40 @@ def test_layer_really_synchronises(simt):
     simt.pack(randn(16384, torch.float32, 7), 0.9, 16384, True, threads=1024)
     stats = simt.last_stats()
     assert stats["blocks"] == 1 and stats["barriers"] >= 4 + 4 + 1 and stats["warp_ops"] > 0
+
+
+def random_keys_from(seed, first, count):
+    """The random key (splitmix64's finaliser of seed and global index) of indices first.., here."""
+    mask = (1 << 64) - 1
+    out = np.empty(count, dtype=np.int64)
+    for j in range(count):
+        z = (seed + (first + j + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        out[j] = z >> 32
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_chunks_past_2_31_elements(simt, dtype):
+    # The last chunks of a tensor of more than 2^31 elements: the layer runs only their blocks, on
+    # pointers that stand for the whole tensor, so every chunk offset needs 64 bits.
+    D = 16384
+    n = (1 << 31) + 3 * D + 123
+    start = (n // D - 2) * D
+    tail = randn(n - start, dtype, 31)
+    ops = torch.ops.dropit_cuda
+    for bitmap in (True, False):
+        values, index = simt.pack(tail, 0.9, D, bitmap, threads=512, start=start)
+        ref_values, ref_index = ops.pack(tail, 0.9, D, bitmap)  # chunks are independent
+        assert same_bytes(values, ref_values) and same_bytes(index, ref_index)
+        out = simt.unpack(ref_values, ref_index, n, 0.9, D, bitmap, start=start)
+        assert same_bytes(out, ops.unpack(ref_values, ref_index, tail.numel(), 0.9, D, bitmap))
+    # Random keys hash the global index.
+    seed = 77
+    values, index = simt.pack(tail, 0.9, D, False, seed, threads=512, start=start)
+    bits = bit_patterns(tail)
+    kept = select_fast(random_keys_from(seed, start, tail.numel()), D, 0.9)
+    np.testing.assert_array_equal(bit_patterns(values), np.concatenate([bits[c * D + p] for c, p in enumerate(kept)]))
+    np.testing.assert_array_equal(index.numpy().astype(np.int64), np.concatenate(kept))

@@ -9,6 +9,7 @@
 #include <array>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "../ops.h"
@@ -25,8 +26,8 @@ namespace {
 
 constexpr int kDigitBits = 12;
 constexpr int kBins = 1 << kDigitBits;
-// Below this length a direct select is cheaper than clearing the histogram.
-constexpr int64_t kSmallChunk = 2048;
+// Below this length a direct select beats the histogram.
+constexpr int64_t kSmallChunk = 64;
 
 // Keys of one chunk, computed on the fly from the stored bit patterns.
 template <typename Bits>
@@ -56,34 +57,79 @@ Threshold<Key> threshold_of(std::vector<Key>& cand, int64_t need) {
   return {t, static_cast<int64_t>(std::count_if(cand.begin(), cand.end(), [t](Key v) { return v > t; }))};
 }
 
+// Adds chunk keys' top digits to two interleaved histograms (they halve the stalls of
+// incrementing one hot bin back to back). With Track, returns the range of digits seen, so that
+// small chunks scan and clear only it; for large ones the whole range is cheaper than tracking.
+template <bool Track, typename KeyFn>
+std::pair<int, int> count_digits(const KeyFn& key_of, int64_t L, int32_t* even, int32_t* odd) {
+  constexpr int shift = sizeof(typename KeyFn::Key) * 8 - kDigitBits;
+  int lo = Track ? kBins - 1 : 0, hi = Track ? 0 : kBins - 1;  // locals: kept in registers
+  int64_t i = 0;
+  for (; i + 1 < L; i += 2) {
+    const int d0 = static_cast<int>(key_of(i) >> shift), d1 = static_cast<int>(key_of(i + 1) >> shift);
+    ++even[d0];
+    ++odd[d1];
+    if constexpr (Track) {
+      lo = std::min(lo, std::min(d0, d1));
+      hi = std::max(hi, std::max(d0, d1));
+    }
+  }
+  if (i < L) {
+    const int d = static_cast<int>(key_of(i) >> shift);
+    ++even[d];
+    lo = std::min(lo, d);
+    hi = std::max(hi, d);
+  }
+  return {lo, hi};
+}
+
+// Per-thread scratch of the select: candidate keys, and the two histograms, kept zeroed between
+// chunks by clearing only the bins a chunk touched.
+template <typename Key>
+struct SelectScratch {
+  std::vector<Key> cand;
+  std::vector<int32_t> hist = std::vector<int32_t>(2 * kBins, 0);
+};
+
 // The keep-th largest key of a chunk and how many keys lie above it.
 template <typename Key, typename KeyFn>
-Threshold<Key> select_threshold(const KeyFn& key_of, int64_t L, int64_t k, std::vector<Key>& cand) {
+Threshold<Key> select_threshold(const KeyFn& key_of, int64_t L, int64_t k, SelectScratch<Key>& s) {
+  std::vector<Key>& cand = s.cand;
   cand.clear();
   if (L <= kSmallChunk) {
     for (int64_t i = 0; i < L; ++i) cand.push_back(key_of(i));
     return threshold_of(cand, k);
   }
   constexpr int shift = sizeof(Key) * 8 - kDigitBits;
-  // Two interleaved histograms halve the stalls of incrementing one hot bin back to back.
-  std::array<int32_t, 2 * kBins> two{};
-  int64_t i = 0;
-  for (; i + 1 < L; i += 2) {
-    ++two[key_of(i) >> shift];
-    ++two[kBins + (key_of(i + 1) >> shift)];
+  // Finds the bucket of the keep-th largest key from the histograms, then selects among the keys
+  // of that bucket (all of them are candidates).
+  auto select_in_bucket = [&](const int32_t* even, const int32_t* odd, int hi) {
+    int64_t above = 0;
+    int bucket = hi;
+    while (above + even[bucket] + odd[bucket] < k) above += even[bucket] + odd[bucket], --bucket;
+    for (int64_t j = 0; j < L; ++j) {
+      const Key v = key_of(j);
+      if (static_cast<int>(v >> shift) == bucket) cand.push_back(v);
+    }
+    Threshold<Key> th = threshold_of(cand, k - above);
+    th.above += above;
+    return th;
+  };
+  if (L >= 2 * kBins) {
+    // Large chunks: a fresh local histogram. Being local, the compiler knows the counts don't
+    // alias the input, which keeps the counting loop tight.
+    std::array<int32_t, 2 * kBins> local{};
+    count_digits<false>(key_of, L, local.data(), local.data() + kBins);
+    return select_in_bucket(local.data(), local.data() + kBins, kBins - 1);
   }
-  if (i < L) ++two[key_of(i) >> shift];
-  std::array<int32_t, kBins> hist;
-  for (int b = 0; b < kBins; ++b) hist[b] = two[b] + two[kBins + b];
-  int64_t above = 0;
-  int bucket = kBins - 1;
-  while (above + hist[bucket] < k) above += hist[bucket--];
-  for (int64_t i = 0; i < L; ++i) {
-    Key v = key_of(i);
-    if (static_cast<int>(v >> shift) == bucket) cand.push_back(v);
-  }
-  Threshold<Key> th = threshold_of(cand, k - above);  // all keys of the bucket are candidates
-  th.above += above;
+  // Small chunks: the zeroed scratch histogram; only the digits seen are scanned and cleared (at
+  // D = 1024 this is 4-5x faster than a direct select; for large chunks tracking costs more).
+  int32_t* even = s.hist.data();
+  int32_t* odd = even + kBins;
+  const auto [lo, hi] = count_digits<true>(key_of, L, even, odd);
+  Threshold<Key> th = select_in_bucket(even, odd, hi);
+  std::fill(even + lo, even + hi + 1, 0);
+  std::fill(odd + lo, odd + hi + 1, 0);
   return th;
 }
 
@@ -133,7 +179,7 @@ void pack_chunks(const Bits* x, Bits* values, int32_t* bitmap, uint16_t* offsets
                  const ChunkGeometry& g, const MakeKeys& make_keys) {
   using Key = typename decltype(make_keys(0))::Key;
   at::parallel_for(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Key> cand;
+    SelectScratch<Key> scratch;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t L = g.chunk_len(c), k = g.chunk_keep(c);
       const Bits* xc = x + c * g.chunk;
@@ -142,7 +188,7 @@ void pack_chunks(const Bits* x, Bits* values, int32_t* bitmap, uint16_t* offsets
       int32_t* words = bitmap ? bitmap + c * g.words : nullptr;
       uint16_t* offs = offsets ? offsets + c * g.keep : nullptr;
       Threshold<Key> th{0, 0};  // keep == L: threshold 0 with L ties keeps every key
-      if (k < L) th = select_threshold<Key>(key_of, L, k, cand);
+      if (k < L) th = select_threshold<Key>(key_of, L, k, scratch);
       // Keys above the threshold are kept; keys equal to it are kept in index order until `ties`
       // of them are taken. Both masks of a word are built branch-free.
       int64_t ties = k - th.above;

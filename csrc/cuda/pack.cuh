@@ -44,6 +44,7 @@ enum class KeySource : int {
 
 constexpr int kPackItems = 4;   // bitmap words per warp per compaction tile
 constexpr int kHistCopies = 4;  // histogram copies (spread the shared atomics of a bin)
+constexpr int kLoadAhead = 4;   // global loads in flight per thread in the first radix pass
 constexpr int kRadixBins = 256;
 constexpr int kMinThreads = 256;  // the digit scan uses one thread per bin
 constexpr int kMaxThreads = 1024;
@@ -85,8 +86,10 @@ inline PackParams<Bits> make_pack_params(const ChunkGeometry& g, const Bits* x, 
 // Static shared memory of the pack body (bytes), for the launch plan.
 constexpr size_t kPackStaticSmem = sizeof(uint32_t) * (kHistCopies * kRadixBins + 2 * 32 + 8 + 4);
 
-// Threads per block for chunks of D: ~16 elements per thread, 256..1024.
-inline int pack_threads(int64_t D) { return D <= 4096 ? 256 : (D <= 8192 ? 512 : 1024); }
+// Threads per block for chunks of D. At ~56 registers a thread, 1024-thread
+// blocks would fill an SM's register file alone; two 512-thread blocks per SM
+// let one block's barriers and scans overlap the other's loads.
+inline int pack_threads(int64_t D) { return D <= 4096 ? 256 : 512; }
 
 struct PackPlan {
   int threads;
@@ -136,7 +139,12 @@ DROPIT_DEVICE Key pack_key(Bits bits, uint64_t seed, int64_t global_index) {
 // kSharedBits, chunk * sizeof(Bits) bytes of dynamic shared memory.
 template <typename Bits, typename Key, KeySource Src>
 DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
-  constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8);
+  // Significant key bits: a magnitude key's top bit (the sign) is always 0, so
+  // its first digit starts below it: for float32 the first digit is the whole
+  // exponent. The last digit may overlap the one before (e.g. 31 = 8+8+8+7
+  // bits); the overlapping bit is already fixed by the prefix, which is harmless.
+  constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);
+  constexpr int kPasses = (kKeyBits + 7) / 8;
   DROPIT_SHARED(uint32_t, hist, kHistCopies * kRadixBins);
   DROPIT_SHARED(uint32_t, scan_slots, 2 * 32);  // two alternating buffers
   DROPIT_SHARED(uint32_t, bin_sums, 8);         // per-warp sums of the digit scan
@@ -177,29 +185,60 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
 
     // ---- 1. radix select: the keep-th largest key, 8 bits at a time ----
     Key prefix = 0;  // digits found so far, in place
-    int shift = kKeyBits;
+    int shift = kKeyBits;  // low bit of the current digit
     int need = k;  // how many to keep among the keys that match the prefix
-    for (int pass = 0; pass < kKeyBits / 8; ++pass) {
-      shift -= 8;
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int high = shift;  // bits from `high` up are fixed by the prefix
+      shift = shift > 8 ? shift - 8 : 0;
       for (int i = tid; i < kHistCopies * kRadixBins; i += nthreads) hist[i] = 0u;
       simt::sync();
       uint32_t* h = hist + (warp % kHistCopies) * kRadixBins;
-      const int high = shift + 8;  // bits above the current digit are fixed
-      for (int i = tid; i < L; i += nthreads) {
-        Bits bits = 0;
-        if constexpr (Src == KeySource::kSharedBits) {
-          if (pass == 0) {
-            bits = xc[i];
-            staged[i] = bits;
-          } else {
-            bits = staged[i];
+      if (pass == 0) {
+        // Every key counts. Magnitude keys crowd into a few top digits (the
+        // exponent), so the lanes of a warp that share a bin add once
+        // (match_any). Loads are issued kLoadAhead at a time, in warp-uniform
+        // steps.
+        for (int i0 = tid - lane; i0 < L; i0 += nthreads * kLoadAhead) {
+          Bits b[kLoadAhead];
+#pragma unroll
+          for (int u = 0; u < kLoadAhead; ++u) {
+            const int i = i0 + u * nthreads + lane;
+            b[u] = 0;
+            if constexpr (Src != KeySource::kRandom) {
+              if (i < L) b[u] = xc[i];
+            }
           }
-        } else if constexpr (Src == KeySource::kGlobalBits) {
-          bits = xc[i];
+#pragma unroll
+          for (int u = 0; u < kLoadAhead; ++u) {
+            const int i = i0 + u * nthreads + lane;
+            const bool in = i < L;
+            if constexpr (Src == KeySource::kSharedBits) {
+              if (in) staged[i] = b[u];
+            }
+            const uint32_t bin =
+                static_cast<uint32_t>(pack_key<Bits, Key, Src>(b[u], p.seed, xbase + i) >> shift) & 0xffu;
+            if constexpr (Src == KeySource::kRandom) {
+              if (in) simt::atomic_add_shared(&h[bin], 1u);
+            } else {
+              const uint32_t peers = simt::match_any(in ? bin : 0x100u);
+              if (in && lane == simt::ffs(peers) - 1)
+                simt::atomic_add_shared(&h[bin], static_cast<uint32_t>(simt::popc(peers)));
+            }
+          }
         }
-        const Key key = pack_key<Bits, Key, Src>(bits, p.seed, xbase + i);
-        if (pass == 0 || static_cast<Key>(key >> high) == static_cast<Key>(prefix >> high))
-          simt::atomic_add_shared(&h[(key >> shift) & 0xff], 1u);
+      } else {
+        // Only the keys that match the prefix count: few, spread over the bins.
+        for (int i = tid; i < L; i += nthreads) {
+          Bits bits = 0;
+          if constexpr (Src == KeySource::kSharedBits) {
+            bits = staged[i];
+          } else if constexpr (Src == KeySource::kGlobalBits) {
+            bits = xc[i];
+          }
+          const Key key = pack_key<Bits, Key, Src>(bits, p.seed, xbase + i);
+          if (static_cast<Key>(key >> high) == static_cast<Key>(prefix >> high))
+            simt::atomic_add_shared(&h[(key >> shift) & 0xff], 1u);
+        }
       }
 #if DROPIT_TEST_DROP_BARRIER != 1
       simt::sync();

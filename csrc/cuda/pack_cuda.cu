@@ -52,7 +52,9 @@ size_t smem_optin(int device) {
 template <typename Bits, typename Key, KeySource Src>
 void launch_pack(const PackParams<Bits>& p, const PackPlan& plan, cudaStream_t stream) {
   auto kernel = pack_kernel<Bits, Key, Src>;
-  if (plan.dynamic_smem > 48 * 1024) {
+  // Static + dynamic shared memory above 48 KB needs the opt-in; static memory
+  // counts too (a 48 KB chunk plus the histograms), so set it for any staged chunk.
+  if (plan.dynamic_smem > 0) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(plan.dynamic_smem)));
   }

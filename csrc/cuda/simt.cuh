@@ -9,7 +9,7 @@
 // on the CPU.
 //
 // Rules for kernel bodies:
-//  - warp intrinsics are called by all 32 lanes of a warp (full mask), in
+//  - warp intrinsics (ballot, match_any, shuffles) are called by all 32 lanes of a warp (full mask), in
 //    warp-uniform control flow; block sizes are multiples of 32;
 //  - barriers are reached by every thread of the block;
 //  - static shared arrays are declared with DROPIT_SHARED(type, name, count)
@@ -48,6 +48,8 @@ DROPIT_DEVICE T atomic_add_shared(T* p, T v) {
 }
 
 DROPIT_DEVICE uint32_t ballot(bool pred) { return __ballot_sync(0xffffffffu, pred); }
+// The lanes whose v equals this lane's (sm_70+).
+DROPIT_DEVICE uint32_t match_any(uint32_t v) { return __match_any_sync(0xffffffffu, v); }
 
 template <typename T>
 DROPIT_DEVICE T shfl(T v, int src_lane) { return __shfl_sync(0xffffffffu, v, src_lane); }
@@ -76,7 +78,7 @@ namespace dropit {
 namespace simt {
 namespace host {
 // Implemented by the host SIMT layer (tests/simt/simt_host.cpp).
-enum class WarpOp : int { kBallot = 1, kShfl, kShflUp, kShflDown, kShflXor };
+enum class WarpOp : int { kBallot = 1, kShfl, kShflUp, kShflDown, kShflXor, kMatchAny };
 int thread_idx();
 int block_dim();
 int64_t block_idx();
@@ -110,6 +112,10 @@ inline T atomic_add_shared(T* p, T v) {
 
 inline uint32_t ballot(bool pred) {
   return static_cast<uint32_t>(host::warp_op(host::WarpOp::kBallot, pred ? 1u : 0u, 0));
+}
+
+inline uint32_t match_any(uint32_t v) {
+  return static_cast<uint32_t>(host::warp_op(host::WarpOp::kMatchAny, v, 0));
 }
 
 namespace detail {

@@ -7,12 +7,18 @@
 #include <tuple>
 
 #include "simt_kernels.h"
+#include "simt_selftest.h"
 
 namespace {
 
 using dropit::ChunkGeometry;
 using dropit::simt_test::PackJob;
 using dropit::simt_test::UnpackJob;
+
+// p moved by `bytes` (may point outside the allocation; only offsets back inside are used).
+void* shifted(const void* p, int64_t bytes) {
+  return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes));
+}
 
 bool is_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
@@ -38,23 +44,29 @@ dropit::simt::host::LaunchOptions options(int64_t stack_kb, const std::string& o
 std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64_t chunk, bool bitmap,
                                         std::optional<int64_t> seed, int64_t threads, int64_t source,
                                         int64_t smem_limit, int64_t grid, std::string variant,
-                                        std::string order, int64_t stack_kb) {
+                                        std::string order, int64_t stack_kb, int64_t start) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous() && is_float(x.scalar_type()),
               "x must be a 1-D contiguous floating CPU tensor");
   TORCH_CHECK(gamma >= 0.0 && gamma < 1.0 && chunk >= 1 && chunk <= dropit::kMaxChunk, "bad gamma/chunk");
-  ChunkGeometry g(x.numel(), chunk, gamma);
-  at::Tensor values = at::empty({g.total_kept()}, x.options());
-  at::Tensor index = bitmap ? at::empty({g.bitmap_words()}, x.options().dtype(at::kInt))
-                            : at::empty({g.total_kept()}, x.options().dtype(at::kUInt16));
+  // `start` > 0: x holds elements start.. of a tensor of start + x.numel()
+  // elements (start a multiple of chunk); only the chunks from start are run.
+  TORCH_CHECK(start >= 0 && start % chunk == 0, "start must be a multiple of chunk");
+  ChunkGeometry g(start + x.numel(), chunk, gamma);
+  const int64_t c0 = start / chunk;
+  const int64_t kept0 = c0 * g.keep, words0 = c0 * g.words;
+  at::Tensor values = at::empty({g.total_kept() - kept0}, x.options());
+  at::Tensor index = bitmap ? at::empty({g.bitmap_words() - words0}, x.options().dtype(at::kInt))
+                            : at::empty({g.total_kept() - kept0}, x.options().dtype(at::kUInt16));
   // Poison the outputs: every byte must be written by the kernel.
   if (values.numel() > 0) values.view(at::kByte).fill_(0xCD);
   if (index.numel() > 0) index.view(at::kByte).fill_(0xCD);
   PackJob j;
   j.elem_bytes = static_cast<int>(x.element_size());
-  j.x = x.const_data_ptr();
-  j.values = values.data_ptr();
-  j.bitmap = bitmap ? index.data_ptr<int32_t>() : nullptr;
-  j.offsets = bitmap ? nullptr : static_cast<uint16_t*>(index.data_ptr());
+  // Pointers as if the whole tensor were there: the kernels index them with int64 offsets.
+  j.x = shifted(x.const_data_ptr(), -start * x.element_size());
+  j.values = shifted(values.data_ptr(), -kept0 * x.element_size());
+  j.bitmap = bitmap ? static_cast<int32_t*>(shifted(index.data_ptr(), -words0 * 4)) : nullptr;
+  j.offsets = bitmap ? nullptr : static_cast<uint16_t*>(shifted(index.data_ptr(), -kept0 * 2));
   j.geometry = g;
   j.random = seed.has_value();
   j.seed = seed.has_value() ? static_cast<uint64_t>(*seed) : 0u;
@@ -63,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64
   j.smem_limit = static_cast<size_t>(smem_limit);
   j.grid = grid;
   j.options = options(stack_kb, order);
+  j.options.first_block = c0;
   if (variant == "kernels") {
     dropit::simt_test::pack_kernels(j);
   } else if (variant == "drop_hist") {
@@ -76,29 +89,36 @@ std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64
 }
 
 at::Tensor unpack(const at::Tensor& values, const at::Tensor& index, int64_t numel, double gamma,
-                  int64_t chunk, bool bitmap, int64_t threads, int64_t grid, std::string order, int64_t stack_kb) {
+                  int64_t chunk, bool bitmap, int64_t threads, int64_t grid, std::string order, int64_t stack_kb,
+                  int64_t start) {
   TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous() &&
                   is_float(values.scalar_type()),
               "values must be a 1-D contiguous floating CPU tensor");
+  // `start` > 0: values/index/out are the parts from element `start` on (a multiple of chunk).
+  TORCH_CHECK(start >= 0 && start % chunk == 0 && start <= numel, "start must be a multiple of chunk");
   ChunkGeometry g(numel, chunk, gamma);
-  TORCH_CHECK(values.numel() == g.total_kept(), "values has the wrong length");
+  const int64_t c0 = start / chunk;
+  const int64_t kept0 = c0 * g.keep, words0 = c0 * g.words;
+  TORCH_CHECK(values.numel() == g.total_kept() - kept0, "values has the wrong length");
   if (bitmap) {
-    TORCH_CHECK(index.scalar_type() == at::kInt && index.numel() == g.bitmap_words(), "bad bitmap");
+    TORCH_CHECK(index.scalar_type() == at::kInt && index.numel() == g.bitmap_words() - words0, "bad bitmap");
   } else {
-    TORCH_CHECK(index.scalar_type() == at::kUInt16 && index.numel() == g.total_kept(), "bad offsets");
+    TORCH_CHECK(index.scalar_type() == at::kUInt16 && index.numel() == g.total_kept() - kept0, "bad offsets");
   }
-  at::Tensor out = at::empty({numel}, values.options());
-  if (numel > 0) out.view(at::kByte).fill_(0xCD);
+  at::Tensor out = at::empty({numel - start}, values.options());
+  if (out.numel() > 0) out.view(at::kByte).fill_(0xCD);
   UnpackJob j;
   j.elem_bytes = static_cast<int>(values.element_size());
-  j.values = values.const_data_ptr();
-  j.bitmap = bitmap ? index.const_data_ptr<int32_t>() : nullptr;
-  j.offsets = bitmap ? nullptr : static_cast<const uint16_t*>(index.const_data_ptr());
-  j.out = out.data_ptr();
+  const int64_t es = values.element_size();
+  j.values = shifted(values.const_data_ptr(), -kept0 * es);
+  j.bitmap = bitmap ? static_cast<const int32_t*>(shifted(index.const_data_ptr(), -words0 * 4)) : nullptr;
+  j.offsets = bitmap ? nullptr : static_cast<const uint16_t*>(shifted(index.const_data_ptr(), -kept0 * 2));
+  j.out = shifted(out.data_ptr(), -start * es);
   j.geometry = g;
   j.threads = static_cast<int>(threads);
   j.grid = grid;
   j.options = options(stack_kb, order);
+  j.options.first_block = c0;
   dropit::simt_test::unpack_kernels(j);
   return out;
 }
@@ -121,9 +141,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seed") = py::none(), py::arg("threads") = 0, py::arg("source") = -1,
         py::arg("smem_limit") = 227 * 1024, py::arg("grid") = 0, py::arg("variant") = "kernels",
         py::arg("order") = "forward", py::arg("stack_kb") = 64,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("start") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("unpack", &unpack, py::arg("values"), py::arg("index"), py::arg("numel"), py::arg("gamma"),
         py::arg("chunk"), py::arg("bitmap"), py::arg("threads") = 0, py::arg("grid") = 0,
-        py::arg("order") = "forward", py::arg("stack_kb") = 64, py::call_guard<py::gil_scoped_release>());
+        py::arg("order") = "forward", py::arg("stack_kb") = 64, py::arg("start") = 0,
+        py::call_guard<py::gil_scoped_release>());
   m.def("last_stats", &last_stats);
+  m.def("exchange", &dropit::simt_test::exchange, py::arg("op"), py::arg("threads"), py::arg("arg") = 0,
+        py::arg("grid") = 1);
+  m.def("misuse", &dropit::simt_test::misuse, py::arg("what"));
 }

@@ -221,6 +221,13 @@ void complete_warp(Machine& m, int w) {
       for (int l = 0; l < kWarp; ++l) lanes[l].out = word;
       break;
     }
+    case WarpOp::kMatchAny:
+      for (int l = 0; l < kWarp; ++l) {
+        uint64_t peers = 0;
+        for (int q = 0; q < kWarp; ++q) peers |= (lanes[q].in == lanes[l].in ? 1ull : 0ull) << q;
+        lanes[l].out = peers;
+      }
+      break;
     case WarpOp::kShfl:
       for (int l = 0; l < kWarp; ++l) lanes[l].out = lanes[lanes[l].arg & (kWarp - 1)].in;
       break;
@@ -386,7 +393,7 @@ void launch(int64_t grid, int block_threads, size_t dynamic_smem, const std::fun
   m.error.clear();
   g_machine = &m;
   try {
-    for (int64_t b = 0; b < grid; ++b) {
+    for (int64_t b = options.first_block; b < grid; ++b) {
       m.block = b;
       run_block(m);
       ++m.stats.blocks;

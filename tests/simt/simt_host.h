@@ -28,6 +28,9 @@ struct LaunchOptions {
   enum class Order { kForward, kReverse, kShuffled };
   Order order = Order::kForward;
   uint64_t shuffle_seed = 0;
+  // Run only blocks first_block..grid-1 (block_idx and grid_dim are as in the
+  // full launch): lets a test run the last chunks of a huge tensor.
+  int64_t first_block = 0;
   unsigned char poison = 0xA5;     // fill byte of shared memory at block start
 };
 

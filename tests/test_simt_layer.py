@@ -1,0 +1,93 @@
+"""The host SIMT layer's primitives and the warp-ballot helpers (csrc/cuda/bitmap.cuh), against
+results worked out here from their CUDA definitions."""
+
+import pytest
+
+from simt.build import load
+
+
+@pytest.fixture(scope="module")
+def simt():
+    return load()
+
+
+def values(threads, grid=1):
+    return [[1000 * b + 7 * t + 1 for t in range(threads)] for b in range(grid)]
+
+
+@pytest.mark.parametrize("threads", [32, 96])
+def test_ballot_and_match_any(simt, threads):
+    for arg in (0, 5, 31):
+        got = simt.exchange("ballot", threads, arg)
+        for t in range(threads):
+            w = t // 32
+            want = sum(1 << l for l in range(32) if (32 * w + l) % 3 == 0 or l == arg)
+            assert got[t] == want
+    for arg in (1, 3, 32):
+        got = simt.exchange("match_any", threads, arg)
+        for t in range(threads):
+            mine = (t % 32) % arg
+            assert got[t] == sum(1 << l for l in range(32) if l % arg == mine)
+
+
+@pytest.mark.parametrize("op", ["shfl", "shfl_up", "shfl_down", "shfl_xor"])
+def test_shuffles(simt, op):
+    threads = 64
+    v = values(threads)[0]
+    for arg in (0, 1, 3, 16, 31):
+        got = simt.exchange(op, threads, arg)
+        for t in range(threads):
+            base, lane = t - t % 32, t % 32
+            if op == "shfl":
+                src = (t * 5 + arg) % 32
+            elif op == "shfl_up":
+                src = lane - arg if lane >= arg else lane
+            elif op == "shfl_down":
+                src = lane + arg if lane + arg < 32 else lane
+            else:
+                src = lane ^ arg
+            assert got[t] == v[base + src], (op, arg, t)
+
+
+def test_warp_and_block_scans(simt):
+    got = simt.exchange("scan", 64, 2)
+    for t in range(64):
+        lane = t % 32
+        assert got[t] == sum(l + 2 for l in range(lane + 1))
+    for threads in (32, 256, 1024):
+        got = simt.exchange("block_scan", threads, 1)
+        nw = threads // 32
+        total = sum(w + 1 for w in range(nw))
+        for t in range(threads):
+            w = t // 32
+            assert got[t] >> 32 == total
+            assert got[t] & 0xFFFFFFFF == sum(u + 1 for u in range(w))
+
+
+def test_shared_memory_and_barrier(simt):
+    # Reads after the barrier see every other thread's write, in every block.
+    for threads, grid in ((64, 3), (1024, 1)):
+        v = values(threads, grid)
+        got = simt.exchange("shared", threads, 33, grid)
+        for b in range(grid):
+            for t in range(threads):
+                assert got[b * threads + t] == v[b][(t + 33) % threads]
+
+
+def test_indices(simt):
+    got = simt.exchange("dims", 96, 0, 4)
+    for b in range(4):
+        for t in range(96):
+            assert got[b * 96 + t] == (4 << 48) | (b << 32) | (96 << 16) | t
+
+
+@pytest.mark.parametrize("what,message", [
+    ("divergent_barrier", "barrier"),
+    ("divergent_warp_op", "different warp intrinsics"),
+    ("partial_warp", "deadlock"),
+])
+def test_misuse_is_reported(simt, what, message):
+    with pytest.raises(RuntimeError, match=message):
+        simt.misuse(what)
+    # The layer still works afterwards.
+    assert simt.exchange("ballot", 32, 0)[0] == sum(1 << l for l in range(32) if l % 3 == 0 or l == 0)
