@@ -12,9 +12,19 @@ static bool is_relu_mask_float(at::ScalarType t) {
 void check_relu_mask_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK_TYPE(is_relu_mask_float(x.scalar_type()), name,
                    " must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+}
+
+void check_relu_mask_dense(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.is_non_overlapping_and_dense(), name,
                     " must be dense in some dimension order (contiguous, channels_last, a "
-                    "transpose...): the kernels walk its storage");
+                    "transpose...) to be written in place: the kernels walk its storage");
+}
+
+at::Tensor dense_layout(const at::Tensor& x) {
+  if (x.is_non_overlapping_and_dense()) return x;
+  at::Tensor d = at::empty_like(x);  // a dense layout (the one empty_like picks for x)
+  d.copy_(x);
+  return d;
 }
 
 void check_relu_mask_backward_args(const at::Tensor& grad, const at::Tensor& mask) {
@@ -34,14 +44,16 @@ static at::Tensor empty_mask(const at::Tensor& x) {
 
 static std::tuple<at::Tensor, at::Tensor> relu_mask_forward_cpu(const at::Tensor& x) {
   check_relu_mask_input(x, "x");
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mask = empty_mask(x);
-  relu_mask_forward_cpu_into(x, y, mask);
+  const at::Tensor src = dense_layout(x);
+  at::Tensor y = at::empty_like(src);  // src's strides: the same storage order
+  at::Tensor mask = empty_mask(src);
+  relu_mask_forward_cpu_into(src, y, mask);
   return {y, mask};
 }
 
 static at::Tensor relu_mask_forward_inplace_cpu(at::Tensor& x) {
   check_relu_mask_input(x, "x");
+  check_relu_mask_dense(x, "x");
   at::Tensor mask = empty_mask(x);
   relu_mask_forward_cpu_into(x, x, mask);
   return mask;
@@ -50,14 +62,14 @@ static at::Tensor relu_mask_forward_inplace_cpu(at::Tensor& x) {
 }  // namespace dropit
 
 TORCH_LIBRARY_FRAGMENT(dropit_cuda, m) {
-  // x: any tensor dense in some dimension order; y = relu(x) with x's strides;
-  // mask: one bit per element in storage order (int32 words), set where y > 0
-  // or y is NaN.
+  // y = relu(x), with x's strides where x is dense in some dimension order
+  // (else those of empty_like(x)); mask: one bit per element of y in its storage
+  // order (int32 words), set where y > 0 or y is NaN.
   m.def("relu_mask_forward(Tensor x) -> (Tensor y, Tensor mask)");
-  // The same, writing y into x; returns the mask.
+  // The same, writing y into x (which must be dense); returns the mask.
   m.def("relu_mask_forward_inplace(Tensor(a!) x) -> Tensor mask");
-  // grad_input = mask ? grad : +0 with grad's strides; grad must be laid out
-  // like the forward's y (the mask follows its storage order).
+  // grad_input = mask ? grad : +0, laid out like grad (dense); grad must have
+  // the forward's y strides (the mask follows their storage order).
   m.def("relu_mask_backward(Tensor grad, Tensor mask) -> Tensor");
 }
 

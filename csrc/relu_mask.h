@@ -39,6 +39,9 @@ inline uint64_t float_inf_bits(at::ScalarType t) {
 // Argument checks shared by every backend.
 void check_relu_mask_input(const at::Tensor& x, const char* name);
 void check_relu_mask_backward_args(const at::Tensor& grad, const at::Tensor& mask);
+void check_relu_mask_dense(const at::Tensor& x, const char* name);
+// x itself if it is dense in some dimension order, else a copy in empty_like(x)'s layout.
+at::Tensor dense_layout(const at::Tensor& x);
 
 // Kernels per device. `y` has x's strides and may be x (the in-place form).
 void relu_mask_forward_cpu_into(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mask);

@@ -30,17 +30,16 @@ __all__ = ["MaskedReLU", "masked_relu", "relu_mask", "relu_mask_backward"]
 Strides = tuple[int, ...]
 
 
-def _dense(x: torch.Tensor) -> bool:
-    """Whether ``x``'s elements fill its storage span exactly once, in some dimension order
-    (what ATen calls non-overlapping and dense): then its storage order is its memory order."""
-    if x.numel() == 0:
+def _dense_in_place(x: torch.Tensor) -> bool:
+    """Whether the in-place op can write into ``x`` (a layout whose storage order it walks).
+    Only the common layouts are checked, with tests that ``torch.compile`` traces."""
+    if x.is_contiguous():
         return True
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
 
 
 def _as_layout(t: torch.Tensor, strides: Strides) -> torch.Tensor:
@@ -57,7 +56,7 @@ def relu_mask(x: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, tor
 
     Returns ``(y, mask, strides)``. The mask follows the memory order of ``y``, whose
     ``strides`` are returned: ``x``'s own where ``x`` is dense in some dimension order
-    (contiguous, channels_last, a transpose...), contiguous otherwise. ``mask`` is int32,
+    (contiguous, channels_last, a transpose...), else a dense layout of ``x``'s shape. ``mask`` is int32,
     ``ceil(x.numel() / 32)`` words; bit ``j`` of word ``w`` is set where the element at storage
     position ``32*w + j`` of ``y`` is positive or NaN. With ``inplace`` the result is written
     into ``x`` and ``y`` is ``x``; otherwise ``y`` is a new tensor (never a view).
@@ -67,12 +66,9 @@ def relu_mask(x: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, tor
     if x.dtype not in _MASK_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     with torch.no_grad():
-        if _dense(x):
-            if inplace:
-                return x, torch.ops.dropit_cuda.relu_mask_forward_inplace(x), tuple(x.stride())
-            y, mask = torch.ops.dropit_cuda.relu_mask_forward(x)
-            return y, mask, tuple(y.stride())
-        y, mask = torch.ops.dropit_cuda.relu_mask_forward(x.contiguous())
+        if inplace and _dense_in_place(x):
+            return x, torch.ops.dropit_cuda.relu_mask_forward_inplace(x), tuple(x.stride())
+        y, mask = torch.ops.dropit_cuda.relu_mask_forward(x)  # any layout: y is dense
         if inplace:
             x.copy_(y)
             return x, mask, tuple(y.stride())
@@ -83,17 +79,14 @@ def relu_mask_backward(
     grad: torch.Tensor, mask: torch.Tensor, strides: Optional[Strides] = None
 ) -> torch.Tensor:
     """ReLU's input gradient from the mask of :func:`relu_mask`: ``grad`` where the bit is set,
-    ``+0`` elsewhere, as a new tensor with ``strides`` (those :func:`relu_mask` returned; by
-    default ``grad``'s own if it is dense, else contiguous); ``grad`` is copied into that layout
-    first where it differs."""
+    ``+0`` elsewhere, as a new tensor with ``strides``, those :func:`relu_mask` returned
+    (``grad`` is copied into that layout first where it differs). Without ``strides``, ``grad``
+    must already be laid out like the forward's ``y``."""
     if not isinstance(grad, torch.Tensor):
         raise TypeError(f"grad must be a torch.Tensor, got {type(grad).__name__}")
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if strides is None:
-        g = grad if _dense(grad) else grad.contiguous()
-    else:
-        g = _as_layout(grad, strides)
+    g = grad if strides is None else _as_layout(grad, strides)
     return torch.ops.dropit_cuda.relu_mask_backward(g, mask)
 
 

@@ -290,9 +290,17 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="grad"):
         relu_mask_backward(torch.ones(40, dtype=torch.int32), mask)
     with pytest.raises(ValueError, match="dense"):
-        torch.ops.dropit_cuda.relu_mask_forward(torch.randn(4, 6)[:, ::2])
-    with pytest.raises(ValueError, match="dense"):
-        torch.ops.dropit_cuda.relu_mask_backward(torch.randn(40, 2)[:, 0], mask)
+        torch.ops.dropit_cuda.relu_mask_forward_inplace(torch.randn(4, 6)[:, ::2])
+
+
+def test_ops_take_non_dense_tensors():
+    x = special_input(8 * 12, torch.float32, seed=4).view(8, 12)[:, ::3]
+    y, mask = torch.ops.dropit_cuda.relu_mask_forward(x)
+    assert y.is_contiguous() and mask.tolist() == reference_mask(x)
+    assert_same_bits(y, torch.relu(x))
+    g = torch.randn(8, 8)[:, ::2]
+    out = torch.ops.dropit_cuda.relu_mask_backward(g, mask)
+    assert torch.equal(out, torch.where(~(torch.relu(x) <= 0), g, torch.zeros(())))
 
 
 def test_fake_impls():
@@ -316,6 +324,17 @@ def test_torch_compile_matches_eager():
     compiled(x).sum().backward()
     for a, p in zip(eager, model.parameters()):
         torch.testing.assert_close(p.grad, a)
+    # dynamic shapes: the layout logic must not need concrete sizes
+    dynamic = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (3, 7):
+        xb = torch.randn(n, 8)
+        model.zero_grad()
+        model(xb).sum().backward()
+        want = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        dynamic(xb).sum().backward()
+        for a, p in zip(want, model.parameters()):
+            torch.testing.assert_close(p.grad, a)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

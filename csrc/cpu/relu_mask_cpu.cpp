@@ -118,8 +118,9 @@ void relu_mask_forward_cpu_into(const at::Tensor& x, const at::Tensor& y, const 
   });
 }
 
-at::Tensor relu_mask_backward_cpu(const at::Tensor& grad, const at::Tensor& mask) {
-  check_relu_mask_backward_args(grad, mask);
+at::Tensor relu_mask_backward_cpu(const at::Tensor& grad_in, const at::Tensor& mask) {
+  check_relu_mask_backward_args(grad_in, mask);
+  const at::Tensor grad = dense_layout(grad_in);
   at::Tensor out = at::empty_like(grad);
   const int64_t n = grad.numel();
   if (n == 0) return out;

@@ -59,21 +59,24 @@ at::Tensor empty_mask(const at::Tensor& x) {
 
 std::tuple<at::Tensor, at::Tensor> relu_mask_forward_cuda(const at::Tensor& x) {
   check_relu_mask_input(x, "x");
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mask = empty_mask(x);
-  forward_into(x, y, mask);
+  const at::Tensor src = dense_layout(x);
+  at::Tensor y = at::empty_like(src);  // src's strides: the same storage order
+  at::Tensor mask = empty_mask(src);
+  forward_into(src, y, mask);
   return {y, mask};
 }
 
 at::Tensor relu_mask_forward_inplace_cuda(at::Tensor& x) {
   check_relu_mask_input(x, "x");
+  check_relu_mask_dense(x, "x");
   at::Tensor mask = empty_mask(x);
   forward_into(x, x, mask);
   return mask;
 }
 
-at::Tensor relu_mask_backward_cuda(const at::Tensor& grad, const at::Tensor& mask) {
-  check_relu_mask_backward_args(grad, mask);
+at::Tensor relu_mask_backward_cuda(const at::Tensor& grad_in, const at::Tensor& mask) {
+  check_relu_mask_backward_args(grad_in, mask);
+  const at::Tensor grad = dense_layout(grad_in);
   at::Tensor out = at::empty_like(grad);
   const int64_t n = grad.numel();
   if (n == 0) return out;
