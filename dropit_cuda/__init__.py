@@ -7,6 +7,33 @@ weight gradient from the sparse copy.
 
 from ._native import extension_info
 from .ops import Packed, pack, unpack
+from . import functional, strategies
+from .strategies import STRATEGIES
+from .modules import (
+    DropITConv1d,
+    DropITConv2d,
+    DropITConv3d,
+    DropITLinear,
+    DropITMultiheadAttention,
+)
+from .convert import convert, revert
+from . import memory
 
-__all__ = ["Packed", "extension_info", "pack", "unpack"]
+__all__ = [
+    "DropITConv1d",
+    "DropITConv2d",
+    "DropITConv3d",
+    "DropITLinear",
+    "DropITMultiheadAttention",
+    "Packed",
+    "STRATEGIES",
+    "convert",
+    "extension_info",
+    "functional",
+    "memory",
+    "pack",
+    "revert",
+    "strategies",
+    "unpack",
+]
 __version__ = "0.1.0"

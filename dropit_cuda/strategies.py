@@ -1,0 +1,291 @@
+"""How a DropIT layer caches its input: the selection strategies of the paper's Table 2.
+
+Every strategy turns a tensor ``x`` into a :class:`Cached`: a few tensors (which the autograd
+functions hand to ``ctx.save_for_backward``) plus small metadata, and rebuilds from it the dense
+tensor with the dropped elements set to zero. The formats:
+
+``"parallel_min_k"`` (default)
+    :func:`dropit_cuda.pack`: per chunk of ``chunk`` elements in memory order, the
+    ``keep(L) = L - floor(gamma*L)`` largest-magnitude values plus a bitmap (or 16-bit offsets at
+    very high ``gamma``). Bytes per element: ``(1-gamma)*s + 1/8``.
+``"random"``
+    The same kernels and format, ranked by a seeded hash instead of the magnitude: exactly
+    ``keep(L)`` elements per chunk, chosen uniformly. The seed is drawn from torch's default
+    (CPU) generator at every forward call, so ``torch.manual_seed`` makes runs reproducible on
+    every device; CUDA generators are not touched.
+``"min_k"``
+    Exact min-k over the whole tensor: the ``keep(numel)`` largest-magnitude elements (the same
+    key and tie rule as ``pack``: sign bit cleared, compared as unsigned, NaN above inf, ties to
+    the lower memory-order position). Cached as the kept values in memory order plus a one-bit-
+    per-element ``uint8`` bitmap.
+``"min_k_channel"`` / ``"random_channel"``
+    Whole channels: ``keep(C)`` of the ``C`` channels survive, those with the largest L2 norm over
+    the mini-batch, or a uniformly random set (drawn with ``torch.randperm`` from the default CPU
+    generator). The channel is dimension 1 of a conv input (its input channels) and the last
+    dimension of a linear input (its features). Cached as the dense slice of kept channels plus
+    their ``int32`` channel numbers.
+
+No strategy leaves an ``int64`` tensor with one entry per kept element behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import ops
+from .ops import Packed, check_chunk, check_gamma, keep_count
+
+__all__ = [
+    "STRATEGIES",
+    "Cached",
+    "check_strategy",
+    "compress",
+]
+
+
+def check_strategy(strategy: str, name: str = "strategy") -> str:
+    """Returns ``strategy`` if it names a known strategy; raises TypeError/ValueError otherwise."""
+    if not isinstance(strategy, str):
+        raise TypeError(f"{name} must be a str, one of {sorted(STRATEGIES)}, got {type(strategy).__name__}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{name} must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    return strategy
+
+
+@dataclass(frozen=True)
+class Cached:
+    """A compressed tensor: ``tensors`` (saved for backward) and the metadata to rebuild it."""
+
+    strategy: str
+    tensors: tuple
+    meta: Any
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached tensors."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def with_tensors(self, tensors) -> "Cached":
+        """The same metadata over other tensors (e.g. those from ``ctx.saved_tensors``)."""
+        return Cached(self.strategy, tuple(tensors), self.meta)
+
+    def unpack(self) -> torch.Tensor:
+        """The dense tensor: the input's shape, dtype, device and layout, dropped elements 0."""
+        return _UNPACK[self.strategy](self.tensors, self.meta)
+
+
+# --- parallel_min_k and random: the chunked kernels -------------------------------------------
+
+
+def draw_seed() -> int:
+    """A 62-bit seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def _pack_chunked(x: torch.Tensor, gamma: float, chunk: int, channel_dim: int, seed: Optional[int]):
+    p = ops.pack(x, gamma, chunk, random_seed=seed)
+    return p.tensors(), p.with_tensors(None, None)
+
+
+def _unpack_chunked(tensors, meta: Packed) -> torch.Tensor:
+    return ops.unpack(meta.with_tensors(*tensors))
+
+
+def _pack_parallel_min_k(x, gamma, chunk, channel_dim):
+    return _pack_chunked(x, gamma, chunk, channel_dim, None)
+
+
+def _pack_random(x, gamma, chunk, channel_dim):
+    return _pack_chunked(x, gamma, chunk, channel_dim, draw_seed())
+
+
+# --- min_k: exact over the whole tensor -------------------------------------------------------
+
+_KEY_VIEW = {
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.bfloat16: (torch.int16, 0x7FFF),
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF),
+}
+
+
+@dataclass(frozen=True)
+class _FlatMeta:
+    shape: torch.Size
+    dtype: torch.dtype
+    memory_format: torch.memory_format
+    numel: int
+
+
+def magnitude_keys(flat: torch.Tensor) -> torch.Tensor:
+    """The magnitude key of each element of a 1-D float tensor, as a non-negative integer tensor.
+
+    The bit pattern with the sign bit cleared: orders by ``|x|``, +0 == -0, NaN above inf.
+    16-bit keys are widened to int32.
+    """
+    if flat.dtype not in _KEY_VIEW:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {flat.dtype}")
+    int_dtype, mask = _KEY_VIEW[flat.dtype]
+    keys = flat.view(int_dtype) & mask
+    return keys.to(torch.int32) if int_dtype == torch.int16 else keys
+
+
+def _from_memory_order(flat: torch.Tensor, shape, memory_format) -> torch.Tensor:
+    shape = tuple(shape)
+    if memory_format == torch.channels_last:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    if memory_format == torch.channels_last_3d:
+        n, c, d, h, w = shape
+        return flat.view(n, d, h, w, c).permute(0, 4, 1, 2, 3)
+    return flat.view(shape)
+
+
+def _bit_shifts(device) -> torch.Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
+def min_k_mask(flat: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask of the ``keep`` largest-magnitude elements of 1-D ``flat`` (ties: lower index)."""
+    n = flat.numel()
+    if keep >= n:
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    if keep <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+    keys = magnitude_keys(flat)
+    # the keep-th largest key is the (n - keep + 1)-th smallest
+    threshold = torch.kthvalue(keys, n - keep + 1).values
+    above = keys > threshold
+    tied = keys == threshold
+    room = keep - above.sum()
+    return above | (tied & (torch.cumsum(tied, 0) <= room))
+
+
+def _pack_min_k(x, gamma, chunk, channel_dim):
+    flat, memory_format = ops._memory_order(x.detach())
+    n = flat.numel()
+    mask = min_k_mask(flat, keep_count(n, gamma))
+    values = flat[mask]
+    padded = torch.nn.functional.pad(mask, (0, (-n) % 8)).view(-1, 8).to(torch.uint8)
+    bitmap = (padded << _bit_shifts(x.device)).sum(dim=1, dtype=torch.uint8)
+    return (values, bitmap), _FlatMeta(x.shape, x.dtype, memory_format, n)
+
+
+def _unpack_min_k(tensors, meta: _FlatMeta) -> torch.Tensor:
+    values, bitmap = tensors
+    bits = (bitmap.unsqueeze(1) >> _bit_shifts(bitmap.device)) & 1
+    mask = bits.view(-1)[: meta.numel].bool()
+    flat = values.new_zeros(meta.numel).masked_scatter_(mask, values)
+    return _from_memory_order(flat, meta.shape, meta.memory_format)
+
+
+# --- channel strategies -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ChannelMeta:
+    shape: torch.Size
+    dim: int
+    memory_format: torch.memory_format
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _pack_channels(x: torch.Tensor, gamma: float, channel_dim: int, pick: Callable[[torch.Tensor, int, int], torch.Tensor]):
+    x = x.detach()
+    dim = channel_dim % x.dim() if x.dim() > 0 else 0
+    channels = x.shape[dim]
+    keep = keep_count(channels, gamma)
+    idx = pick(x, dim, keep)  # int64, sorted ascending, on x.device
+    kept = x.index_select(dim, idx)
+    return (kept, idx.to(torch.int32)), _ChannelMeta(x.shape, dim, _layout(x))
+
+
+def _pick_min_k_channels(x, dim, keep):
+    others = [d for d in range(x.dim()) if d != dim]
+    norms = torch.linalg.vector_norm(x, dim=others, dtype=torch.float32) if others else x.float().abs()
+    # NaN norms count as largest, like the element key
+    norms = torch.nan_to_num(norms, nan=float("inf"))
+    idx = torch.topk(norms, keep, sorted=False).indices
+    return torch.sort(idx).values
+
+
+def _pick_random_channels(x, dim, keep):
+    perm = torch.randperm(x.shape[dim])  # default CPU generator
+    return torch.sort(perm[:keep]).values.to(x.device)
+
+
+def _pack_min_k_channel(x, gamma, chunk, channel_dim):
+    return _pack_channels(x, gamma, channel_dim, _pick_min_k_channels)
+
+
+def _pack_random_channel(x, gamma, chunk, channel_dim):
+    return _pack_channels(x, gamma, channel_dim, _pick_random_channels)
+
+
+def _unpack_channels(tensors, meta: _ChannelMeta) -> torch.Tensor:
+    kept, idx = tensors
+    out = torch.empty(meta.shape, dtype=kept.dtype, device=kept.device, memory_format=meta.memory_format).zero_()
+    return out.index_copy_(meta.dim, idx.long(), kept)
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+_PACK = {
+    "parallel_min_k": _pack_parallel_min_k,
+    "min_k": _pack_min_k,
+    "random": _pack_random,
+    "min_k_channel": _pack_min_k_channel,
+    "random_channel": _pack_random_channel,
+}
+_UNPACK = {
+    "parallel_min_k": _unpack_chunked,
+    "random": _unpack_chunked,
+    "min_k": _unpack_min_k,
+    "min_k_channel": _unpack_channels,
+    "random_channel": _unpack_channels,
+}
+STRATEGIES = tuple(_PACK)
+
+
+def compress(
+    x: torch.Tensor,
+    strategy: str = "parallel_min_k",
+    gamma: float = 0.9,
+    chunk: int = 16384,
+    channel_dim: int = 1,
+) -> Cached:
+    """Compresses ``x`` the way a DropIT layer caches its input.
+
+    Args:
+        x: a floating tensor.
+        strategy: one of :data:`STRATEGIES` (see the module docstring for the formats).
+        gamma: dropping rate in ``[0, 1)``.
+        chunk: chunk size of the chunked strategies, in ``[1, 65536]`` (checked for all).
+        channel_dim: the channel dimension of the channel strategies (1 for conv inputs, -1 for
+            linear inputs).
+    Returns:
+        a :class:`Cached`; ``.unpack()`` gives the dense copy with the dropped elements zero.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _KEY_VIEW:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    strategy = check_strategy(strategy)
+    gamma = check_gamma(gamma)
+    chunk = check_chunk(chunk)
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+    if x.dim() > 0 and not -x.dim() <= channel_dim < x.dim():
+        raise ValueError(f"channel_dim {channel_dim} is out of range for a {x.dim()}-D tensor")
+    tensors, meta = _PACK[strategy](x, gamma, chunk, channel_dim)
+    return Cached(strategy, tuple(tensors), meta)
