@@ -165,12 +165,17 @@ class RunSpec:
 
 @dataclass
 class DemoConfig:
-    """Everything a demo invocation depends on (``main`` builds it from the flags)."""
+    """Everything a demo invocation depends on (``main`` builds it from the flags).
+
+    ``threads``: CPU threads torch may use during the demo (``None``: leave torch's setting). One
+    is the default: the network is so small that its kernels gain little from more threads, and a
+    single thread keeps the timings steady on a busy machine.
+    """
 
     gammas: tuple[float, ...] = DEFAULT_GAMMAS
     strategy: str = "parallel_min_k"
     contrast: Optional[tuple[str, float]] = ("random", 0.8)
-    epochs: int = 12
+    epochs: int = 10
     seeds: int = 1
     seed: int = 0
     device: str = "auto"
@@ -180,6 +185,7 @@ class DemoConfig:
     weight_decay: float = 5e-4
     width: int = 32
     chunk: int = DEFAULT_CHUNK
+    threads: Optional[int] = 1
     progress: bool = True
     check: bool = False
 
@@ -228,15 +234,18 @@ def converted_layer_names(model: nn.Module) -> list[str]:
 def saved_bytes(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> tuple[int, int]:
     """Bytes saved for backward by one training forward of ``model`` on ``x``: in all, and by ``layers``.
 
-    Measured on a copy, so BatchNorm's running statistics of ``model`` are left alone.
+    From :func:`dropit_cuda.memory.measure`: ``total_bytes`` counts every storage once (a conv
+    input that the preceding ReLU saves too counts once); a layer's figure is what it saved itself
+    (its dense input, or its packed cache), less copies of its weights. Measured on a copy, so
+    BatchNorm's running statistics of ``model`` are left alone.
     """
     from . import memory
 
     probe = copy.deepcopy(model).train()
     report = memory.measure(probe, x)
     wanted = set(layers)
-    by_layers = sum(int(row.bytes) for row in report.rows if row.name in wanted)
-    return int(report.total_bytes), by_layers
+    by_layers = sum(m.saved_bytes - m.weight_copy_bytes for m in report.modules if m.name in wanted)
+    return int(report.total_bytes), int(by_layers)
 
 
 def train_run(
@@ -283,7 +292,7 @@ def train_run(
             _sync(device)
             step_times.append(time.perf_counter() - t0)
             sched.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             count += len(idx)
             bar.update(1)
         train_loss.append(loss_sum / count)
@@ -318,9 +327,20 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains every run of ``cfg`` for every seed; writes the JSON and PNG; returns the results."""
-    import dropit_cuda as dc
 
     device = resolve_device(cfg.device)
+    threads_before = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_demo(cfg, device, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_demo(cfg: DemoConfig, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+    import dropit_cuda as dc
+
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_digits_split(cfg.seed).to(device)
@@ -328,7 +348,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     log(
         f"digits: {len(data.y_train)} train / {len(data.y_test)} test images, device {device}, "
         f"{cfg.epochs} epochs x {len(data.y_train) // cfg.batch_size} steps of {cfg.batch_size}, "
-        f"seeds {cfg.seed_list()}, chunk {cfg.chunk}"
+        f"seeds {cfg.seed_list()}, chunk {cfg.chunk}, {torch.get_num_threads()} CPU thread(s)"
     )
     per_run: dict[str, dict[str, Any]] = {
         s.key: {"name": s.name, "strategy": s.strategy, "gamma": s.gamma, "seeds": {}} for s in specs
@@ -529,6 +549,9 @@ def build_parser(prog: str = "python -m dropit_cuda demo") -> argparse.ArgumentP
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak SGD learning rate (default: {d.lr})")
     p.add_argument("--chunk", type=_positive, default=d.chunk,
                    help=f"DropIT chunk size D (default: {d.chunk}; see the docs for why not 16384)")
+    p.add_argument("--threads", type=_positive, default=d.threads,
+                   help=f"CPU threads for torch during the demo (default: {d.threads}: this network "
+                        "is too small to gain from more)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--check", action="store_true",
                    help=f"acceptance mode: baseline and parallel_min_k γ={CHECK_GAMMA} only, {CHECK_SEEDS} "
@@ -542,7 +565,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         gammas=args.gammas, strategy=args.strategy, contrast=args.contrast, epochs=args.epochs,
         seeds=args.seeds or (CHECK_SEEDS if args.check else DemoConfig.seeds), seed=args.seed,
         device=args.device, out=args.out, batch_size=args.batch_size, lr=args.lr, chunk=args.chunk,
-        progress=not args.no_progress, check=args.check,
+        threads=args.threads, progress=not args.no_progress, check=args.check,
     )
     if cfg.check:
         cfg.gammas, cfg.strategy, cfg.contrast = (CHECK_GAMMA,), "parallel_min_k", None
