@@ -1,6 +1,4 @@
 // Op schemas, shared argument checks, CPU registration and the Python module.
-#include <Python.h>
-
 #include <string>
 
 #include "ops.h"
@@ -69,8 +67,10 @@ static std::string build_info() {
 #else
   info += "0";
 #endif
-#ifdef DROPIT_CUDA_ARCHS
-  info += "|archs=" DROPIT_CUDA_ARCHS;
+#ifdef DROPIT_CUDA_ARCHS  // a bare comma-separated list: quotes don't survive every build tool
+#define DROPIT_STRINGIFY(...) #__VA_ARGS__
+#define DROPIT_STRING(...) DROPIT_STRINGIFY(__VA_ARGS__)
+  info += "|archs=" DROPIT_STRING(DROPIT_CUDA_ARCHS);
 #endif
   return info;
 }
@@ -90,8 +90,13 @@ TORCH_LIBRARY_IMPL(dropit_cuda, CPU, m) {
   m.impl("unpack", &dropit::unpack_cpu);
 }
 
-// A Python module so that `import dropit_cuda._C` loads the ops (AOT builds).
+#ifdef DROPIT_PYTHON_MODULE
+#include <Python.h>
+
+// A Python module so that `import dropit_cuda._C` loads the ops (setup.py builds). CMake builds
+// a plain library for C++ users and leave this out.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif

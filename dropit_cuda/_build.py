@@ -73,11 +73,11 @@ def sources(with_cuda: bool, base: Path | None = None) -> list[str]:
 
 
 def compile_args(with_cuda: bool) -> dict[str, list[str]]:
-    cxx = ["-O3", "-std=c++20"]
+    cxx = ["-O3", "-std=c++20", "-DDROPIT_PYTHON_MODULE"]
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        define = f'-DDROPIT_CUDA_ARCHS="{archs}"'
+        define = "-DDROPIT_CUDA_ARCHS=" + ",".join(archs.replace(";", " ").split())
         cxx += ["-DDROPIT_WITH_CUDA", define]
         nvcc += ["-DDROPIT_WITH_CUDA", define]
         if os.environ.get("DROPIT_PTXAS_VERBOSE") == "1":

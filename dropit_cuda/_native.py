@@ -63,7 +63,7 @@ def extension_info() -> dict:
     return {
         "mode": mode,
         "cuda_kernels": bool(has_cuda),
-        "cuda_archs": fields.get("archs", "").split(";") if fields.get("archs") else [],
+        "cuda_archs": fields["archs"].split(",") if fields.get("archs") else [],
         "cuda_available": torch.cuda.is_available(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,

@@ -138,10 +138,24 @@ def linear(
     return _DropITLinear.apply(input, weight, bias, gamma, strategy, chunk)
 
 
+_PAD_BACKWARD = {
+    "reflect": {1: torch.ops.aten.reflection_pad1d_backward, 2: torch.ops.aten.reflection_pad2d_backward,
+                3: torch.ops.aten.reflection_pad3d_backward},
+    "replicate": {1: torch.ops.aten.replication_pad1d_backward, 2: torch.ops.aten.replication_pad2d_backward,
+                  3: torch.ops.aten.replication_pad3d_backward},
+}
+
+
 class _DropITConv(torch.autograd.Function):
+    # pad_mode "reflect"/"replicate" pads inside the function: F.pad's own autograd node would
+    # save the dense input; here only the padded input's compressed form is cached.
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, gamma, strategy, chunk):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, gamma, strategy, chunk, pad_mode, pads):
         nd = weight.dim() - 2
+        ctx.pad = None
+        if pad_mode is not None:
+            ctx.pad = (pad_mode, pads, tuple(x.shape))
+            x = F.pad(x, pads, mode=pad_mode)
         out = _CONV_FN[nd](x, weight, bias, stride, padding, dilation, groups)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.x_shape = tuple(x.shape)
@@ -167,7 +181,10 @@ class _DropITConv(torch.autograd.Function):
                 grad_out, x_hat, weight, ctx.bias_sizes, list(stride), list(padding), list(dilation),
                 False, [0] * nd, groups, [need_x, need_w, need_b],
             )
-        return grad_x, grad_w, grad_b if need_b else None, None, None, None, None, None, None, None
+            if need_x and ctx.pad is not None:
+                mode, pads, shape = ctx.pad
+                grad_x = _PAD_BACKWARD[mode][nd](grad_x, grad_x.new_empty(1).expand(shape), list(pads))
+        return (grad_x, grad_w, grad_b if need_b else None) + (None,) * 9
 
 
 def _tuple(value: _IntOrTuple, n: int, name: str) -> tuple[int, ...]:
@@ -200,8 +217,9 @@ def conv(
 
     Same arguments and output as ``F.conv1d/2d/3d`` plus ``padding_mode`` (as in ``nn.Conv*``:
     a mode other than ``"zeros"`` pads the input with ``F.pad`` first, and the padded input is
-    what gets cached) and the DropIT settings (see :func:`linear`; the channel strategies drop
-    whole input channels, dimension 1).
+    what gets cached; "reflect" and "replicate" pad inside the autograd function, so that the
+    pad's own backward does not keep the dense input alive) and the DropIT settings (see
+    :func:`linear`; the channel strategies drop whole input channels, dimension 1).
     """
     gamma, strategy, chunk = _check_settings(gamma, strategy, chunk)
     if not isinstance(input, torch.Tensor):
@@ -240,8 +258,12 @@ def conv(
             raise ValueError(f"padding must be 'same', 'valid', an int or a tuple of {nd} ints, got {padding!r}")
     else:
         pads = [(p, p) for p in _tuple(padding, nd, "padding")]
-    if padding_mode != "zeros":
-        x = F.pad(x, [p for lr in reversed(pads) for p in lr], mode=padding_mode)
+    pad_mode, pad_list = None, None
+    if padding_mode in _PAD_BACKWARD:
+        pad_mode, pad_list = padding_mode, [p for lr in reversed(pads) for p in lr]
+        conv_padding = (0,) * nd
+    elif padding_mode != "zeros":
+        x = F.pad(x, [p for lr in reversed(pads) for p in lr], mode=padding_mode)  # saves no input
         conv_padding = (0,) * nd
     elif any(left != right for left, right in pads):
         # 'same' with an even kernel: the extra element goes on the right, as in ATen
@@ -252,8 +274,11 @@ def conv(
 
     x, weight, bias = _autocast(x.device.type, x, weight, bias)
     if _needs_autograd(x, weight, bias):
-        out = _DropITConv.apply(x, weight, bias, stride, conv_padding, dilation, groups, gamma, strategy, chunk)
+        out = _DropITConv.apply(x, weight, bias, stride, conv_padding, dilation, groups, gamma, strategy, chunk,
+                                pad_mode, pad_list)
     else:
+        if pad_mode is not None:
+            x = F.pad(x, pad_list, mode=pad_mode)
         out = _CONV_FN[nd](x, weight, bias, stride, conv_padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 

@@ -41,6 +41,12 @@ class DropITLayer:
     strategy: str
     chunk: int
 
+    _CHECKS = {"gamma": check_gamma, "strategy": check_strategy, "chunk": check_chunk}
+
+    def __setattr__(self, name: str, value) -> None:
+        check = DropITLayer._CHECKS.get(name)
+        super().__setattr__(name, check(value) if check is not None else value)  # type: ignore[misc]
+
     def set_dropit(self, gamma: float = 0.9, strategy: str = "parallel_min_k", chunk: int = 16384) -> None:
         """Checks and sets the DropIT settings (raises TypeError/ValueError naming the argument)."""
         self.gamma = check_gamma(gamma)
@@ -72,6 +78,8 @@ class DropITLayer:
             module.set_dropit(gamma, strategy, chunk)  # type: ignore[attr-defined]
         except Exception:
             module.__class__ = original
+            for name in DropITLayer._CHECKS:
+                module.__dict__.pop(name, None)
             raise
         module.__dict__["_dropit_plain_class"] = original
         module._after_swap(gamma, strategy, chunk)  # type: ignore[attr-defined]
@@ -83,7 +91,7 @@ class DropITLayer:
     def to_plain(self) -> nn.Module:
         """Turns this module back into its plain ``torch.nn`` class in place; returns it."""
         plain = self.__dict__.pop("_dropit_plain_class", type(self).plain_class)
-        for name in ("gamma", "strategy", "chunk"):
+        for name in DropITLayer._CHECKS:
             self.__dict__.pop(name, None)
         self.__class__ = plain
         return self  # type: ignore[return-value]

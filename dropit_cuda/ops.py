@@ -48,7 +48,7 @@ class Geometry:
 
     @property
     def num_chunks(self) -> int:
-        return -(-self.numel // self.chunk)
+        return (self.numel + self.chunk - 1) // self.chunk
 
     @property
     def keep(self) -> int:
@@ -63,7 +63,7 @@ class Geometry:
 
     @property
     def bitmap_words(self) -> int:
-        return self.num_chunks * (-(-self.chunk // 32))
+        return self.num_chunks * ((self.chunk + 31) // 32)
 
     def resolve_index(self, index: str) -> str:
         """``"auto"`` picks the smaller encoding (the bitmap on a tie)."""

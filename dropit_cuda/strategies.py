@@ -26,6 +26,11 @@ tensor with the dropped elements set to zero. The formats:
     their ``int32`` channel numbers.
 
 No strategy leaves an ``int64`` tensor with one entry per kept element behind.
+
+Under ``torch.compile`` ``"parallel_min_k"``, ``"min_k"`` and ``"min_k_channel"`` trace into the
+graph (the DropIT layers compile with ``fullgraph=True``). The random draws of
+``"random"`` and ``"random_channel"`` are kept out of the graph (a graph break), so a compiled model
+selects exactly what the eager one selects after the same ``torch.manual_seed``.
 """
 
 from __future__ import annotations
@@ -80,6 +85,14 @@ class Cached:
 # --- parallel_min_k and random: the chunked kernels -------------------------------------------
 
 
+def _eager(fn):
+    # Random draws run eagerly under torch.compile: compiled random ops use their own generator,
+    # and the draws of a compiled model must be those of the eager one.
+    disable = getattr(getattr(torch, "_dynamo", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+@_eager
 def draw_seed() -> int:
     """A 62-bit seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
@@ -167,8 +180,12 @@ def min_k_mask(flat: torch.Tensor, keep: int) -> torch.Tensor:
 def _pack_min_k(x, gamma, chunk, channel_dim):
     flat, memory_format = ops._memory_order(x.detach())
     n = flat.numel()
-    mask = min_k_mask(flat, keep_count(n, gamma))
-    values = flat[mask]
+    keep = keep_count(n, gamma)
+    mask = min_k_mask(flat, keep)
+    # the kept values in order, with static shapes (no boolean indexing, so torch.compile traces
+    # it): dropped elements are scattered to a spare slot past the end
+    slot = torch.where(mask, torch.cumsum(mask, 0) - 1, keep)
+    values = flat.new_zeros(keep + 1).scatter_(0, slot, flat)[:keep]
     padded = torch.nn.functional.pad(mask, (0, (-n) % 8)).view(-1, 8).to(torch.uint8)
     bitmap = (padded << _bit_shifts(x.device)).sum(dim=1, dtype=torch.uint8)
     return (values, bitmap), _FlatMeta(x.shape, x.dtype, memory_format, n)
@@ -178,7 +195,11 @@ def _unpack_min_k(tensors, meta: _FlatMeta) -> torch.Tensor:
     values, bitmap = tensors
     bits = (bitmap.unsqueeze(1) >> _bit_shifts(bitmap.device)) & 1
     mask = bits.view(-1)[: meta.numel].bool()
-    flat = values.new_zeros(meta.numel).masked_scatter_(mask, values)
+    if values.numel() == 0:
+        flat = values.new_zeros(meta.numel)
+    else:
+        slot = (torch.cumsum(mask, 0) - 1).clamp_(min=0)
+        flat = torch.where(mask, values[slot], values.new_zeros(()))
     return _from_memory_order(flat, meta.shape, meta.memory_format)
 
 
@@ -212,16 +233,22 @@ def _pack_channels(x: torch.Tensor, gamma: float, channel_dim: int, pick: Callab
 
 def _pick_min_k_channels(x, dim, keep):
     others = [d for d in range(x.dim()) if d != dim]
-    norms = torch.linalg.vector_norm(x, dim=others, dtype=torch.float32) if others else x.float().abs()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norms = torch.linalg.vector_norm(x, dim=others, dtype=acc) if others else x.to(acc).abs()
     # NaN norms count as largest, like the element key
     norms = torch.nan_to_num(norms, nan=float("inf"))
     idx = torch.topk(norms, keep, sorted=False).indices
     return torch.sort(idx).values
 
 
+@_eager
+def _random_channels(channels: int, keep: int) -> torch.Tensor:
+    perm = torch.randperm(channels)  # default CPU generator
+    return torch.sort(perm[:keep]).values
+
+
 def _pick_random_channels(x, dim, keep):
-    perm = torch.randperm(x.shape[dim])  # default CPU generator
-    return torch.sort(perm[:keep]).values.to(x.device)
+    return _random_channels(x.shape[dim], keep).to(x.device)
 
 
 def _pack_min_k_channel(x, gamma, chunk, channel_dim):
@@ -255,6 +282,7 @@ _UNPACK = {
     "random_channel": _unpack_channels,
 }
 STRATEGIES = tuple(_PACK)
+_CHANNEL_STRATEGIES = ("min_k_channel", "random_channel")
 
 
 def compress(
@@ -272,7 +300,7 @@ def compress(
         gamma: dropping rate in ``[0, 1)``.
         chunk: chunk size of the chunked strategies, in ``[1, 65536]`` (checked for all).
         channel_dim: the channel dimension of the channel strategies (1 for conv inputs, -1 for
-            linear inputs).
+            linear inputs); checked only for those strategies.
     Returns:
         a :class:`Cached`; ``.unpack()`` gives the dense copy with the dropped elements zero.
     """
@@ -285,7 +313,7 @@ def compress(
     chunk = check_chunk(chunk)
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
         raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
-    if x.dim() > 0 and not -x.dim() <= channel_dim < x.dim():
+    if strategy in _CHANNEL_STRATEGIES and not -max(x.dim(), 1) <= channel_dim < max(x.dim(), 1):
         raise ValueError(f"channel_dim {channel_dim} is out of range for a {x.dim()}-D tensor")
     tensors, meta = _PACK[strategy](x, gamma, chunk, channel_dim)
     return Cached(strategy, tuple(tensors), meta)

@@ -13,6 +13,13 @@
 
 #include "../ops.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace dropit {
 namespace {
 
@@ -20,12 +27,6 @@ constexpr int kDigitBits = 12;
 constexpr int kBins = 1 << kDigitBits;
 // Below this length a direct select is cheaper than clearing the histogram.
 constexpr int64_t kSmallChunk = 2048;
-
-template <typename Key>
-struct Threshold {
-  Key key;          // the keep-th largest key
-  int64_t above;    // number of keys strictly greater than `key`
-};
 
 // Keys of one chunk, computed on the fly from the stored bit patterns.
 template <typename Bits>
@@ -42,19 +43,38 @@ struct RandomKeys {
   Key operator()(int64_t i) const { return random_key(seed, static_cast<uint64_t>(base + i)); }
 };
 
+template <typename Key>
+struct Threshold {
+  Key key;          // the keep-th largest key
+  int64_t above;    // number of keys strictly greater than `key`
+};
+
+template <typename Key>
+Threshold<Key> threshold_of(std::vector<Key>& cand, int64_t need) {
+  std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.end(), std::greater<Key>());
+  const Key t = cand[need - 1];
+  return {t, static_cast<int64_t>(std::count_if(cand.begin(), cand.end(), [t](Key v) { return v > t; }))};
+}
+
+// The keep-th largest key of a chunk and how many keys lie above it.
 template <typename Key, typename KeyFn>
 Threshold<Key> select_threshold(const KeyFn& key_of, int64_t L, int64_t k, std::vector<Key>& cand) {
   cand.clear();
   if (L <= kSmallChunk) {
     for (int64_t i = 0; i < L; ++i) cand.push_back(key_of(i));
-    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), std::greater<Key>());
-    Key t = cand[k - 1];
-    int64_t above = std::count_if(cand.begin(), cand.end(), [t](Key v) { return v > t; });
-    return {t, above};
+    return threshold_of(cand, k);
   }
   constexpr int shift = sizeof(Key) * 8 - kDigitBits;
-  std::array<int32_t, kBins> hist{};
-  for (int64_t i = 0; i < L; ++i) ++hist[key_of(i) >> shift];
+  // Two interleaved histograms halve the stalls of incrementing one hot bin back to back.
+  std::array<int32_t, 2 * kBins> two{};
+  int64_t i = 0;
+  for (; i + 1 < L; i += 2) {
+    ++two[key_of(i) >> shift];
+    ++two[kBins + (key_of(i + 1) >> shift)];
+  }
+  if (i < L) ++two[key_of(i) >> shift];
+  std::array<int32_t, kBins> hist;
+  for (int b = 0; b < kBins; ++b) hist[b] = two[b] + two[kBins + b];
   int64_t above = 0;
   int bucket = kBins - 1;
   while (above + hist[bucket] < k) above += hist[bucket--];
@@ -62,56 +82,97 @@ Threshold<Key> select_threshold(const KeyFn& key_of, int64_t L, int64_t k, std::
     Key v = key_of(i);
     if (static_cast<int>(v >> shift) == bucket) cand.push_back(v);
   }
-  int64_t need = k - above;  // 1 <= need <= cand.size()
-  std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.end(), std::greater<Key>());
-  Key t = cand[need - 1];
-  above += std::count_if(cand.begin(), cand.end(), [t](Key v) { return v > t; });
-  return {t, above};
+  Threshold<Key> th = threshold_of(cand, k - above);  // all keys of the bucket are candidates
+  th.above += above;
+  return th;
+}
+
+// Bit j of `above` / `equal`: whether key base+j is greater than / equal to t, for one full
+// word of 32 keys. With SSE2, 16- and 32-bit keys are compared 8 or 4 at a time (unsigned order
+// through the sign-flip trick); otherwise one by one.
+template <typename KeyFn, typename Key>
+inline void compare_word(const KeyFn& key_of, int64_t base, Key t, uint32_t& above, uint32_t& equal) {
+#if defined(__SSE2__)
+  if constexpr (sizeof(Key) == 4 || sizeof(Key) == 2) {
+    constexpr int lanes = 16 / sizeof(Key);
+    alignas(16) Key keys[32];
+    for (int j = 0; j < 32; ++j) keys[j] = key_of(base + j);
+    if constexpr (sizeof(Key) == 4) {
+      const __m128i flip = _mm_set1_epi32(INT32_MIN);
+      const __m128i tv = _mm_xor_si128(_mm_set1_epi32(static_cast<int32_t>(t)), flip);
+      for (int q = 0; q < 32 / lanes; ++q) {
+        const __m128i v = _mm_xor_si128(_mm_load_si128(reinterpret_cast<const __m128i*>(keys) + q), flip);
+        above |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(v, tv)))) << (q * lanes);
+        equal |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(v, tv)))) << (q * lanes);
+      }
+    } else {
+      const __m128i flip = _mm_set1_epi16(INT16_MIN);
+      const __m128i tv = _mm_xor_si128(_mm_set1_epi16(static_cast<int16_t>(t)), flip);
+      for (int q = 0; q < 32 / lanes; ++q) {
+        const __m128i v = _mm_xor_si128(_mm_load_si128(reinterpret_cast<const __m128i*>(keys) + q), flip);
+        // packs 16-bit masks to bytes so movemask yields one bit per key
+        const __m128i gt = _mm_packs_epi16(_mm_cmpgt_epi16(v, tv), _mm_setzero_si128());
+        const __m128i eq = _mm_packs_epi16(_mm_cmpeq_epi16(v, tv), _mm_setzero_si128());
+        above |= static_cast<uint32_t>(_mm_movemask_epi8(gt) & 0xFF) << (q * lanes);
+        equal |= static_cast<uint32_t>(_mm_movemask_epi8(eq) & 0xFF) << (q * lanes);
+      }
+    }
+    return;
+  }
+#endif
+  for (int j = 0; j < 32; ++j) {
+    const Key v = key_of(base + j);
+    above |= static_cast<uint32_t>(v > t) << j;
+    equal |= static_cast<uint32_t>(v == t) << j;
+  }
 }
 
 // make_keys(c) gives the key functor of chunk c.
 template <typename Bits, typename MakeKeys>
 void pack_chunks(const Bits* x, Bits* values, int32_t* bitmap, uint16_t* offsets,
                  const ChunkGeometry& g, const MakeKeys& make_keys) {
+  using Key = typename decltype(make_keys(0))::Key;
   at::parallel_for(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<typename decltype(make_keys(0))::Key> cand;
+    std::vector<Key> cand;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t L = g.chunk_len(c), k = g.chunk_keep(c);
       const Bits* xc = x + c * g.chunk;
       Bits* vc = values + c * g.keep;
       const auto key_of = make_keys(c);
-      using Key = typename std::decay_t<decltype(key_of)>::Key;
       int32_t* words = bitmap ? bitmap + c * g.words : nullptr;
       uint16_t* offs = offsets ? offsets + c * g.keep : nullptr;
-      if (k == L) {  // keep everything: no selection needed
-        std::memcpy(vc, xc, L * sizeof(Bits));
-        if (words) {
-          for (int64_t w = 0; w < g.words; ++w) {
-            int64_t n = std::min<int64_t>(32, std::max<int64_t>(0, L - 32 * w));
-            words[w] = n == 32 ? -1 : static_cast<int32_t>((1u << n) - 1u);
-          }
-        } else {
-          for (int64_t i = 0; i < L; ++i) offs[i] = static_cast<uint16_t>(i);
-        }
-        continue;
-      }
-      Threshold<Key> th = select_threshold<Key>(key_of, L, k, cand);
-      int64_t ties_left = k - th.above;
+      Threshold<Key> th{0, 0};  // keep == L: threshold 0 with L ties keeps every key
+      if (k < L) th = select_threshold<Key>(key_of, L, k, cand);
+      // Keys above the threshold are kept; keys equal to it are kept in index order until `ties`
+      // of them are taken. Both masks of a word are built branch-free.
+      int64_t ties = k - th.above;
       int64_t pos = 0;
-      uint32_t word = 0;
-      for (int64_t i = 0; i < L; ++i) {
-        Key v = key_of(i);
-        bool kept = v > th.key || (v == th.key && ties_left > 0);
-        if (kept) {
-          ties_left -= (v == th.key);
-          vc[pos] = xc[i];
-          if (offs) offs[pos] = static_cast<uint16_t>(i);
-          ++pos;
-          word |= 1u << (i & 31);
+      for (int64_t w = 0; w * 32 < L; ++w) {
+        const int64_t base = w * 32;
+        uint32_t above = 0, equal = 0;
+        if (L - base >= 32) {
+          compare_word(key_of, base, th.key, above, equal);
+        } else {
+          for (int64_t j = 0; j < L - base; ++j) {
+            const Key v = key_of(base + j);
+            above |= static_cast<uint32_t>(v > th.key) << j;
+            equal |= static_cast<uint32_t>(v == th.key) << j;
+          }
         }
-        if (words && ((i & 31) == 31 || i + 1 == L)) {
-          words[i >> 5] = static_cast<int32_t>(word);
-          word = 0;
+        if (equal) {  // rare: keys equal to the threshold
+          if (__builtin_popcount(equal) > ties) {  // only the lowest `ties` of them fit
+            uint32_t first = 0;
+            for (int64_t r = 0; r < ties; ++r, equal &= equal - 1) first |= equal & (0u - equal);
+            equal = first;
+          }
+          ties -= __builtin_popcount(equal);
+        }
+        uint32_t word = above | equal;
+        if (words) words[w] = static_cast<int32_t>(word);
+        for (; word; word &= word - 1, ++pos) {
+          const int j = __builtin_ctz(word);
+          vc[pos] = xc[base + j];
+          if (offs) offs[pos] = static_cast<uint16_t>(base + j);
         }
       }
       if (words) {
@@ -119,6 +180,37 @@ void pack_chunks(const Bits* x, Bits* values, int32_t* bitmap, uint16_t* offsets
       }
     }
   });
+}
+
+// Asks for transparent huge pages on a large, freshly allocated output before it is first
+// written: faulting in 4 KB pages one by one otherwise costs more than the unpack itself.
+void prefer_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = 2u << 20;
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+// Checks that chunk c's bitmap marks exactly `k` elements, none past the chunk's end, so that a
+// corrupt Packed can't make unpack read or write out of bounds.
+void check_bitmap_chunk(const int32_t* words, int64_t nwords, int64_t L, int64_t k, int64_t c) {
+  int64_t marked = 0;
+  for (int64_t w = 0; w < nwords; ++w) {
+    const uint32_t word = static_cast<uint32_t>(words[w]);
+    const int64_t valid = std::clamp<int64_t>(L - 32 * w, 0, 32);
+    const uint32_t outside = valid == 32 ? 0u : ~((1u << valid) - 1u);
+    TORCH_CHECK_VALUE((word & outside) == 0, "corrupt bitmap in chunk ", c,
+                      ": it marks elements past the chunk's length ", L);
+    marked += __builtin_popcount(word);
+  }
+  TORCH_CHECK_VALUE(marked == k, "corrupt bitmap in chunk ", c, ": it marks ", marked,
+                    " elements, keep is ", k);
 }
 
 template <typename Bits>
@@ -129,25 +221,21 @@ void unpack_chunks(const Bits* values, const int32_t* bitmap, const uint16_t* of
       const int64_t L = g.chunk_len(c), k = g.chunk_keep(c);
       const Bits* vc = values + c * g.keep;
       Bits* oc = out + c * g.chunk;
-      std::memset(oc, 0, L * sizeof(Bits));
       if (bitmap) {
+        // Word by word: zero 32 outputs, then place the marked values while the line is in L1.
         const int32_t* words = bitmap + c * g.words;
+        check_bitmap_chunk(words, g.words, L, k, c);  // so pos stays below k
         int64_t pos = 0;
-        for (int64_t w = 0; w < g.words; ++w) {
-          uint32_t word = static_cast<uint32_t>(words[w]);
-          TORCH_CHECK_VALUE(pos + __builtin_popcount(word) <= k && (word == 0 || 32 * w + 31 - __builtin_clz(word) < L),
-                            "corrupt bitmap in chunk ", c, ": it marks more than keep=", k,
-                            " elements or elements past the chunk's end");
-          while (word) {
-            int j = __builtin_ctz(word);
-            oc[32 * w + j] = vc[pos++];
-            word &= word - 1;
+        for (int64_t w = 0; w * 32 < L; ++w) {
+          Bits* o = oc + 32 * w;
+          std::memset(o, 0, std::min<int64_t>(32, L - 32 * w) * sizeof(Bits));
+          for (uint32_t word = static_cast<uint32_t>(words[w]); word; word &= word - 1) {
+            o[__builtin_ctz(word)] = vc[pos++];
           }
         }
-        TORCH_CHECK_VALUE(pos == k, "corrupt bitmap in chunk ", c, ": it marks ", pos,
-                          " elements, keep is ", k);
       } else {
         const uint16_t* offs = offsets + c * g.keep;
+        std::memset(oc, 0, L * sizeof(Bits));
         for (int64_t r = 0; r < k; ++r) {
           TORCH_CHECK_VALUE(offs[r] < L, "corrupt offsets in chunk ", c, ": offset ", offs[r],
                             " is past the chunk's length ", L);
@@ -174,6 +262,7 @@ std::tuple<at::Tensor, at::Tensor> pack_cpu(const at::Tensor& x, double gamma, i
   ChunkGeometry g = check_pack_args(x, gamma, chunk);
   auto [values, index] = allocate_packed(x, g, bitmap);
   if (g.numel == 0) return {values, index};
+  prefer_huge_pages(values.data_ptr(), values.nbytes());
   dispatch_bits(x.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     const Bits* xp = static_cast<const Bits*>(x.const_data_ptr());
@@ -195,6 +284,7 @@ at::Tensor unpack_cpu(const at::Tensor& values, const at::Tensor& index, int64_t
   ChunkGeometry g = check_unpack_args(values, index, numel, gamma, chunk, bitmap);
   at::Tensor out = at::empty({numel}, values.options());
   if (numel == 0) return out;
+  prefer_huge_pages(out.data_ptr(), out.nbytes());
   dispatch_bits(values.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     unpack_chunks<Bits>(static_cast<const Bits*>(values.const_data_ptr()),
