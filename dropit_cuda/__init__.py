@@ -17,6 +17,7 @@ from .modules import (
     DropITMultiheadAttention,
 )
 from .convert import convert, revert
+from .relu import MaskedReLU, masked_relu
 from . import memory
 
 __all__ = [
@@ -25,11 +26,13 @@ __all__ = [
     "DropITConv3d",
     "DropITLinear",
     "DropITMultiheadAttention",
+    "MaskedReLU",
     "Packed",
     "STRATEGIES",
     "convert",
     "extension_info",
     "functional",
+    "masked_relu",
     "memory",
     "pack",
     "revert",

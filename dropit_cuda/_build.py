@@ -79,7 +79,7 @@ def compile_args(with_cuda: bool) -> dict[str, list[str]]:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         define = "-DDROPIT_CUDA_ARCHS=" + ",".join(archs.replace(";", " ").split())
         cxx += ["-DDROPIT_WITH_CUDA", define]
-        nvcc += ["-DDROPIT_WITH_CUDA", define]
+        nvcc += ["-DDROPIT_WITH_CUDA"]  # nvcc splits -D values at commas; only ops.cpp reads the list
         if os.environ.get("DROPIT_PTXAS_VERBOSE") == "1":
             nvcc.append("-Xptxas=-v")
     return {"cxx": cxx, "nvcc": nvcc}

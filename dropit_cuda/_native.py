@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 import torch
 
@@ -38,6 +40,13 @@ def load() -> str:
     """Loads the ops once; returns how they were built: ``"aot"`` or ``"jit"``."""
     if "mode" not in _state:
         try:
+            spec = importlib.util.find_spec("dropit_cuda._C")
+            if spec is None or spec.origin is None:
+                raise ImportError("no compiled _C")
+            # Only a _C built beside this very package: an import hook of another install of
+            # dropit_cuda (an editable one, say) could otherwise hand over its older library.
+            if Path(spec.origin).resolve().parent != Path(__file__).resolve().parent:
+                raise ImportError(f"_C at {spec.origin} belongs to another copy of dropit_cuda")
             importlib.import_module("dropit_cuda._C")
             _state["mode"] = "aot"
         except ImportError:

@@ -18,6 +18,7 @@ from .modules import (
     DropITMultiheadAttention,
 )
 from .ops import check_chunk, check_gamma
+from .relu import MaskedReLU
 from .strategies import check_strategy
 
 __all__ = ["SWAPS", "Swap", "convert", "revert"]
@@ -61,7 +62,19 @@ SWAPS: tuple[Swap, ...] = (
 
 def _swap_table(**options: Any) -> dict[type, Swap]:
     """The table ``convert`` uses for these options (a hook for options that add swaps)."""
-    return {s.plain: s for s in SWAPS}
+    table = {s.plain: s for s in SWAPS}
+    if options.get("relu_mask"):
+        table[nn.ReLU] = RELU_MASK_SWAP
+    return table
+
+
+# --- relu_mask: nn.ReLU -> MaskedReLU (dropit_cuda/relu.py) --------------------------------------
+def _mask_relu(module: nn.Module, **_: Any) -> nn.Module:
+    return MaskedReLU.from_module(module)
+
+
+#: the swap ``relu_mask=True`` adds; ReLUs are not layers, so ``skip_first`` never skips one
+RELU_MASK_SWAP = Swap(nn.ReLU, _mask_relu, is_layer=False)
 
 
 def _patterns(value: Patterns, name: str) -> Optional[list[str]]:
@@ -122,12 +135,14 @@ def convert(
     include: Patterns = None,
     exclude: Patterns = None,
     *,
+    relu_mask: bool = True,
     example_inputs: Any = None,
 ) -> nn.Module:
     """Swaps ``model``'s layers for DropIT layers in place and returns ``model``.
 
     Converted: ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` (exact types;
-    subclasses with their own forward are left alone). The modules keep their class's parameters
+    subclasses with their own forward are left alone), and ``nn.ReLU`` into :class:`MaskedReLU`
+    unless ``relu_mask=False``. The modules keep their class's parameters
     (the very same ``Parameter`` objects), buffers, hooks and ``state_dict``: only their class
     changes. ``nn.MultiheadAttention`` becomes :class:`DropITMultiheadAttention`, whose input
     projections go through DropIT, and its ``out_proj`` becomes a :class:`DropITLinear` that it
@@ -149,6 +164,19 @@ def convert(
         exclude: patterns of the same kind; matching modules are not converted.
         example_inputs: optional input (a tensor or a tuple of positional arguments) for
             ``skip_first``'s detection.
+        relu_mask: also turn every ``nn.ReLU`` (exact type) into a :class:`MaskedReLU`, which caches
+            a 1-bit mask instead of its output (outputs and gradients unchanged, bit for bit).
+            Without it, in conv -> BatchNorm -> ReLU -> conv stacks (ResNets) DropIT frees almost
+            nothing: the ReLU keeps the dense tensor the next conv packs. With it, that tensor is
+            held by the conv alone and its packing frees it. The module object itself changes class,
+            so one ReLU applied in several places is masked everywhere. ``include``/``exclude``
+            apply to ReLUs too; ``skip_first`` does not (a ReLU is not a layer). Turn it off when
+            code needs ``type(m) is nn.ReLU`` (e.g. module-fusion passes matching on types), for
+            forward-mode AD, ``torch.func`` transforms or TorchScript (MaskedReLU's Python autograd
+            function supports none of them; ``torch.compile`` works), or where it gains nothing: a
+            ReLU whose output another op saves anyway (a max-pool, a BatchNorm, a layer left dense)
+            keeps that output alive, so the mask costs 1 bit per element more. Activations called as
+            functions (``F.relu``, ``torch.relu``) are not modules and stay as they are.
 
     Raises:
         TypeError/ValueError naming the argument: bad settings, patterns of the wrong type, or an
@@ -161,9 +189,11 @@ def convert(
     chunk = check_chunk(chunk)
     if not isinstance(skip_first, bool):
         raise TypeError(f"skip_first must be a bool, got {type(skip_first).__name__}")
+    if not isinstance(relu_mask, bool):
+        raise TypeError(f"relu_mask must be a bool, got {type(relu_mask).__name__}")
     inc = _patterns(include, "include")
     exc = _patterns(exclude, "exclude")
-    table = _swap_table()
+    table = _swap_table(relu_mask=relu_mask)
 
     candidates: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():

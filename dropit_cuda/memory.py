@@ -11,7 +11,12 @@ reports:
   size); the model's parameters and buffers are not counted, their autocast copies are;
 - per module (the innermost module whose ``forward`` was running when the tensor was saved): the
   bytes it saved, and the bytes held by it alone (storages no other module saved); for a conv or a
-  linear layer the latter, less its cast weight copies, is what DropIT frees there.
+  linear layer the latter, less its cast weight copies, is what DropIT can pack there (it frees
+  that less the size of the pack). What a conv caches and a ReLU keeps too is held by neither
+  alone: converting that conv adds its pack and frees nothing.
+
+The granularity is the module: two saves by one module (say an attention block whose output
+projection reads a view of what its attention kernel keeps) are one module's bytes.
 
 Tensors that custom autograd functions keep as ``ctx`` attributes instead of through
 ``ctx.save_for_backward`` are found by walking the graph and counted too.

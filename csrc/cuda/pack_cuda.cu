@@ -1,0 +1,141 @@
+// CUDA launchers of pack and unpack, registered for the CUDA dispatch key.
+//
+// The kernel bodies are in pack.cuh / unpack.cuh (portable, also run by the
+// host SIMT layer in the tests); this file holds everything CUDA-specific:
+// __global__ entry points, launch syntax, streams, device guard and the
+// opt-in to more than 48 KB of dynamic shared memory.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <mutex>
+#include <vector>
+
+#include "../ops.h"
+#include "pack.cuh"
+#include "unpack.cuh"
+
+namespace dropit {
+namespace {
+
+template <typename Bits, typename Key, KeySource Src>
+__global__ void __launch_bounds__(kMaxThreads) pack_kernel(PackParams<Bits> p) {
+  kernels::pack_block<Bits, Key, Src>(p);
+}
+
+template <typename Bits>
+__global__ void __launch_bounds__(1024) unpack_bitmap_kernel(UnpackParams<Bits> p) {
+  kernels::unpack_bitmap_block<Bits>(p);
+}
+
+template <typename Bits>
+__global__ void __launch_bounds__(1024) unpack_offsets_kernel(UnpackParams<Bits> p) {
+  kernels::unpack_offsets_block<Bits>(p);
+}
+
+// The device's opt-in maximum of shared memory per block, cached per device.
+size_t smem_optin(int device) {
+  static std::mutex mu;
+  static std::vector<int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, -1);
+  if (cache[device] < 0) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cache[device] = v;
+  }
+  return static_cast<size_t>(cache[device]);
+}
+
+template <typename Bits, typename Key, KeySource Src>
+void launch_pack(const PackParams<Bits>& p, const PackPlan& plan, cudaStream_t stream) {
+  auto kernel = pack_kernel<Bits, Key, Src>;
+  if (plan.dynamic_smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(plan.dynamic_smem)));
+  }
+  kernel<<<static_cast<unsigned>(plan.grid), plan.threads, plan.dynamic_smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Bits>
+void pack_typed(const at::Tensor& x, at::Tensor& values, at::Tensor& index, const ChunkGeometry& g,
+                bool bitmap, std::optional<int64_t> seed, cudaStream_t stream) {
+  const PackPlan plan =
+      plan_pack(g, sizeof(Bits), seed.has_value(), smem_optin(x.device().index()));
+  const PackParams<Bits> p = make_pack_params<Bits>(
+      g, static_cast<const Bits*>(x.const_data_ptr()), static_cast<Bits*>(values.data_ptr()),
+      bitmap ? static_cast<int32_t*>(index.data_ptr()) : nullptr,
+      bitmap ? nullptr : static_cast<uint16_t*>(index.data_ptr()),
+      seed.has_value() ? static_cast<uint64_t>(*seed) : 0u);
+  switch (plan.source) {
+    case KeySource::kSharedBits:
+      launch_pack<Bits, Bits, KeySource::kSharedBits>(p, plan, stream);
+      break;
+    case KeySource::kGlobalBits:
+      launch_pack<Bits, Bits, KeySource::kGlobalBits>(p, plan, stream);
+      break;
+    case KeySource::kRandom:
+      launch_pack<Bits, uint32_t, KeySource::kRandom>(p, plan, stream);
+      break;
+  }
+}
+
+template <typename Fn>
+void dispatch_bits(at::ScalarType t, Fn&& fn) {
+  switch (at::elementSize(t)) {
+    case 2: fn(uint16_t{}); break;
+    case 4: fn(uint32_t{}); break;
+    default: fn(uint64_t{}); break;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_cuda(const at::Tensor& x, double gamma, int64_t chunk,
+                                             bool bitmap, std::optional<int64_t> seed) {
+  ChunkGeometry g = check_pack_args(x, gamma, chunk);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [values, index] = allocate_packed(x, g, bitmap);
+  if (g.numel == 0) return {values, index};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  dispatch_bits(x.scalar_type(), [&](auto tag) {
+    using Bits = decltype(tag);
+    pack_typed<Bits>(x, values, index, g, bitmap, seed, stream);
+  });
+  return {values, index};
+}
+
+at::Tensor unpack_cuda(const at::Tensor& values, const at::Tensor& index, int64_t numel,
+                       double gamma, int64_t chunk, bool bitmap) {
+  ChunkGeometry g = check_unpack_args(values, index, numel, gamma, chunk, bitmap);
+  const c10::cuda::CUDAGuard guard(values.device());
+  at::Tensor out = at::empty({numel}, values.options());
+  if (numel == 0) return out;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(values.device().index()).stream();
+  dispatch_bits(values.scalar_type(), [&](auto tag) {
+    using Bits = decltype(tag);
+    const UnpackParams<Bits> p = make_unpack_params<Bits>(
+        g, static_cast<const Bits*>(values.const_data_ptr()),
+        bitmap ? static_cast<const int32_t*>(index.const_data_ptr()) : nullptr,
+        bitmap ? nullptr : static_cast<const uint16_t*>(index.const_data_ptr()),
+        static_cast<Bits*>(out.data_ptr()));
+    const int threads = unpack_threads(g.chunk);
+    const unsigned grid = static_cast<unsigned>(g.num_chunks < 2147483647 ? g.num_chunks : 2147483647);
+    if (bitmap) {
+      unpack_bitmap_kernel<Bits><<<grid, threads, 0, stream>>>(p);
+    } else {
+      unpack_offsets_kernel<Bits><<<grid, threads, 0, stream>>>(p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace dropit
+
+TORCH_LIBRARY_IMPL(dropit_cuda, CUDA, m) {
+  m.impl("pack", &dropit::pack_cuda);
+  m.impl("unpack", &dropit::unpack_cuda);
+}

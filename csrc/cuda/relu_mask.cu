@@ -1,0 +1,99 @@
+// Launchers and CUDA registration of ReLU with a 1-bit mask.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../relu_mask.h"
+#include "relu_mask.cuh"
+
+namespace dropit {
+namespace {
+
+using relu_kernels::kThreads;
+
+template <typename Bits>
+__global__ void __launch_bounds__(kThreads)
+relu_mask_forward_kernel(const Bits* x, Bits* y, uint32_t* mask, int64_t n, Bits sign, Bits inf) {
+  relu_kernels::relu_mask_forward_body<Bits>(x, y, mask, n, sign, inf);
+}
+
+template <typename Bits>
+__global__ void __launch_bounds__(kThreads)
+relu_mask_backward_kernel(const Bits* grad, const uint32_t* mask, Bits* out, int64_t n) {
+  relu_kernels::relu_mask_backward_body<Bits>(grad, mask, out, n);
+}
+
+unsigned grid_for(int64_t n) { return static_cast<unsigned>(relu_kernels::grid_for(n)); }
+
+template <typename Fn>
+void dispatch_width(at::ScalarType t, Fn&& fn) {
+  switch (at::elementSize(t)) {
+    case 2: fn(uint16_t{}); break;
+    case 4: fn(uint32_t{}); break;
+    default: fn(uint64_t{}); break;
+  }
+}
+
+void forward_into(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mask) {
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_width(x.scalar_type(), [&](auto tag) {
+    using Bits = decltype(tag);
+    const Bits sign = static_cast<Bits>(static_cast<Bits>(1) << (sizeof(Bits) * 8 - 1));
+    const Bits inf = static_cast<Bits>(float_inf_bits(x.scalar_type()));
+    relu_mask_forward_kernel<Bits><<<grid_for(n), kThreads, 0, stream>>>(
+        static_cast<const Bits*>(x.const_data_ptr()), static_cast<Bits*>(y.data_ptr()),
+        static_cast<uint32_t*>(mask.data_ptr()), n, sign, inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor empty_mask(const at::Tensor& x) {
+  return at::empty({relu_mask_words(x.numel())}, x.options().dtype(at::kInt));
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_mask_forward_cuda(const at::Tensor& x) {
+  check_relu_mask_input(x, "x");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mask = empty_mask(x);
+  forward_into(x, y, mask);
+  return {y, mask};
+}
+
+at::Tensor relu_mask_forward_inplace_cuda(at::Tensor& x) {
+  check_relu_mask_input(x, "x");
+  at::Tensor mask = empty_mask(x);
+  forward_into(x, x, mask);
+  return mask;
+}
+
+at::Tensor relu_mask_backward_cuda(const at::Tensor& grad, const at::Tensor& mask) {
+  check_relu_mask_backward_args(grad, mask);
+  at::Tensor out = at::empty_like(grad);
+  const int64_t n = grad.numel();
+  if (n == 0) return out;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_width(grad.scalar_type(), [&](auto tag) {
+    using Bits = decltype(tag);
+    relu_mask_backward_kernel<Bits><<<grid_for(n), kThreads, 0, stream>>>(
+        static_cast<const Bits*>(grad.const_data_ptr()),
+        static_cast<const uint32_t*>(mask.const_data_ptr()), static_cast<Bits*>(out.data_ptr()), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace dropit
+
+TORCH_LIBRARY_IMPL(dropit_cuda, CUDA, m) {
+  m.impl("relu_mask_forward", &dropit::relu_mask_forward_cuda);
+  m.impl("relu_mask_forward_inplace", &dropit::relu_mask_forward_inplace_cuda);
+  m.impl("relu_mask_backward", &dropit::relu_mask_backward_cuda);
+}

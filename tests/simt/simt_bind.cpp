@@ -1,0 +1,129 @@
+// Python bindings of the test-only extension: the CUDA kernel bodies run on CPU
+// tensors under the host SIMT layer.
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "simt_kernels.h"
+
+namespace {
+
+using dropit::ChunkGeometry;
+using dropit::simt_test::PackJob;
+using dropit::simt_test::UnpackJob;
+
+bool is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+dropit::simt::host::LaunchOptions options(int64_t stack_kb, const std::string& order) {
+  using Opt = dropit::simt::host::LaunchOptions;
+  Opt o;
+  o.stack_bytes = static_cast<size_t>(stack_kb) * 1024;
+  if (order == "forward") {
+    o.order = Opt::Order::kForward;
+  } else if (order == "reverse") {
+    o.order = Opt::Order::kReverse;
+  } else if (order.rfind("shuffled:", 0) == 0) {
+    o.order = Opt::Order::kShuffled;
+    o.shuffle_seed = std::stoull(order.substr(9));
+  } else {
+    TORCH_CHECK(false, "order must be forward, reverse or shuffled:<seed>, got ", order);
+  }
+  return o;
+}
+
+std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64_t chunk, bool bitmap,
+                                        std::optional<int64_t> seed, int64_t threads, int64_t source,
+                                        int64_t smem_limit, int64_t grid, std::string variant,
+                                        std::string order, int64_t stack_kb) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous() && is_float(x.scalar_type()),
+              "x must be a 1-D contiguous floating CPU tensor");
+  TORCH_CHECK(gamma >= 0.0 && gamma < 1.0 && chunk >= 1 && chunk <= dropit::kMaxChunk, "bad gamma/chunk");
+  ChunkGeometry g(x.numel(), chunk, gamma);
+  at::Tensor values = at::empty({g.total_kept()}, x.options());
+  at::Tensor index = bitmap ? at::empty({g.bitmap_words()}, x.options().dtype(at::kInt))
+                            : at::empty({g.total_kept()}, x.options().dtype(at::kUInt16));
+  // Poison the outputs: every byte must be written by the kernel.
+  if (values.numel() > 0) values.view(at::kByte).fill_(0xCD);
+  if (index.numel() > 0) index.view(at::kByte).fill_(0xCD);
+  PackJob j;
+  j.elem_bytes = static_cast<int>(x.element_size());
+  j.x = x.const_data_ptr();
+  j.values = values.data_ptr();
+  j.bitmap = bitmap ? index.data_ptr<int32_t>() : nullptr;
+  j.offsets = bitmap ? nullptr : static_cast<uint16_t*>(index.data_ptr());
+  j.geometry = g;
+  j.random = seed.has_value();
+  j.seed = seed.has_value() ? static_cast<uint64_t>(*seed) : 0u;
+  j.threads = static_cast<int>(threads);
+  j.source = static_cast<int>(source);
+  j.smem_limit = static_cast<size_t>(smem_limit);
+  j.grid = grid;
+  j.options = options(stack_kb, order);
+  if (variant == "kernels") {
+    dropit::simt_test::pack_kernels(j);
+  } else if (variant == "drop_hist") {
+    dropit::simt_test::pack_drop_hist(j);
+  } else if (variant == "drop_scan") {
+    dropit::simt_test::pack_drop_scan(j);
+  } else {
+    TORCH_CHECK(false, "variant must be kernels, drop_hist or drop_scan, got ", variant);
+  }
+  return {values, index};
+}
+
+at::Tensor unpack(const at::Tensor& values, const at::Tensor& index, int64_t numel, double gamma,
+                  int64_t chunk, bool bitmap, int64_t threads, int64_t grid, std::string order, int64_t stack_kb) {
+  TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous() &&
+                  is_float(values.scalar_type()),
+              "values must be a 1-D contiguous floating CPU tensor");
+  ChunkGeometry g(numel, chunk, gamma);
+  TORCH_CHECK(values.numel() == g.total_kept(), "values has the wrong length");
+  if (bitmap) {
+    TORCH_CHECK(index.scalar_type() == at::kInt && index.numel() == g.bitmap_words(), "bad bitmap");
+  } else {
+    TORCH_CHECK(index.scalar_type() == at::kUInt16 && index.numel() == g.total_kept(), "bad offsets");
+  }
+  at::Tensor out = at::empty({numel}, values.options());
+  if (numel > 0) out.view(at::kByte).fill_(0xCD);
+  UnpackJob j;
+  j.elem_bytes = static_cast<int>(values.element_size());
+  j.values = values.const_data_ptr();
+  j.bitmap = bitmap ? index.const_data_ptr<int32_t>() : nullptr;
+  j.offsets = bitmap ? nullptr : static_cast<const uint16_t*>(index.const_data_ptr());
+  j.out = out.data_ptr();
+  j.geometry = g;
+  j.threads = static_cast<int>(threads);
+  j.grid = grid;
+  j.options = options(stack_kb, order);
+  dropit::simt_test::unpack_kernels(j);
+  return out;
+}
+
+py::dict last_stats() {
+  auto s = dropit::simt::host::last_stats();
+  py::dict d;
+  d["blocks"] = s.blocks;
+  d["switches"] = s.switches;
+  d["barriers"] = s.barriers;
+  d["warp_ops"] = s.warp_ops;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dropit_cuda's CUDA kernel bodies run on CPU tensors by the host SIMT layer (tests only)";
+  m.def("pack", &pack, py::arg("x"), py::arg("gamma"), py::arg("chunk"), py::arg("bitmap"),
+        py::arg("seed") = py::none(), py::arg("threads") = 0, py::arg("source") = -1,
+        py::arg("smem_limit") = 227 * 1024, py::arg("grid") = 0, py::arg("variant") = "kernels",
+        py::arg("order") = "forward", py::arg("stack_kb") = 64,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("unpack", &unpack, py::arg("values"), py::arg("index"), py::arg("numel"), py::arg("gamma"),
+        py::arg("chunk"), py::arg("bitmap"), py::arg("threads") = 0, py::arg("grid") = 0,
+        py::arg("order") = "forward", py::arg("stack_kb") = 64, py::call_guard<py::gil_scoped_release>());
+  m.def("last_stats", &last_stats);
+}

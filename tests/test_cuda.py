@@ -1,0 +1,161 @@
+"""The real CUDA kernels against the CPU ops: byte-identical packed buffers and unpacked tensors.
+
+Needs a GPU and an extension built with the CUDA kernels; every test here is skipped otherwise
+(the host SIMT layer runs the same kernel source on the CPU in tests/test_simt_*.py).
+"""
+
+import math
+
+import pytest
+import torch
+
+import dropit_cuda as dc
+
+HAVE_GPU = torch.cuda.is_available()
+HAVE_KERNELS = HAVE_GPU and dc.extension_info()["cuda_kernels"]
+pytestmark = pytest.mark.skipif(
+    not HAVE_KERNELS, reason="needs a CUDA GPU and dropit_cuda built with its CUDA kernels"
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+GAMMAS = [0.0, 0.5, 0.9, 0.99]
+CHUNKS = [1, 7, 32, 1000, 16384, 65536]
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.cpu(), b.cpu()
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)
+    )
+
+
+def check(x, gamma, chunk, bitmap, seed=None):
+    """CUDA pack == CPU pack and CUDA unpack == CPU unpack, byte for byte."""
+    ops = torch.ops.dropit_cuda
+    xc = x.cpu()
+    values, index = ops.pack(x.cuda(), gamma, chunk, bitmap, seed)
+    ref_values, ref_index = ops.pack(xc, gamma, chunk, bitmap, seed)
+    where = f"dtype={x.dtype} n={x.numel()} gamma={gamma} chunk={chunk} bitmap={bitmap} seed={seed}"
+    assert values.is_cuda and index.is_cuda
+    assert same_bytes(values, ref_values), "values differ: " + where
+    assert same_bytes(index, ref_index), "index differs: " + where
+    out = ops.unpack(ref_values.cuda(), ref_index.cuda(), x.numel(), gamma, chunk, bitmap)
+    ref_out = ops.unpack(ref_values, ref_index, x.numel(), gamma, chunk, bitmap)
+    assert same_bytes(out, ref_out), "unpack differs: " + where
+
+
+def randn(n, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def sizes_for(chunk):
+    return sorted({3 * chunk, 2 * chunk + chunk // 2 + 1, max(1, chunk // 3)} if chunk <= 16384
+                  else {chunk + 5, 3 * chunk, max(1, chunk // 3)})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_matrix(dtype, chunk):
+    for gamma in GAMMAS:
+        for i, n in enumerate(sizes_for(chunk)):
+            x = randn(n, dtype, 100 * chunk + i)
+            for bitmap in (True, False):
+                check(x, gamma, chunk, bitmap)
+
+
+def adversarial(dtype, n):
+    tiny = torch.finfo(dtype).smallest_normal
+    cases = {
+        "all_equal": torch.full((n,), 1.5),
+        "all_equal_signs": torch.tensor([1.5, -1.5] * (n // 2)),
+        "many_zeros": torch.where(torch.arange(n) % 10 == 0, randn(n, torch.float64, 1), torch.zeros(n)),
+        "signed_zeros": torch.tensor([0.0, -0.0] * (n // 2)),
+        "few_distinct": torch.randint(-2, 3, (n,), generator=torch.Generator().manual_seed(2)).double(),
+        "specials": torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0] * (n // 8)),
+        "subnormals": torch.tensor([tiny / 2, -tiny / 4, tiny / 8, tiny, -tiny, 0.0], dtype=torch.float64).repeat(n // 6),
+    }
+    return {k: v.to(dtype) for k, v in cases.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk", [7, 1000, 16384, 65536])
+def test_adversarial_inputs(dtype, chunk):
+    n = max(3000, 2 * chunk + 48)
+    for name, x in adversarial(dtype, n).items():
+        for gamma in (0.5, 0.9, 0.99):
+            for bitmap in (True, False):
+                check(x, gamma, chunk, bitmap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_keys(dtype):
+    for chunk, n in ((7, 400), (1000, 2500), (16384, 3 * 16384 + 9), (65536, 65536 + 3)):
+        x = randn(n, dtype, chunk)
+        for seed in (0, 12345, 2**62 + 7):
+            for bitmap in (True, False):
+                check(x, 0.9, chunk, bitmap, seed=seed)
+
+
+def test_public_api_round_trip_on_cuda():
+    x = torch.randn(4, 64, 33, 17, device="cuda").to(memory_format=torch.channels_last)
+    p = dc.pack(x, 0.9, 4096)
+    assert p.device == x.device and p.values.is_cuda
+    y = dc.unpack(p)
+    assert y.is_cuda and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert same_bytes(y, dc.unpack(dc.pack(x.cpu(), 0.9, 4096)))
+
+
+def test_current_stream_and_device_guard():
+    x = torch.randn(1 << 20, device="cuda")
+    ref = torch.ops.dropit_cuda.pack(x.cpu(), 0.9, 16384, True, None)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        values, index = torch.ops.dropit_cuda.pack(x, 0.9, 16384, True, None)
+    s.synchronize()
+    assert same_bytes(values, ref[0]) and same_bytes(index, ref[1])
+    if torch.cuda.device_count() > 1:
+        x1 = x.to("cuda:1")
+        with torch.cuda.device(0):
+            v1, i1 = torch.ops.dropit_cuda.pack(x1, 0.9, 16384, True, None)
+        assert v1.device == x1.device and same_bytes(v1, ref[0])
+
+
+def test_errors_match_cpu():
+    cases = [
+        lambda d: torch.ops.dropit_cuda.pack(torch.randn(4, 4, device=d), 0.5, 16, True, None),
+        lambda d: torch.ops.dropit_cuda.pack(torch.randn(16, device=d), 1.0, 16, True, None),
+        lambda d: torch.ops.dropit_cuda.pack(torch.randn(16, device=d), 0.5, 0, True, None),
+        lambda d: torch.ops.dropit_cuda.pack(torch.zeros(16, dtype=torch.int32, device=d), 0.5, 16, True, None),
+        lambda d: torch.ops.dropit_cuda.unpack(torch.randn(3, device=d), torch.zeros(1, dtype=torch.int32, device=d), 16, 0.5, 16, True),
+        lambda d: torch.ops.dropit_cuda.unpack(torch.randn(8, device=d), torch.zeros(8, dtype=torch.int32, device=d), 16, 0.5, 16, False),
+    ]
+    for case in cases:
+        errors = []
+        for device in ("cpu", "cuda"):
+            with pytest.raises((ValueError, TypeError)) as info:
+                case(device)
+            errors.append((info.type, str(info.value).split("\n")[0]))
+        assert errors[0] == errors[1]
+
+
+def test_more_than_2_31_elements():
+    # int64 chunk offsets: the last chunks of a tensor past 2^31 elements.
+    n = (1 << 31) + 3 * 16384 + 123
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * n * 2:
+        pytest.skip("needs about 13 GB of free GPU memory")
+    x = torch.empty(n, dtype=torch.float16, device="cuda")
+    x.normal_(generator=torch.Generator(device="cuda").manual_seed(0))
+    for bitmap in (True, False):
+        values, index = torch.ops.dropit_cuda.pack(x, 0.9, 16384, bitmap, None)
+        start = (n // 16384 - 2) * 16384  # chunk-aligned tail: chunks are independent
+        tail_values, tail_index = torch.ops.dropit_cuda.pack(x[start:].cpu(), 0.9, 16384, bitmap, None)
+        k, w = 16384 - math.floor(0.9 * 16384), 16384 // 32
+        c0 = start // 16384
+        assert same_bytes(values[c0 * k:], tail_values)
+        assert same_bytes(index[c0 * w:] if bitmap else index[c0 * k:], tail_index)
+        out = torch.ops.dropit_cuda.unpack(values, index, n, 0.9, 16384, bitmap)
+        ref = torch.ops.dropit_cuda.unpack(tail_values, tail_index, n - start, 0.9, 16384, bitmap)
+        assert same_bytes(out[start:], ref)
+        del out

@@ -1,0 +1,162 @@
+"""The CUDA kernel bodies (csrc/cuda/*.cuh), run on the CPU by the host SIMT layer, against the
+CPU ops: packed buffers and unpacked tensors must be byte-identical.
+
+The test-only extension (tests/simt/) is compiled just in time by the ``simt`` fixture. Sizes
+are chosen so the emulation (a fiber per GPU thread) stays within a few minutes on two cores:
+big chunks come with few chunks.
+"""
+
+import math
+
+import pytest
+import torch
+
+import dropit_cuda  # noqa: F401  (loads the ops)
+from simt.build import load
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+GAMMAS = [0.0, 0.5, 0.9, 0.99]
+PACK_THREADS = [256, 512]
+UNPACK_THREADS = [128, 256]
+
+
+@pytest.fixture(scope="module")
+def simt():
+    return load()
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)
+    )
+
+
+def check(simt, x, gamma, chunk, bitmap, seed=None, threads=0, unpack_threads=0, **kw):
+    """Emulated pack == CPU pack, and emulated unpack of it == CPU unpack, byte for byte."""
+    ops = torch.ops.dropit_cuda
+    values, index = simt.pack(x, gamma, chunk, bitmap, seed, threads=threads, **kw)
+    ref_values, ref_index = ops.pack(x, gamma, chunk, bitmap, seed)
+    where = f"dtype={x.dtype} n={x.numel()} gamma={gamma} chunk={chunk} bitmap={bitmap} seed={seed} threads={threads} {kw}"
+    assert same_bytes(values, ref_values), "values differ: " + where
+    assert same_bytes(index, ref_index), "index differs: " + where
+    more = {k: v for k, v in kw.items() if k in ("grid", "order")}
+    out = simt.unpack(ref_values, ref_index, x.numel(), gamma, chunk, bitmap, threads=unpack_threads, **more)
+    assert same_bytes(out, ops.unpack(ref_values, ref_index, x.numel(), gamma, chunk, bitmap)), "unpack: " + where
+
+
+def randn(n, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk", [1, 7, 32, 1000])
+def test_small_chunks(simt, dtype, chunk):
+    # A size that divides the chunk, one that doesn't, one shorter than a chunk (few chunks for
+    # the tiny ones: every chunk is a block of >= 256 fibers).
+    sizes = {1: [3, 5], 7: [21, 7 * 4 + 3, 5], 32: [96, 32 * 2 + 17, 10], 1000: [3000, 2501, 333]}[chunk]
+    for gamma in GAMMAS:
+        for i, n in enumerate(sizes):
+            x = randn(n, dtype, 1000 * chunk + i)
+            for bitmap in (True, False):
+                for t, ut in zip(PACK_THREADS, UNPACK_THREADS):
+                    check(simt, x, gamma, chunk, bitmap, threads=t, unpack_threads=ut)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunk_16384(simt, dtype):
+    x = randn(16384 + 700, dtype, 16384)  # a full chunk and a short one
+    for gamma in GAMMAS:
+        for bitmap in (True, False):
+            for t, order in ((256, "forward"), (1024, "shuffled:4")):
+                check(simt, x, gamma, 16384, bitmap, threads=t, unpack_threads=t, order=order)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunk_65536(simt, dtype):
+    # float32 and float64 chunks of 65536 don't fit in shared memory: the global-memory path.
+    x = randn(65536 + 5, dtype, 65536)
+    for gamma, bitmap, t in [(0.9, True, 1024), (0.99, False, 256), (0.5, True, 256), (0.0, False, 1024)]:
+        check(simt, x, gamma, 65536, bitmap, threads=t, unpack_threads=t)
+
+
+def adversarial(dtype, n):
+    """Ties, signed zeros, NaN, infinities and subnormals."""
+    tiny = torch.finfo(dtype).smallest_normal
+    cases = {
+        "all_equal": torch.full((n,), 1.5),
+        "all_equal_signs": torch.tensor([1.5, -1.5] * (n // 2)),
+        "many_zeros": torch.where(torch.arange(n) % 10 == 0, randn(n, torch.float64, 1), torch.zeros(n)),
+        "signed_zeros": torch.tensor([0.0, -0.0] * (n // 2)),
+        "few_distinct": torch.randint(-2, 3, (n,), generator=torch.Generator().manual_seed(2)).double(),
+        "specials": torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0] * (n // 8)),
+        "subnormals": torch.tensor([tiny / 2, -tiny / 4, tiny / 8, tiny, -tiny, 0.0], dtype=torch.float64).repeat(n // 6),
+    }
+    out = {k: v.to(dtype) for k, v in cases.items()}
+    assert (out["subnormals"].abs() < tiny).any() and (out["subnormals"] != 0).any()
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk,n", [(7, 336), (1000, 2400), (4096, 8200)])
+def test_adversarial_inputs(simt, dtype, chunk, n):
+    for name, x in adversarial(dtype, n).items():
+        for gamma in (0.5, 0.9, 0.99):
+            for bitmap, t in ((True, 256), (False, 512)):
+                check(simt, x, gamma, chunk, bitmap, threads=t, unpack_threads=t // 2)
+
+
+def test_ties_on_a_bucket_edge(simt):
+    # Keys equal in their top digits but different below: every radix pass matters.
+    base = torch.tensor(1.0).view(torch.int32).item()
+    ints = torch.tensor([base + (i % 5) for i in range(2000)], dtype=torch.int32)
+    x = ints.view(torch.float32) * torch.tensor([1.0, -1.0]).repeat(1000)
+    for gamma in (0.3, 0.5, 0.61, 0.9):
+        for bitmap in (True, False):
+            check(simt, x, gamma, 2000, bitmap, threads=256)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_keys(simt, dtype):
+    for chunk, n in ((7, 40), (1000, 2100), (16384, 16390)):
+        x = randn(n, dtype, chunk)
+        for seed in (0, 12345, 2**62 + 7):
+            for bitmap, t in ((True, 256), (False, 1024)):
+                check(simt, x, 0.9, chunk, bitmap, seed=seed, threads=t, unpack_threads=t)
+    check(simt, randn(3000, dtype, 3), 0.5, 1000, True, seed=99, threads=512)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shared_and_global_key_paths(simt, dtype):
+    # Both ways of reading the keys, forced, at every dtype (source 0: staged in shared memory,
+    # 1: re-read from global memory every radix pass), and the automatic choice under a small
+    # shared-memory limit.
+    x = randn(3 * 1000 + 123, dtype, 5)
+    for source in (0, 1):
+        check(simt, x, 0.9, 1000, True, threads=256, source=source)
+        check(simt, x, 0.7, 1000, False, threads=512, source=source)
+    check(simt, x, 0.9, 1000, True, threads=256, smem_limit=1024)
+
+
+def test_grid_stride_and_schedule_order(simt):
+    # Fewer blocks than chunks (each block loops over chunks); fibers resumed in other orders.
+    x = randn(9 * 100 + 37, torch.float32, 6)
+    for grid in (1, 2, 4):
+        for bitmap in (True, False):
+            check(simt, x, 0.8, 100, bitmap, threads=256, unpack_threads=128, grid=grid)
+    for order in ("reverse", "shuffled:3"):
+        check(simt, x, 0.8, 100, True, threads=256, order=order)
+        check(simt, x, 0.8, 100, False, threads=512, order=order)
+
+
+def test_empty(simt):
+    for bitmap in (True, False):
+        check(simt, torch.empty(0), 0.9, 16, bitmap)
+
+
+def test_layer_really_synchronises(simt):
+    # The layer's counters: a 16384 chunk at 1024 threads: a radix pass (4 barriers), 4 compaction
+    # tiles (1 each), the end of the chunk (1), and warp exchanges.
+    simt.pack(randn(16384, torch.float32, 7), 0.9, 16384, True, threads=1024)
+    stats = simt.last_stats()
+    assert stats["blocks"] == 1 and stats["barriers"] >= 4 + 4 + 1 and stats["warp_ops"] > 0
