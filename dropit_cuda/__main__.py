@@ -28,9 +28,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     argv = list(sys.argv[1:] if argv is None else argv)
     if prog is None:
         prog = "python -m dropit_cuda" if sys.argv and sys.argv[0].endswith("__main__.py") else "dropit-cuda"
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(_usage(prog), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage(prog))
-        return 0 if argv else 2
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "demo":
         from .demo import main as demo_main

@@ -7,12 +7,8 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
-pytest.importorskip("tqdm")
-
-from dropit_cuda import __main__ as cli  # noqa: E402
-from dropit_cuda import demo  # noqa: E402
+from dropit_cuda import __main__ as cli
+from dropit_cuda import demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -107,8 +103,11 @@ def test_bad_flags_exit_2_naming_the_flag(argv, name, capsys):
 
 def test_cli_dispatch(capsys):
     assert cli.main([]) == 2
+    assert "usage:" in capsys.readouterr().err
     assert cli.main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err
+    assert cli.main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--help"])
     assert exc.value.code == 0
