@@ -30,7 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-STRATEGIES = ("parallel_min_k", "min_k", "random", "min_k_channel", "random_channel")
+from .strategies import STRATEGIES as _STRATEGIES
+
+STRATEGIES = tuple(_STRATEGIES)
 
 #: The demo's chunk size. The paper's D = 16384 suits activations of millions of elements; here a
 #: conv input holds 1024-2048 elements per image, so 16384 would put 8-16 images in one chunk and
@@ -192,6 +194,33 @@ class DemoConfig:
     progress: bool = True
     check: bool = False
 
+    def validate(self) -> "DemoConfig":
+        """Raises ValueError/TypeError naming the field that is out of range; returns ``self``."""
+        from .ops import check_chunk, check_gamma
+
+        for g in self.gammas:
+            check_gamma(g, "gammas")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.contrast is not None:
+            if self.contrast[0] not in STRATEGIES:
+                raise ValueError(f"contrast strategy must be one of {STRATEGIES}, got {self.contrast[0]!r}")
+            check_gamma(self.contrast[1], "contrast gamma")
+        check_chunk(self.chunk)
+        for name in ("epochs", "seeds", "batch_size", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.batch_size > 1000:
+            raise ValueError(f"batch_size must be at most 1000 (the training set has ~1350 images), got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        return self
+
     def runs(self) -> list[RunSpec]:
         """Baseline first, then ``strategy`` at each γ, then the contrast run (if not a duplicate)."""
         specs = [RunSpec()] + [RunSpec(self.strategy, g) for g in self.gammas]
@@ -225,13 +254,10 @@ def _sync(device: torch.device) -> None:
 
 def converted_layer_names(model: nn.Module) -> list[str]:
     """Names of the modules of ``model`` that are DropIT layers (what ``dc.convert`` swapped in)."""
-    import dropit_cuda as dc
+    from .modules import DropITConv1d, DropITConv2d, DropITConv3d, DropITLinear
 
-    kinds = tuple(
-        getattr(dc, n) for n in ("DropITLinear", "DropITConv1d", "DropITConv2d", "DropITConv3d")
-        if hasattr(dc, n)
-    )
-    return [name for name, m in model.named_modules() if kinds and isinstance(m, kinds)]
+    kinds = (DropITLinear, DropITConv1d, DropITConv2d, DropITConv3d)
+    return [name for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> tuple[int, int]:
@@ -331,6 +357,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains every run of ``cfg`` for every seed; writes the JSON and PNG; returns the results."""
 
+    cfg.validate()
     device = resolve_device(cfg.device)
     threads_before = torch.get_num_threads()
     if cfg.threads is not None:
@@ -587,8 +614,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dropit_cud
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     try:
+        cfg.validate()
         resolve_device(cfg.device)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     results = run_demo(cfg)
     print()

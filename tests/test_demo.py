@@ -92,6 +92,8 @@ def test_digits_split():
         (["--seeds", "0"], "--seeds"),
         (["--strategy", "nope"], "--strategy"),
         (["--device", "tpu:7"], "device"),
+        (["--chunk", "70000"], "chunk"),
+        (["--batch-size", "5000"], "batch_size"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(argv, name, capsys):
@@ -99,6 +101,26 @@ def test_bad_flags_exit_2_naming_the_flag(argv, name, capsys):
         demo.main(argv)
     assert exc.value.code == 2
     assert name in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("epochs", 0, ValueError),
+        ("seeds", 1.5, TypeError),
+        ("gammas", (0.5, 1.0), ValueError),
+        ("strategy", "top_k", ValueError),
+        ("contrast", ("random", -0.1), ValueError),
+        ("chunk", 0, ValueError),
+        ("lr", 0.0, ValueError),
+    ],
+)
+def test_config_validation_names_the_field(field, value, error, tmp_path):
+    cfg = demo.DemoConfig(out=str(tmp_path), progress=False)
+    setattr(cfg, field, value)
+    with pytest.raises(error, match=field.split("_")[0]):
+        demo.run_demo(cfg, log=lambda _: None)
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_cli_dispatch(capsys):
