@@ -1,6 +1,7 @@
 """DistributedDataParallel with DropIT layers: 2 CPU processes, gloo."""
 
 import copy
+import os
 import socket
 import time
 
@@ -10,14 +11,14 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import dropit_cuda as dc  # built (if JIT) in this process, before two workers load it at once
+
 WORLD = 2
 STEPS = 3
 
 
 def _model():
     torch.manual_seed(0)
-    import dropit_cuda as dc
-
     m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
                       nn.Flatten(), nn.Linear(6 * 8 * 8, 4))
     return dc.convert(m, gamma=0.8, chunk=256)
@@ -30,6 +31,8 @@ def _batch(step, rank):
 
 def _worker(rank, port):
     torch.set_num_threads(1)
+    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # both ranks on the loopback interface
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         model = _model()
@@ -57,6 +60,7 @@ def _worker(rank, port):
             assert all(torch.equal(c, copies[0]) for c in copies), f"{name} differs between ranks"
         first = _model()
         assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), model.parameters()))
+        dist.barrier()  # neither rank tears its connections down while the other still uses them
     finally:
         dist.destroy_process_group()
 
@@ -69,9 +73,9 @@ def _free_port():
 
 def test_ddp_two_processes_gloo():
     ctx = mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 180
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            raise TimeoutError("DDP workers did not finish in 240 s")
+            raise TimeoutError("DDP workers did not finish in 180 s")
