@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
 import dropit_cuda  # noqa: F401  (loads the native ops)
 from dropit_cuda.relu import relu_mask, relu_mask_backward
+from simt.build import load
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -17,11 +15,7 @@ INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 @pytest.fixture(scope="module")
 def simt():
-    path = pathlib.Path(__file__).resolve().parent / "simt" / "build.py"
-    spec = importlib.util.spec_from_file_location("simt_build", path)
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    ext = build.load()  # registers torch.ops.dropit_simt_relu
+    ext = load()  # also registers torch.ops.dropit_simt_relu
     return ext, torch.ops.dropit_simt_relu
 
 
@@ -50,25 +44,26 @@ def test_forward_backward_bytes_equal_cpu(simt, dtype, n, threads, grid):
     _, ops = simt
     x = adversarial(n, dtype, seed=n + threads)
     y_ref, mask_ref, _ = relu_mask(x)
-    y, mask = ops.forward(x, False, threads, grid, False)
+    # fibers resumed forward, in reverse, and shuffled: the result must not depend on it
+    y, mask = ops.forward(x, False, threads, grid, 0)
     assert torch.equal(bits(y), bits(y_ref)) and torch.equal(mask, mask_ref)
-    y_in, mask_in = ops.forward(x, True, threads, grid, True)
+    y_in, mask_in = ops.forward(x, True, threads, grid, 1)
     assert torch.equal(bits(y_in), bits(y_ref)) and torch.equal(mask_in, mask_ref)
     grad = adversarial(n, dtype, seed=n + 1)
     ref = relu_mask_backward(grad, mask_ref)
-    assert torch.equal(bits(ops.backward(grad, mask_ref, threads, grid, False)), bits(ref))
+    assert torch.equal(bits(ops.backward(grad, mask_ref, threads, grid, 2, n)), bits(ref))
 
 
 def test_every_word_is_one_warp_ballot(simt):
     ext, ops = simt
     x = adversarial(5_000, torch.float32, seed=3)
     # 157 words over 2 blocks of 2 warps: each warp strides over about 39 words.
-    ops.forward(x, False, 64, 2, False)
+    ops.forward(x, False, 64, 2)
     stats = ext.last_stats()
     assert stats["blocks"] == 2 and stats["warp_ops"] == (5_000 + 31) // 32
 
 
 def test_empty_input(simt):
     _, ops = simt
-    y, mask = ops.forward(torch.empty(0), False, 0, 0, False)
+    y, mask = ops.forward(torch.empty(0))
     assert y.numel() == 0 and mask.numel() == 0

@@ -35,12 +35,16 @@ struct Shape {
   LaunchOptions options;
 };
 
-Shape launch_shape(int64_t n, int64_t threads, int64_t grid, bool reverse) {
+// order: 0 resumes fibers by thread index up, 1 down, 2 in a shuffled order per sweep (seed).
+Shape launch_shape(int64_t n, int64_t threads, int64_t grid, int64_t order, int64_t seed) {
   Shape s;
   s.threads = threads > 0 ? static_cast<int>(threads) : dropit::relu_kernels::kThreads;
   TORCH_CHECK(s.threads % 32 == 0 && s.threads <= 1024, "threads must be a multiple of 32 up to 1024");
   s.grid = grid > 0 ? grid : dropit::relu_kernels::grid_for(n, s.threads);
-  s.options.reverse_order = reverse;
+  TORCH_CHECK(order >= 0 && order <= 2, "order must be 0 (forward), 1 (reverse) or 2 (shuffled)");
+  s.options.order = order == 0 ? LaunchOptions::Order::kForward
+                               : (order == 1 ? LaunchOptions::Order::kReverse : LaunchOptions::Order::kShuffled);
+  s.options.shuffle_seed = static_cast<uint64_t>(seed);
   s.options.stack_bytes = 32 * 1024;
   return s;
 }
@@ -48,7 +52,7 @@ Shape launch_shape(int64_t n, int64_t threads, int64_t grid, bool reverse) {
 // y = relu(x) and the mask, by the kernel body. With `inplace` the kernel
 // writes into (a copy of) x itself, as the in-place op does.
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, bool inplace, int64_t threads,
-                                           int64_t grid, bool reverse) {
+                                           int64_t grid, int64_t order, int64_t seed) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous() && is_float(x.scalar_type()),
               "x must be a 1-D contiguous floating CPU tensor");
   const int64_t n = x.numel();
@@ -58,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, bool inplace, in
   if (!inplace && n > 0) y.view(at::kByte).fill_(0xCD);
   if (mask.numel() > 0) mask.view(at::kByte).fill_(0xCD);
   if (n == 0) return {y, mask};
-  const Shape s = launch_shape(n, threads, grid, reverse);
+  const Shape s = launch_shape(n, threads, grid, order, seed);
   dispatch_width(x.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     const Bits sign = static_cast<Bits>(static_cast<Bits>(1) << (sizeof(Bits) * 8 - 1));
@@ -74,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, bool inplace, in
 }
 
 at::Tensor backward(const at::Tensor& grad, const at::Tensor& mask, int64_t threads, int64_t grid,
-                    bool reverse) {
+                    int64_t order, int64_t seed) {
   TORCH_CHECK(grad.device().is_cpu() && grad.dim() == 1 && grad.is_contiguous() &&
                   is_float(grad.scalar_type()),
               "grad must be a 1-D contiguous floating CPU tensor");
@@ -85,7 +89,7 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& mask, int64_t thre
   at::Tensor out = at::empty_like(grad);
   if (n == 0) return out;
   out.view(at::kByte).fill_(0xCD);
-  const Shape s = launch_shape(n, threads, grid, reverse);
+  const Shape s = launch_shape(n, threads, grid, order, seed);
   dispatch_width(grad.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     const Bits* gp = static_cast<const Bits*>(grad.const_data_ptr());
@@ -101,8 +105,8 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& mask, int64_t thre
 }  // namespace
 
 TORCH_LIBRARY(dropit_simt_relu, m) {
-  m.def("forward(Tensor x, bool inplace=False, int threads=0, int grid=0, bool reverse=False) -> (Tensor, Tensor)",
+  m.def("forward(Tensor x, bool inplace=False, int threads=0, int grid=0, int order=0, int seed=0) -> (Tensor, Tensor)",
         &forward);
-  m.def("backward(Tensor grad, Tensor mask, int threads=0, int grid=0, bool reverse=False) -> Tensor",
+  m.def("backward(Tensor grad, Tensor mask, int threads=0, int grid=0, int order=0, int seed=0) -> Tensor",
         &backward);
 }
