@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -25,28 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from dropit_cuda.relu import relu_mask, relu_mask_backward  # noqa: E402
+from _timing import timed  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` after one warm-up call: process CPU time (all threads) on
-    the CPU, CUDA events on the stream on a GPU."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.process_time()
-            fn()
-            samples.append((time.process_time() - t0) * 1e3)
-    return statistics.median(samples)
 
 
 def bench_one(device: torch.device, dtype: torch.dtype, numel: int, repeats: int) -> dict:

@@ -5,10 +5,6 @@
 
 namespace dropit {
 
-static bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
 static void check_gamma_chunk(double gamma, int64_t chunk) {
   TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < 1.0, "gamma must be in [0, 1), got ", gamma);
   TORCH_CHECK_VALUE(chunk >= 1 && chunk <= kMaxChunk, "chunk must be in [1, ", kMaxChunk,

@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "dropit.h"
+#include "ops.h"
 #include "relu_mask_math.h"
 
 namespace dropit {

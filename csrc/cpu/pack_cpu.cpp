@@ -292,15 +292,6 @@ void unpack_chunks(const Bits* values, const int32_t* bitmap, const uint16_t* of
   });
 }
 
-template <typename Fn>
-void dispatch_bits(at::ScalarType t, Fn&& fn) {
-  switch (at::elementSize(t)) {
-    case 2: fn(uint16_t{}); break;
-    case 4: fn(uint32_t{}); break;
-    default: fn(uint64_t{}); break;
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> pack_cpu(const at::Tensor& x, double gamma, int64_t chunk,

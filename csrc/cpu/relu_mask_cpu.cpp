@@ -91,15 +91,6 @@ void backward_words(const Bits* grad, const uint32_t* mask, Bits* out, int64_t n
   });
 }
 
-template <typename Fn>
-void dispatch_width(at::ScalarType t, Fn&& fn) {
-  switch (at::elementSize(t)) {
-    case 2: fn(uint16_t{}); break;
-    case 4: fn(uint32_t{}); break;
-    default: fn(uint64_t{}); break;
-  }
-}
-
 template <typename Bits>
 FloatBits<Bits> float_bits(at::ScalarType t) {
   return {static_cast<Bits>(static_cast<Bits>(1) << (sizeof(Bits) * 8 - 1)),
@@ -111,7 +102,7 @@ FloatBits<Bits> float_bits(at::ScalarType t) {
 void relu_mask_forward_cpu_into(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mask) {
   const int64_t n = x.numel();
   if (n == 0) return;
-  dispatch_width(x.scalar_type(), [&](auto tag) {
+  dispatch_bits(x.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     forward_words<Bits>(static_cast<const Bits*>(x.const_data_ptr()), static_cast<Bits*>(y.data_ptr()),
                         static_cast<uint32_t*>(mask.data_ptr()), n, float_bits<Bits>(x.scalar_type()));
@@ -124,7 +115,7 @@ at::Tensor relu_mask_backward_cpu(const at::Tensor& grad_in, const at::Tensor& m
   at::Tensor out = at::empty_like(grad);
   const int64_t n = grad.numel();
   if (n == 0) return out;
-  dispatch_width(grad.scalar_type(), [&](auto tag) {
+  dispatch_bits(grad.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     backward_words<Bits>(static_cast<const Bits*>(grad.const_data_ptr()),
                          static_cast<const uint32_t*>(mask.const_data_ptr()),

@@ -85,15 +85,6 @@ void pack_typed(const at::Tensor& x, at::Tensor& values, at::Tensor& index, cons
   }
 }
 
-template <typename Fn>
-void dispatch_bits(at::ScalarType t, Fn&& fn) {
-  switch (at::elementSize(t)) {
-    case 2: fn(uint16_t{}); break;
-    case 4: fn(uint32_t{}); break;
-    default: fn(uint64_t{}); break;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> pack_cuda(const at::Tensor& x, double gamma, int64_t chunk,
                                              bool bitmap, std::optional<int64_t> seed) {
   ChunkGeometry g = check_pack_args(x, gamma, chunk);

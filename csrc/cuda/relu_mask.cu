@@ -28,21 +28,12 @@ relu_mask_backward_kernel(const Bits* grad, const uint32_t* mask, Bits* out, int
 
 unsigned grid_for(int64_t n) { return static_cast<unsigned>(relu_kernels::grid_for(n)); }
 
-template <typename Fn>
-void dispatch_width(at::ScalarType t, Fn&& fn) {
-  switch (at::elementSize(t)) {
-    case 2: fn(uint16_t{}); break;
-    case 4: fn(uint32_t{}); break;
-    default: fn(uint64_t{}); break;
-  }
-}
-
 void forward_into(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mask) {
   const int64_t n = x.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_width(x.scalar_type(), [&](auto tag) {
+  dispatch_bits(x.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     const Bits sign = static_cast<Bits>(static_cast<Bits>(1) << (sizeof(Bits) * 8 - 1));
     const Bits inf = static_cast<Bits>(float_inf_bits(x.scalar_type()));
@@ -82,7 +73,7 @@ at::Tensor relu_mask_backward_cuda(const at::Tensor& grad_in, const at::Tensor& 
   if (n == 0) return out;
   const c10::cuda::CUDAGuard guard(grad.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_width(grad.scalar_type(), [&](auto tag) {
+  dispatch_bits(grad.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     relu_mask_backward_kernel<Bits><<<grid_for(n), kThreads, 0, stream>>>(
         static_cast<const Bits*>(grad.const_data_ptr()),

@@ -6,6 +6,7 @@
 #include <string>
 #include <tuple>
 
+#include "ops.h"
 #include "simt_kernels.h"
 #include "simt_selftest.h"
 
@@ -18,10 +19,6 @@ using dropit::simt_test::UnpackJob;
 // p moved by `bytes` (may point outside the allocation; only offsets back inside are used).
 void* shifted(const void* p, int64_t bytes) {
   return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes));
-}
-
-bool is_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
 dropit::simt::host::LaunchOptions options(int64_t stack_kb, const std::string& order) {
@@ -45,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64
                                         std::optional<int64_t> seed, int64_t threads, int64_t source,
                                         int64_t smem_limit, int64_t grid, std::string variant,
                                         std::string order, int64_t stack_kb, int64_t start) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous() && is_float(x.scalar_type()),
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous() && dropit::is_supported_float(x.scalar_type()),
               "x must be a 1-D contiguous floating CPU tensor");
   TORCH_CHECK(gamma >= 0.0 && gamma < 1.0 && chunk >= 1 && chunk <= dropit::kMaxChunk, "bad gamma/chunk");
   // `start` > 0: x holds elements start.. of a tensor of start + x.numel()
@@ -92,7 +89,7 @@ at::Tensor unpack(const at::Tensor& values, const at::Tensor& index, int64_t num
                   int64_t chunk, bool bitmap, int64_t threads, int64_t grid, std::string order, int64_t stack_kb,
                   int64_t start) {
   TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous() &&
-                  is_float(values.scalar_type()),
+                  dropit::is_supported_float(values.scalar_type()),
               "values must be a 1-D contiguous floating CPU tensor");
   // `start` > 0: values/index/out are the parts from element `start` on (a multiple of chunk).
   TORCH_CHECK(start >= 0 && start % chunk == 0 && start <= numel, "start must be a multiple of chunk");

@@ -16,19 +16,6 @@ namespace {
 
 using dropit::simt::host::LaunchOptions;
 
-bool is_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
-template <typename Fn>
-void dispatch_width(at::ScalarType t, Fn&& fn) {
-  switch (at::elementSize(t)) {
-    case 2: fn(uint16_t{}); break;
-    case 4: fn(uint32_t{}); break;
-    default: fn(uint64_t{}); break;
-  }
-}
-
 struct Shape {
   int threads;
   int64_t grid;
@@ -53,7 +40,7 @@ Shape launch_shape(int64_t n, int64_t threads, int64_t grid, int64_t order, int6
 // writes into (a copy of) x itself, as the in-place op does.
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, bool inplace, int64_t threads,
                                            int64_t grid, int64_t order, int64_t seed) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous() && is_float(x.scalar_type()),
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous() && dropit::is_supported_float(x.scalar_type()),
               "x must be a 1-D contiguous floating CPU tensor");
   const int64_t n = x.numel();
   at::Tensor y = inplace ? x.clone() : at::empty_like(x);
@@ -63,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, bool inplace, in
   if (mask.numel() > 0) mask.view(at::kByte).fill_(0xCD);
   if (n == 0) return {y, mask};
   const Shape s = launch_shape(n, threads, grid, order, seed);
-  dispatch_width(x.scalar_type(), [&](auto tag) {
+  dropit::dispatch_bits(x.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     const Bits sign = static_cast<Bits>(static_cast<Bits>(1) << (sizeof(Bits) * 8 - 1));
     const Bits inf = static_cast<Bits>(dropit::float_inf_bits(x.scalar_type()));
@@ -80,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, bool inplace, in
 at::Tensor backward(const at::Tensor& grad, const at::Tensor& mask, int64_t threads, int64_t grid,
                     int64_t order, int64_t seed) {
   TORCH_CHECK(grad.device().is_cpu() && grad.dim() == 1 && grad.is_contiguous() &&
-                  is_float(grad.scalar_type()),
+                  dropit::is_supported_float(grad.scalar_type()),
               "grad must be a 1-D contiguous floating CPU tensor");
   const int64_t n = grad.numel();
   TORCH_CHECK(mask.scalar_type() == at::kInt && mask.is_contiguous() &&
@@ -90,7 +77,7 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& mask, int64_t thre
   if (n == 0) return out;
   out.view(at::kByte).fill_(0xCD);
   const Shape s = launch_shape(n, threads, grid, order, seed);
-  dispatch_width(grad.scalar_type(), [&](auto tag) {
+  dropit::dispatch_bits(grad.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     const Bits* gp = static_cast<const Bits*>(grad.const_data_ptr());
     const uint32_t* mp = static_cast<const uint32_t*>(mask.const_data_ptr());

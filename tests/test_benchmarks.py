@@ -1,0 +1,39 @@
+"""The kernel benchmarks run end to end on tiny sizes and write the figures they print."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(name, *args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_bench_select(tmp_path):
+    path = tmp_path / "select.json"
+    stdout = run_script("bench_select.py", "--device", "cpu", "--numel", str(4 * 4096), "--chunk", "4096",
+                        "--repeats", "1", "--json", str(path))
+    results = json.loads(path.read_text())["results"]
+    assert [r["dtype"] for r in results] == ["float32", "bfloat16"]
+    for r in results:
+        assert r["pack_ms"] > 0 and r["topk_chunked_ms"] > 0 and r["topk_full_ms"] > 0
+        assert r["pack_speedup_vs_topk"] == r["topk_chunked_ms"] / r["pack_ms"]
+        # bitmap: (1-γ)·s + 1/8 bytes per element, with keep() rounded up
+        s = 4 if r["dtype"] == "float32" else 2
+        assert abs(r["bytes_per_element_dropit"] - (410 * s / 4096 + 1 / 8)) < 1e-9
+        assert r["bytes_per_element_topk"] == 410 * (s + 8) / 4096
+    assert "x topk" in stdout
+
+
+def test_bench_relu_mask(tmp_path):
+    path = tmp_path / "relu.json"
+    run_script("bench_relu_mask.py", "--device", "cpu", "--numel", "65536", "--repeats", "1", "--json", str(path))
+    assert json.loads(path.read_text())
