@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU-machine check: on a machine with a CUDA GPU, torch installed and no network, builds the
 # extension just in time with its CUDA kernels (for this GPU's architecture only, to be quick),
-# runs tests/test_cuda.py, the CUDA tests of tests/test_relu_mask.py, benchmarks/bench_select.py
-# and benchmarks/bench_relu_mask.py, and writes everything into OUTDIR.
-# Takes about 3-5 minutes. Usage: benchmarks/gpu_check.sh OUTDIR
+# runs the CUDA tests (tests/test_cuda.py, the CUDA cases of tests/test_relu_mask.py) and the
+# benchmarks (bench_select, bench_relu_mask, a short bench_memory), and writes everything into
+# OUTDIR. At most 5 minutes. Usage: benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 if [ $# -ne 1 ]; then echo "usage: $0 OUTDIR" >&2; exit 2; fi
 mkdir -p "$1"
@@ -33,14 +33,17 @@ export DROPIT_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_ext}"
 
-step build 240 "$PY" -c "import json, dropit_cuda as dc; info = dc.extension_info(); print(json.dumps(info)); assert info['cuda_kernels'] and info['cuda_available'], info"
+# Time limits add up to 300 s; expected on an H200 machine: well under that.
+step build 120 "$PY" -c "import json, dropit_cuda as dc; info = dc.extension_info(); print(json.dumps(info)); assert info['cuda_kernels'] and info['cuda_available'], info"
 if [ $? -eq 0 ]; then
-  step test_cuda 150 "$PY" -m pytest -q -ra tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
-  step test_relu_mask_cuda 60 "$PY" -m pytest -q -ra tests/test_relu_mask.py -k cuda --junitxml="$OUT/test_relu_mask_cuda.xml"
-  step bench_select 120 "$PY" benchmarks/bench_select.py --device cuda --numel 67108864 --chunk 16384 \
+  step test_cuda 75 "$PY" -m pytest -q -ra tests/test_cuda.py tests/test_relu_mask.py -k "cuda or CUDA" \
+    --junitxml="$OUT/test_cuda.xml"
+  step bench_select 30 "$PY" benchmarks/bench_select.py --device cuda --numel 67108864 --chunk 16384 \
     --gamma 0.9 --json "$OUT/bench_select.json"
-  step bench_relu_mask 25 "$PY" benchmarks/bench_relu_mask.py --device cuda --numel 67108864 --repeats 5 \
+  step bench_relu_mask 15 "$PY" benchmarks/bench_relu_mask.py --device cuda --numel 67108864 --repeats 5 \
     --json "$OUT/bench_relu_mask.json"
+  step bench_memory 60 "$PY" benchmarks/bench_memory.py --device cuda --steps 5 --warmup 2 --markdown \
+    --json "$OUT/bench_memory.json" --plot "$OUT/bench_memory.png"
 fi
 echo "== gpu_check: $( [ $status -eq 0 ] && echo ok || echo FAILED ) in $((SECONDS - start)) s; results in $OUT"
 exit $status
