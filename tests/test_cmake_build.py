@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dropit_cuda._build import find_cuda_home
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = """
@@ -21,7 +23,7 @@ for c in range(5):
     chunk = x[c * 1000:(c + 1) * 1000]
     top = chunk.abs().topk(100).indices.sort().values
     assert torch.equal(y[c * 1000:(c + 1) * 1000].nonzero().flatten(), top), c
-print("ok", values.numel(), index.numel())
+print("ok", values.numel(), index.numel(), torch.ops.dropit_cuda.build_info())
 """
 
 
@@ -30,10 +32,13 @@ print("ok", values.numel(), index.numel())
 def test_cmake_builds_a_loadable_library(tmp_path):
     build = tmp_path / "build"
     prefix = torch.utils.cmake_prefix_path
-    # The CPU library: CUDA compilation is covered by the setup.py build.
-    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DDROPIT_WITH_CUDA=OFF",
+    # With the CUDA kernels wherever the setup.py build would compile them (no GPU needed).
+    with_cuda = find_cuda_home() is not None and torch.version.cuda is not None
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), f"-DDROPIT_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
                     f"-DCMAKE_PREFIX_PATH={prefix}"], check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
     lib = build / "libdropit_cuda.so"
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(lib)], check=True, capture_output=True, text=True)
-    assert out.stdout.split() == ["ok", "500", str(5 * 32)]
+    words = out.stdout.split()
+    assert words[:3] == ["ok", "500", str(5 * 32)]
+    assert words[3].startswith("cuda=1|archs=" if with_cuda else "cuda=0")
