@@ -46,6 +46,22 @@ struct ChunkGeometry {
   int64_t chunk_keep(int64_t c) const { return c + 1 == num_chunks ? keep_last : keep; }
 };
 
+// The geometry in the narrow fields kernels take: D <= 65536 fits int32, the chunk count may not.
+struct KernelGeometry {
+  int64_t num_chunks;
+  int32_t chunk;      // D
+  int32_t keep;       // K = keep(D), the chunk stride in values/offsets
+  int32_t last_len;   // length of the last chunk
+  int32_t keep_last;  // keep(last_len)
+  int32_t words;      // ceil(D/32)
+};
+
+inline KernelGeometry kernel_geometry(const ChunkGeometry& g) {
+  return {g.num_chunks, static_cast<int32_t>(g.chunk), static_cast<int32_t>(g.keep),
+          static_cast<int32_t>(g.last_len), static_cast<int32_t>(g.keep_last),
+          static_cast<int32_t>(g.words)};
+}
+
 // Unsigned integer of the same width as a floating dtype; keys and values are
 // handled as these bit patterns so one kernel serves every floating dtype.
 template <int Bytes> struct BitsOf;

@@ -51,17 +51,11 @@ constexpr int kMaxThreads = 1024;
 
 // Everything a pack launch needs; int64 where a product can pass 2^31.
 template <typename Bits>
-struct PackParams {
+struct PackParams : KernelGeometry {
   const Bits* x;
   Bits* values;
   int32_t* bitmap;    // ceil(D/32) words per chunk, or null
   uint16_t* offsets;  // aligned with values, or null
-  int64_t num_chunks;
-  int32_t chunk;      // D
-  int32_t keep;       // K = keep(D), the chunk stride in values/offsets
-  int32_t last_len;   // length of the last chunk
-  int32_t keep_last;  // keep(last_len)
-  int32_t words;      // ceil(D/32)
   uint64_t seed;      // random keys only
 };
 
@@ -69,16 +63,11 @@ template <typename Bits>
 inline PackParams<Bits> make_pack_params(const ChunkGeometry& g, const Bits* x, Bits* values,
                                          int32_t* bitmap, uint16_t* offsets, uint64_t seed) {
   PackParams<Bits> p;
+  static_cast<KernelGeometry&>(p) = kernel_geometry(g);
   p.x = x;
   p.values = values;
   p.bitmap = bitmap;
   p.offsets = offsets;
-  p.num_chunks = g.num_chunks;
-  p.chunk = static_cast<int32_t>(g.chunk);
-  p.keep = static_cast<int32_t>(g.keep);
-  p.last_len = static_cast<int32_t>(g.last_len);
-  p.keep_last = static_cast<int32_t>(g.keep_last);
-  p.words = static_cast<int32_t>(g.words);
   p.seed = seed;
   return p;
 }

@@ -29,13 +29,11 @@ namespace dropit {
 constexpr int kUnpackItems = 4;  // bitmap words per warp per tile
 
 template <typename Bits>
-struct UnpackParams {
+struct UnpackParams : KernelGeometry {
   const Bits* values;
   const int32_t* bitmap;    // or null
   const uint16_t* offsets;  // or null
   Bits* out;
-  int64_t num_chunks;
-  int32_t chunk, keep, last_len, keep_last, words;
 };
 
 template <typename Bits>
@@ -43,16 +41,11 @@ inline UnpackParams<Bits> make_unpack_params(const ChunkGeometry& g, const Bits*
                                              const int32_t* bitmap, const uint16_t* offsets,
                                              Bits* out) {
   UnpackParams<Bits> p;
+  static_cast<KernelGeometry&>(p) = kernel_geometry(g);
   p.values = values;
   p.bitmap = bitmap;
   p.offsets = offsets;
   p.out = out;
-  p.num_chunks = g.num_chunks;
-  p.chunk = static_cast<int32_t>(g.chunk);
-  p.keep = static_cast<int32_t>(g.keep);
-  p.last_len = static_cast<int32_t>(g.last_len);
-  p.keep_last = static_cast<int32_t>(g.keep_last);
-  p.words = static_cast<int32_t>(g.words);
   return p;
 }
 
