@@ -54,6 +54,9 @@ struct KernelGeometry {
   int32_t last_len;   // length of the last chunk
   int32_t keep_last;  // keep(last_len)
   int32_t words;      // ceil(D/32)
+
+  DROPIT_HD int32_t chunk_len(int64_t c) const { return c + 1 == num_chunks ? last_len : chunk; }
+  DROPIT_HD int32_t chunk_keep(int64_t c) const { return c + 1 == num_chunks ? keep_last : keep; }
 };
 
 inline KernelGeometry kernel_geometry(const ChunkGeometry& g) {

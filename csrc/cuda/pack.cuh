@@ -150,9 +150,8 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
   int parity = 0;
 
   for (int64_t c = simt::block_idx(); c < p.num_chunks; c += simt::grid_dim()) {
-    const bool last = c + 1 == p.num_chunks;
-    const int L = last ? p.last_len : p.chunk;
-    const int k = last ? p.keep_last : p.keep;
+    const int L = p.chunk_len(c);
+    const int k = p.chunk_keep(c);
     const int64_t xbase = c * static_cast<int64_t>(p.chunk);
     const Bits* xc = p.x + xbase;
     Bits* vc = p.values + c * static_cast<int64_t>(p.keep);

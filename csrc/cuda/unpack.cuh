@@ -66,9 +66,8 @@ DROPIT_DEVICE void unpack_bitmap_block(const UnpackParams<Bits>& p) {
   const int tile = nthreads * kUnpackItems;
   int parity = 0;
   for (int64_t c = simt::block_idx(); c < p.num_chunks; c += simt::grid_dim()) {
-    const bool last = c + 1 == p.num_chunks;
-    const int L = last ? p.last_len : p.chunk;
-    const int k = last ? p.keep_last : p.keep;
+    const int L = p.chunk_len(c);
+    const int k = p.chunk_keep(c);
     const Bits* vc = p.values + c * static_cast<int64_t>(p.keep);
     const int32_t* wc = p.bitmap + c * static_cast<int64_t>(p.words);
     Bits* oc = p.out + c * static_cast<int64_t>(p.chunk);
@@ -108,9 +107,8 @@ DROPIT_DEVICE void unpack_offsets_block(const UnpackParams<Bits>& p) {
   const int tid = simt::thread_idx();
   const int nthreads = simt::block_dim();
   for (int64_t c = simt::block_idx(); c < p.num_chunks; c += simt::grid_dim()) {
-    const bool last = c + 1 == p.num_chunks;
-    const int L = last ? p.last_len : p.chunk;
-    const int k = last ? p.keep_last : p.keep;
+    const int L = p.chunk_len(c);
+    const int k = p.chunk_keep(c);
     const Bits* vc = p.values + c * static_cast<int64_t>(p.keep);
     const uint16_t* ofs = p.offsets + c * static_cast<int64_t>(p.keep);
     Bits* oc = p.out + c * static_cast<int64_t>(p.chunk);
