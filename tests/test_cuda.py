@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dropit_cuda as dc
+from cases import adversarial, randn
 
 HAVE_GPU = torch.cuda.is_available()
 HAVE_KERNELS = HAVE_GPU and dc.extension_info()["cuda_kernels"]
@@ -44,11 +45,6 @@ def check(x, gamma, chunk, bitmap, seed=None):
     assert same_bytes(out, ref_out), "unpack differs: " + where
 
 
-def randn(n, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
-
-
 def sizes_for(chunk):
     return sorted({3 * chunk, 2 * chunk + chunk // 2 + 1, max(1, chunk // 3)} if chunk <= 16384
                   else {chunk + 5, 3 * chunk, max(1, chunk // 3)})
@@ -62,20 +58,6 @@ def test_matrix(dtype, chunk):
             x = randn(n, dtype, 100 * chunk + i)
             for bitmap in (True, False):
                 check(x, gamma, chunk, bitmap)
-
-
-def adversarial(dtype, n):
-    tiny = torch.finfo(dtype).smallest_normal
-    cases = {
-        "all_equal": torch.full((n,), 1.5),
-        "all_equal_signs": torch.tensor([1.5, -1.5] * (n // 2)),
-        "many_zeros": torch.where(torch.arange(n) % 10 == 0, randn(n, torch.float64, 1), torch.zeros(n)),
-        "signed_zeros": torch.tensor([0.0, -0.0] * (n // 2)),
-        "few_distinct": torch.randint(-2, 3, (n,), generator=torch.Generator().manual_seed(2)).double(),
-        "specials": torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0] * (n // 8)),
-        "subnormals": torch.tensor([tiny / 2, -tiny / 4, tiny / 8, tiny, -tiny, 0.0], dtype=torch.float64).repeat(n // 6),
-    }
-    return {k: v.to(dtype) for k, v in cases.items()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,6 +1,5 @@
 """DropIT autograd functions: exactness at gamma=0, the cache, gradients at gamma=0.9, autocast."""
 
-import itertools
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 import dropit_cuda as dc
 from dropit_cuda import functional as DF
 from dropit_cuda.strategies import STRATEGIES, compress
+from cases import saved_tensors
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -189,25 +189,13 @@ def test_linear_gamma09_grads(strategy):
 # --- the cache ----------------------------------------------------------------------------------
 
 
-def _saved(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
 @pytest.mark.parametrize("strategy, padding_mode", [(s, "zeros") for s in STRATEGIES] + [
     ("parallel_min_k", m) for m in ("reflect", "replicate", "circular")])
 def test_cache_holds_packed_input_not_dense(strategy, padding_mode):
     torch.manual_seed(6)
     conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
     x = torch.randn(2, 8, 16, 16, requires_grad=True)
-    out, saved = _saved(lambda: DF.conv2d(x, conv.weight, None, padding=1, gamma=0.9, strategy=strategy,
+    out, saved = saved_tensors(lambda: DF.conv2d(x, conv.weight, None, padding=1, gamma=0.9, strategy=strategy,
                                           padding_mode=padding_mode))
     assert any(t is conv.weight for t in saved)
     others = [t for t in saved if t is not conv.weight]
@@ -226,11 +214,11 @@ def test_nothing_of_input_cached_without_weight_grad():
     conv = nn.Conv2d(4, 4, 3).requires_grad_(False)
     x = torch.randn(3, 16, requires_grad=True)
     xc = torch.randn(2, 4, 7, 7, requires_grad=True)
-    out, saved = _saved(lambda: DF.linear(x, lin.weight, lin.bias))
+    out, saved = saved_tensors(lambda: DF.linear(x, lin.weight, lin.bias))
     assert all(t is lin.weight for t in saved)
     (gx,) = torch.autograd.grad(out.sum(), [x])
     torch.testing.assert_close(gx, lin.weight.sum(0).expand(3, 16))
-    outc, saved = _saved(lambda: DF.conv2d(xc, conv.weight, conv.bias))
+    outc, saved = saved_tensors(lambda: DF.conv2d(xc, conv.weight, conv.bias))
     assert all(t is conv.weight for t in saved)
     (gxc,) = torch.autograd.grad(outc, [xc], torch.ones_like(outc))
     want = torch.autograd.grad(F.conv2d(xc, conv.weight, conv.bias).sum(), [xc])[0]
@@ -333,7 +321,7 @@ def test_autocast(device, dtype):
     )
     for layer, inp, fn in cases:
         with torch.autocast(device, dtype=dtype):
-            out, saved = _saved(fn)
+            out, saved = saved_tensors(fn)
             want = layer(inp)
         assert out.dtype == want.dtype == dtype
         torch.testing.assert_close(out, want)

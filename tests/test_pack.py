@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dropit_cuda as dc
+from cases import adversarial
 from reference import bit_patterns, reference_pack, reference_unpack, select
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -46,31 +47,11 @@ def test_pack_matches_reference(dtype, gamma, chunk):
         np.testing.assert_array_equal(bit_patterns(y), reference_unpack(x, gamma, chunk))
 
 
-def adversarial(dtype):
-    """Inputs where ties, signed zeros, NaN, infinities and subnormals decide the selection."""
-    info = torch.finfo(dtype)
-    n = 3000
-    cases = {
-        "all_equal": torch.full((n,), 1.5),
-        "all_equal_signs": torch.tensor([1.5, -1.5] * (n // 2)),
-        "many_zeros": torch.where(torch.arange(n) % 10 == 0, torch.randn(n), torch.zeros(n)),
-        "signed_zeros": torch.tensor([0.0, -0.0] * (n // 2)),
-        "few_distinct": torch.randint(-2, 3, (n,)).double(),
-        "specials": torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0] * (n // 8)),
-    }
-    cases = {k: v.to(dtype) for k, v in cases.items()}
-    tiny = info.smallest_normal
-    sub = torch.tensor([tiny / 2, -tiny / 4, tiny / 8, tiny, -tiny, 0.0], dtype=torch.float64)
-    cases["subnormals"] = sub.to(dtype).repeat(n // 6)
-    assert (cases["subnormals"].abs() < tiny).any() and (cases["subnormals"] != 0).any()
-    return cases
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
 @pytest.mark.parametrize("chunk", [7, 1000, 4096])
 def test_adversarial_inputs(dtype, gamma, chunk):
-    for name, x in adversarial(dtype).items():
+    for name, x in adversarial(dtype, 3000).items():
         assert_matches_reference(x, gamma, chunk)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import dropit_cuda as dc
 from dropit_cuda.relu import relu_mask, relu_mask_backward
+from cases import saved_tensors
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -194,29 +195,17 @@ def test_inplace_on_leaf_requiring_grad_raises_like_nn_relu():
             factory(inplace=True)(torch.randn(3).requires_grad_())
 
 
-def _saved(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
 @pytest.mark.parametrize("inplace", [False, True])
-def test_only_the_mask_is_saved(inplace):
+def test_only_the_mask_issaved_tensors(inplace):
     leaf = torch.randn(3, 100).requires_grad_()
     h = leaf * 1  # (mul by a python scalar saves nothing)
-    y, saved = _saved(lambda: dc.masked_relu(h, inplace=inplace))
+    y, saved = saved_tensors(lambda: dc.masked_relu(h, inplace=inplace))
     assert len(saved) == 1
     (mask,) = saved
     assert mask.dtype == torch.int32 and mask.numel() == (300 + 31) // 32
     assert mask.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
     # nn.ReLU, for contrast, saves its output.
-    y_ref, saved_ref = _saved(lambda: nn.ReLU()(leaf * 1))
+    y_ref, saved_ref = saved_tensors(lambda: nn.ReLU()(leaf * 1))
     assert [s.untyped_storage().data_ptr() for s in saved_ref] == [y_ref.untyped_storage().data_ptr()]
 
 

@@ -6,13 +6,13 @@ are chosen so the emulation (a fiber per GPU thread) stays within a few minutes 
 big chunks come with few chunks. (About 30 s on two cores, plus about 90 s to compile the extension.)
 """
 
-import math
 
 import numpy as np
 import pytest
 import torch
 
 import dropit_cuda  # noqa: F401  (loads the ops)
+from cases import adversarial, randn
 from reference import bit_patterns, select_fast
 from simt.build import load
 
@@ -44,11 +44,6 @@ def check(simt, x, gamma, chunk, bitmap, seed=None, threads=0, unpack_threads=0,
     more = {k: v for k, v in kw.items() if k in ("grid", "order")}
     out = simt.unpack(ref_values, ref_index, x.numel(), gamma, chunk, bitmap, threads=unpack_threads, **more)
     assert same_bytes(out, ops.unpack(ref_values, ref_index, x.numel(), gamma, chunk, bitmap)), "unpack: " + where
-
-
-def randn(n, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -85,23 +80,6 @@ def test_chunk_65536(simt, dtype):
         for gamma in GAMMAS:
             for bitmap, t in ((True, 1024), (False, 256)):
                 check(simt, x, gamma, 65536, bitmap, threads=t, unpack_threads=t)
-
-
-def adversarial(dtype, n):
-    """Ties, signed zeros, NaN, infinities and subnormals."""
-    tiny = torch.finfo(dtype).smallest_normal
-    cases = {
-        "all_equal": torch.full((n,), 1.5),
-        "all_equal_signs": torch.tensor([1.5, -1.5] * (n // 2)),
-        "many_zeros": torch.where(torch.arange(n) % 10 == 0, randn(n, torch.float64, 1), torch.zeros(n)),
-        "signed_zeros": torch.tensor([0.0, -0.0] * (n // 2)),
-        "few_distinct": torch.randint(-2, 3, (n,), generator=torch.Generator().manual_seed(2)).double(),
-        "specials": torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0] * (n // 8)),
-        "subnormals": torch.tensor([tiny / 2, -tiny / 4, tiny / 8, tiny, -tiny, 0.0], dtype=torch.float64).repeat(n // 6),
-    }
-    out = {k: v.to(dtype) for k, v in cases.items()}
-    assert (out["subnormals"].abs() < tiny).any() and (out["subnormals"] != 0).any()
-    return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
