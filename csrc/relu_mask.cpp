@@ -38,15 +38,11 @@ void check_relu_mask_backward_args(const at::Tensor& grad, const at::Tensor& mas
                     grad.device(), " and ", mask.device());
 }
 
-static at::Tensor empty_mask(const at::Tensor& x) {
-  return at::empty({relu_mask_words(x.numel())}, x.options().dtype(at::kInt));
-}
-
 static std::tuple<at::Tensor, at::Tensor> relu_mask_forward_cpu(const at::Tensor& x) {
   check_relu_mask_input(x, "x");
   const at::Tensor src = dense_layout(x);
   at::Tensor y = at::empty_like(src);  // src's strides: the same storage order
-  at::Tensor mask = empty_mask(src);
+  at::Tensor mask = empty_relu_mask(src);
   relu_mask_forward_cpu_into(src, y, mask);
   return {y, mask};
 }
@@ -54,7 +50,7 @@ static std::tuple<at::Tensor, at::Tensor> relu_mask_forward_cpu(const at::Tensor
 static at::Tensor relu_mask_forward_inplace_cpu(at::Tensor& x) {
   check_relu_mask_input(x, "x");
   check_relu_mask_dense(x, "x");
-  at::Tensor mask = empty_mask(x);
+  at::Tensor mask = empty_relu_mask(x);
   relu_mask_forward_cpu_into(x, x, mask);
   return mask;
 }

@@ -27,6 +27,11 @@ namespace dropit {
 // Words of a mask over n elements.
 inline int64_t relu_mask_words(int64_t n) { return (n + 31) / 32; }
 
+// An uninitialised mask for x, on x's device; shared by every backend.
+inline at::Tensor empty_relu_mask(const at::Tensor& x) {
+  return at::empty({relu_mask_words(x.numel())}, x.options().dtype(at::kInt));
+}
+
 // The +inf pattern of a floating dtype, as the unsigned integer of its width.
 inline uint64_t float_inf_bits(at::ScalarType t) {
   switch (t) {

@@ -72,14 +72,45 @@ class Geometry:
         return "bitmap" if 4 * self.bitmap_words <= 2 * self.total_kept else "offsets"
 
 
-def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
-    """``x`` as a 1-D tensor in its memory order, and that order's memory format."""
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The layout ``x`` is read in: channels_last(_3d) where it is dense in that layout and not
+    contiguous, else contiguous (a non-dense tensor is copied to contiguous first)."""
     if not x.is_contiguous():
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return x.permute(0, 2, 3, 1).reshape(-1), torch.channels_last
+            return torch.channels_last
         if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-            return x.permute(0, 2, 3, 4, 1).reshape(-1), torch.channels_last_3d
-    return x.contiguous().view(-1), torch.contiguous_format
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
+    """``x`` as a 1-D tensor in its memory order, and that order's memory format."""
+    fmt = memory_format_of(x)
+    if fmt == torch.channels_last:
+        return x.permute(0, 2, 3, 1).reshape(-1), fmt
+    if fmt == torch.channels_last_3d:
+        return x.permute(0, 2, 3, 4, 1).reshape(-1), fmt
+    return x.contiguous().view(-1), fmt
+
+
+def from_memory_order(flat: torch.Tensor, shape, memory_format: torch.memory_format) -> torch.Tensor:
+    """The inverse of ``_memory_order``: 1-D ``flat`` viewed as ``shape`` in ``memory_format``."""
+    shape = tuple(shape)
+    if memory_format == torch.channels_last:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    if memory_format == torch.channels_last_3d:
+        n, c, d, h, w = shape
+        return flat.view(n, d, h, w, c).permute(0, 4, 1, 2, 3)
+    return flat.view(shape)
+
+
+def check_float_tensor(x, name: str = "x") -> None:
+    """Raises TypeError unless ``x`` is a tensor of a dtype the kernels take."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
 
 
 @dataclass(frozen=True)
@@ -171,10 +202,7 @@ def pack(
     ``|x|`` (NaN counts above inf; ties go to the lower index). With ``random_seed`` the elements
     are ranked by a hash of ``(random_seed, position)`` instead: the "random" strategy.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_float_tensor(x)
     gamma = check_gamma(gamma)
     chunk = check_chunk(chunk)
     if index not in INDEX_KINDS:
@@ -196,14 +224,7 @@ def unpack(p: Packed) -> torch.Tensor:
     flat = torch.ops.dropit_cuda.unpack(
         p.values, p.index, p.numel, p.gamma, p.chunk, p.index_kind == "bitmap"
     )
-    shape = tuple(p.shape)
-    if p.memory_format == torch.channels_last:
-        n, c, h, w = shape
-        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
-    if p.memory_format == torch.channels_last_3d:
-        n, c, d, h, w = shape
-        return flat.view(n, d, h, w, c).permute(0, 4, 1, 2, 3)
-    return flat.view(shape)
+    return from_memory_order(flat, p.shape, p.memory_format)
 
 
 @torch.library.register_fake("dropit_cuda::pack")

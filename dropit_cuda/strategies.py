@@ -146,17 +146,6 @@ def magnitude_keys(flat: torch.Tensor) -> torch.Tensor:
     return keys.to(torch.int32) if int_dtype == torch.int16 else keys
 
 
-def _from_memory_order(flat: torch.Tensor, shape, memory_format) -> torch.Tensor:
-    shape = tuple(shape)
-    if memory_format == torch.channels_last:
-        n, c, h, w = shape
-        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
-    if memory_format == torch.channels_last_3d:
-        n, c, d, h, w = shape
-        return flat.view(n, d, h, w, c).permute(0, 4, 1, 2, 3)
-    return flat.view(shape)
-
-
 def _bit_shifts(device) -> torch.Tensor:
     return torch.arange(8, dtype=torch.uint8, device=device)
 
@@ -200,7 +189,7 @@ def _unpack_min_k(tensors, meta: _FlatMeta) -> torch.Tensor:
     else:
         slot = (torch.cumsum(mask, 0) - 1).clamp_(min=0)
         flat = torch.where(mask, values[slot], values.new_zeros(()))
-    return _from_memory_order(flat, meta.shape, meta.memory_format)
+    return ops.from_memory_order(flat, meta.shape, meta.memory_format)
 
 
 # --- channel strategies -----------------------------------------------------------------------
@@ -213,14 +202,6 @@ class _ChannelMeta:
     memory_format: torch.memory_format
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _pack_channels(x: torch.Tensor, gamma: float, channel_dim: int, pick: Callable[[torch.Tensor, int, int], torch.Tensor]):
     x = x.detach()
     dim = channel_dim % x.dim() if x.dim() > 0 else 0
@@ -228,7 +209,7 @@ def _pack_channels(x: torch.Tensor, gamma: float, channel_dim: int, pick: Callab
     keep = keep_count(channels, gamma)
     idx = pick(x, dim, keep)  # int64, sorted ascending, on x.device
     kept = x.index_select(dim, idx)
-    return (kept, idx.to(torch.int32)), _ChannelMeta(x.shape, dim, _layout(x))
+    return (kept, idx.to(torch.int32)), _ChannelMeta(x.shape, dim, ops.memory_format_of(x))
 
 
 def _pick_min_k_channels(x, dim, keep):
@@ -304,10 +285,7 @@ def compress(
     Returns:
         a :class:`Cached`; ``.unpack()`` gives the dense copy with the dropped elements zero.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _KEY_VIEW:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    ops.check_float_tensor(x)
     strategy = check_strategy(strategy)
     gamma = check_gamma(gamma)
     chunk = check_chunk(chunk)

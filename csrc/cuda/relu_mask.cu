@@ -44,15 +44,11 @@ void forward_into(const at::Tensor& x, const at::Tensor& y, const at::Tensor& ma
   });
 }
 
-at::Tensor empty_mask(const at::Tensor& x) {
-  return at::empty({relu_mask_words(x.numel())}, x.options().dtype(at::kInt));
-}
-
 std::tuple<at::Tensor, at::Tensor> relu_mask_forward_cuda(const at::Tensor& x) {
   check_relu_mask_input(x, "x");
   const at::Tensor src = dense_layout(x);
   at::Tensor y = at::empty_like(src);  // src's strides: the same storage order
-  at::Tensor mask = empty_mask(src);
+  at::Tensor mask = empty_relu_mask(src);
   forward_into(src, y, mask);
   return {y, mask};
 }
@@ -60,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> relu_mask_forward_cuda(const at::Tensor& x) {
 at::Tensor relu_mask_forward_inplace_cuda(at::Tensor& x) {
   check_relu_mask_input(x, "x");
   check_relu_mask_dense(x, "x");
-  at::Tensor mask = empty_mask(x);
+  at::Tensor mask = empty_relu_mask(x);
   forward_into(x, x, mask);
   return mask;
 }

@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, bool inplace, in
               "x must be a 1-D contiguous floating CPU tensor");
   const int64_t n = x.numel();
   at::Tensor y = inplace ? x.clone() : at::empty_like(x);
-  at::Tensor mask = at::empty({dropit::relu_mask_words(n)}, x.options().dtype(at::kInt));
+  at::Tensor mask = dropit::empty_relu_mask(x);
   // Poison the outputs: every byte must be written by the kernel.
   if (!inplace && n > 0) y.view(at::kByte).fill_(0xCD);
   if (mask.numel() > 0) mask.view(at::kByte).fill_(0xCD);
