@@ -31,7 +31,7 @@ from .runner import Check, DemoConfig, Metric, Task, cosine_schedule
 VOCAB = 256  # bytes
 TRAIN_BYTES = 2 * 2**20
 VAL_BYTES = 256 * 2**10
-EVAL_WINDOWS = 128
+EVAL_WINDOWS = 64
 AMP_MODES = ("none", "bf16")
 
 
