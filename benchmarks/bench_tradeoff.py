@@ -19,8 +19,9 @@ Figures per variant:
   out; the inputs that checkpointing keeps are saved through the same mechanism and counted). The
   transient memory of a checkpointed block's recomputation in backward is not in this figure;
 - step time: wall clock of forward + backward + SGD step, the median over ``--repeats`` steps
-  after ``--warmup``; the variants take turns step by step, so a change in the machine's load
-  falls on all of them alike; every variant runs with the same ``--threads``.
+  after ``--warmup``; every variant runs with the same ``--threads``. The variants take turns step
+  by step, and the time relative to the baseline is the median over turns of the step's time over
+  the baseline's step of the same turn, so a change in the machine's load falls on both.
 
 It prints a table, writes JSON (``--json``) and plots bytes against time with the Pareto front
 (``--plot``): the variants that no other variant beats on both.
@@ -183,13 +184,13 @@ def step_times(models: list[nn.Module], work: Workload, warmup: int, repeats: in
 
 
 def pareto(rows: list[dict[str, Any]]) -> None:
-    """Marks ``row["pareto"]``: no other row of the same model is at least as fast and as small,
-    and better on one of the two."""
+    """Marks ``row["pareto"]``: no other row of the same model is at least as fast (relative to
+    the baseline) and as small, and better on one of the two."""
     for r in rows:
         r["pareto"] = not any(
             o is not r and o["model"] == r["model"]
-            and o["step_ms"] <= r["step_ms"] and o["saved_bytes"] <= r["saved_bytes"]
-            and (o["step_ms"] < r["step_ms"] or o["saved_bytes"] < r["saved_bytes"])
+            and o["time_vs_baseline"] <= r["time_vs_baseline"] and o["saved_bytes"] <= r["saved_bytes"]
+            and (o["time_vs_baseline"] < r["time_vs_baseline"] or o["saved_bytes"] < r["saved_bytes"])
             for o in rows
         )
 
@@ -199,13 +200,12 @@ def measure(work: Workload, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = [{"model": work.name, "variant": label, "batch": int(work.inputs.shape[0]),
              "saved_bytes": saved_bytes(model, work.inputs)} for label, model in todo]
     times = step_times([m for _, m in todo], work, args.warmup, args.repeats)
-    base = rows[0]
     for row, samples in zip(rows, times):
         row["step_ms"] = 1000.0 * statistics.median(samples)
         row["step_ms_samples"] = [1000.0 * s for s in samples]
-    for row in rows:
-        row["saved_vs_baseline"] = row["saved_bytes"] / base["saved_bytes"]
-        row["time_vs_baseline"] = row["step_ms"] / base["step_ms"]
+        row["saved_vs_baseline"] = row["saved_bytes"] / rows[0]["saved_bytes"]
+        # against the baseline's step of the same turn: a change of load between turns cancels
+        row["time_vs_baseline"] = statistics.median(t / b for t, b in zip(samples, times[0]))
     return rows
 
 
@@ -213,7 +213,7 @@ def measure(work: Workload, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    head = ["model", "variant", "batch", "saved MiB", "vs baseline", "step ms", "vs baseline", "Pareto"]
+    head = ["model", "variant", "batch", "saved MiB", "vs baseline", "step ms", "time vs baseline", "Pareto"]
     body = [[r["model"], r["variant"], str(r["batch"]), f"{r['saved_bytes'] / MIB:.1f}",
              f"{100 * (r['saved_vs_baseline'] - 1):+.1f}%", f"{r['step_ms']:.1f}",
              f"{100 * (r['time_vs_baseline'] - 1):+.1f}%", "yes" if r["pareto"] else ""] for r in rows]

@@ -187,8 +187,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dropit_cud
         if cfg.check:
             c = results["check"]
             verdict = "PASS" if c["passed"] else "FAIL"
-            print(f"check {verdict} ({task.name}): {c['metric']} baseline {c['baseline']:.4g} vs {c['run']} "
-                  f"{c['dropit']:.4g} over {c['seeds']} seeds: DropIT worse by {c['gap']:+.2f} {c['unit']} "
-                  f"(tolerance {c['tolerance']:g} {c['unit']})")
+            d = task.metrics[0].decimals
+            print(f"check {verdict} ({task.name}): {c['metric']} baseline {c['baseline']:.{d}f} vs {c['run']} "
+                  f"{c['dropit']:.{d}f} over {c['seeds']} seeds: gap {c['gap']:+.2f} {c['unit']} "
+                  f"(positive: DropIT worse; tolerance {c['tolerance']:g} {c['unit']})")
             status = status or (0 if c["passed"] else 1)
     return status
