@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .ops import check_chunk, check_gamma
+from .ops import check_chunk, check_gamma, dense_input
 from .strategies import _PACK, _UNPACK, check_strategy
 
 __all__ = ["conv1d", "conv2d", "conv3d", "linear", "conv"]
@@ -64,6 +64,7 @@ def _needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
 def _save(ctx, x: torch.Tensor, weight: torch.Tensor, gamma: float, strategy: str, chunk: int, channel_dim: int):
     ctx.strategy = strategy
     if ctx.needs_input_grad[1]:
+        x = dense_input(x)
         tensors, meta = _PACK[strategy](x, gamma, chunk, channel_dim)
         ctx.cache_meta = meta
         ctx.num_cached = len(tensors)
@@ -237,7 +238,7 @@ def conv(
     dilation = _tuple(dilation, nd, "dilation")
     unbatched = input.dim() == nd + 1
     if input.dim() not in (nd + 1, nd + 2):
-        raise ValueError(
+        raise RuntimeError(  # the type F.conv*d raises
             f"input must be {nd + 1}-D (unbatched) or {nd + 2}-D (batched) for a {nd}-D convolution, "
             f"got {input.dim()}-D"
         )

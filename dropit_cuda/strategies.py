@@ -291,7 +291,7 @@ def compress(
     chunk = check_chunk(chunk)
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
         raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
-    if strategy in _CHANNEL_STRATEGIES and not -max(x.dim(), 1) <= channel_dim < max(x.dim(), 1):
+    if strategy in _CHANNEL_STRATEGIES and not -x.dim() <= channel_dim < x.dim():
         raise ValueError(f"channel_dim {channel_dim} is out of range for a {x.dim()}-D tensor")
     tensors, meta = _PACK[strategy](x, gamma, chunk, channel_dim)
     return Cached(strategy, tuple(tensors), meta)
