@@ -216,9 +216,9 @@ class Packed:
             self._check_index_contents()
 
     def _check_metadata(self) -> None:
-        for name in ("values", "index"):
-            if not isinstance(getattr(self, name), torch.Tensor):
-                raise TypeError(f"Packed.{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
+        for name, t in (("values", self.values), ("index", self.index)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"Packed.{name} must be a torch.Tensor, got {type(t).__name__}")
         check_gamma(self.gamma, "Packed.gamma")
         check_chunk(self.chunk, "Packed.chunk")
         if not isinstance(self.index_kind, str):
@@ -263,8 +263,7 @@ class Packed:
             raise ValueError(
                 f"Packed.index ({self.index_kind}) has shape {tuple(self.index.shape)}, expected ({want[1]},)"
             )
-        for name in ("values", "index"):
-            t = getattr(self, name)
+        for name, t in (("values", self.values), ("index", self.index)):
             if t.layout != torch.strided or not t.is_contiguous():
                 raise ValueError(f"Packed.{name} must be a contiguous strided tensor")
             if t.device != self.device:
@@ -279,12 +278,12 @@ class Packed:
         last = g.num_chunks - 1
         if self.index_kind == "offsets":
             offs = self.index.to(torch.int64)
-            chunk_of = torch.arange(offs.numel(), device=dev) // g.keep  # every chunk but the last holds K
+            pos = torch.arange(offs.numel(), device=dev)
+            chunk_of = pos // g.keep  # every chunk but the last holds K entries
             length = torch.where(chunk_of == last, g.last_len, g.chunk)
-            first = torch.arange(offs.numel(), device=dev) % g.keep == 0
             prev = torch.cat([offs.new_full((1,), -1), offs[:-1]])
             past = offs >= length
-            bad = past | (~first & (offs <= prev))
+            bad = past | ((pos % g.keep != 0) & (offs <= prev))
             if not bool(bad.any()):  # the host sync
                 return
             i = int(bad.int().argmax())

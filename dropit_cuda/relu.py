@@ -155,9 +155,11 @@ def masked_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``torch.relu(x)`` (in place with ``inplace``, like ``F.relu``) whose backward caches a
     1-bit mask instead of the output.
 
-    Gradients equal ``nn.ReLU``'s bit for bit. Where no gradient is needed (``torch.no_grad()``,
-    inputs that don't require grad) and for dtypes other than float16/bfloat16/float32/float64,
-    it is ``torch.relu`` itself. Under ``torch.autocast`` it runs in the input's dtype, as
+    Gradients equal ``nn.ReLU``'s bit for bit. In place on a leaf that requires grad, or on a
+    view torch won't modify in place, it raises a RuntimeError as ``nn.ReLU`` does, before
+    writing anything. Where no gradient is needed (``torch.no_grad()``, inputs that don't
+    require grad) and for dtypes other than float16/bfloat16/float32/float64, it is
+    ``torch.relu`` itself. Under ``torch.autocast`` it runs in the input's dtype, as
     ``nn.ReLU`` does.
     """
     if not isinstance(x, torch.Tensor):

@@ -274,6 +274,24 @@ def test_offsets_out_of_order_are_rejected(how):
         q.validate(full=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("index", ["bitmap", "offsets"])
+def test_validate_full_on_cuda_tensors(index):
+    """validate(full=True) is torch ops only: it needs a GPU, not the CUDA kernels."""
+    p = dc.pack(randn(1000, torch.float32, seed=5), 0.9, 100, index)
+    on_gpu = lambda q: dataclass_replace(q, values=q.values.cuda(), index=q.index.cuda(), device=torch.device("cuda", 0))
+    on_gpu(p).validate(full=True)
+    if index == "offsets":
+        bad = _offsets_with(p, OFFSET_TAMPERINGS["swapped"])
+    else:
+        words = p.index.clone()
+        words[4] ^= 1 << 3
+        bad = p.with_tensors(p.values, words)
+    on_gpu(bad).validate()  # the metadata is fine
+    with pytest.raises(ValueError, match="is corrupt in chunk 1"):
+        on_gpu(bad).validate(full=True)
+
+
 def test_validate_full_checks_bitmap_contents():
     p = dc.pack(randn(990, torch.float32, seed=3), 0.9, 100, "bitmap")
     p.validate(full=True)

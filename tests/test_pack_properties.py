@@ -22,7 +22,7 @@ from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 
 import dropit_cuda as dc
-from reference import UINT, bit_patterns, reference_pack, reference_unpack
+from reference import UINT, bit_patterns, memory_format, reference_pack, reference_unpack
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -115,17 +115,6 @@ chunks = st.one_of(st.integers(1, 100), st.sampled_from([127, 128, 129, 1000, 65
 gammas = st.one_of(st.just(0.0), st.floats(0.0, 1.0, exclude_max=True), st.sampled_from([0.5, 0.9, 0.99]))
 
 
-def expected_format(x: torch.Tensor) -> torch.memory_format:
-    """The layout the README says unpack returns: channels_last(_3d) where x is dense in it and
-    not contiguous, else contiguous."""
-    if not x.is_contiguous():
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-            return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 # --- pack/unpack against the reference -----------------------------------------------------------
 
 
@@ -137,14 +126,14 @@ def test_pack_unpack_match_reference(x, gamma, chunk, seeded):
         p = dc.pack(x, gamma, chunk, index, random_seed=seed)
         if index == "auto":  # the smaller encoding (the bitmap on a tie)
             assert p.index_kind == ("bitmap" if ref_bitmap.nbytes <= ref_offsets.nbytes else "offsets")
-        assert p.shape == x.shape and p.dtype == x.dtype and p.memory_format == expected_format(x)
+        assert p.shape == x.shape and p.dtype == x.dtype and p.memory_format == memory_format(x)
         np.testing.assert_array_equal(bit_patterns(p.values), ref_values)
         want = ref_bitmap if p.index_kind == "bitmap" else ref_offsets
         np.testing.assert_array_equal(p.index.numpy(), want)
         p.validate(full=True)
         y = dc.unpack(p)
         assert y.shape == x.shape and y.dtype == x.dtype
-        assert y.is_contiguous(memory_format=expected_format(x))
+        assert y.is_contiguous(memory_format=memory_format(x))
         if seed is None:
             np.testing.assert_array_equal(bit_patterns(y), reference_unpack(x, gamma, chunk))
         if gamma == 0.0:  # γ = 0 gives the input back bit for bit
