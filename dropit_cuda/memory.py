@@ -157,10 +157,10 @@ class MemoryReport:
             return f"{100.0 * b / total:5.1f}%" if total else "   - "
 
         lines = [
-            f"saved for backward: {_fmt(total)} in {self.num_storages} storages"
-            f" (weight copies {_fmt(self.weight_copy_bytes)}, model inputs {_fmt(self.input_bytes)})",
-            f"held by conv/linear layers alone: {_fmt(self.layer_freeable_bytes)} ({pct(self.layer_freeable_bytes).strip()})"
-            + (f"; by DropIT layers: {_fmt(self.dropit_bytes)} ({pct(self.dropit_bytes).strip()})"
+            f"saved for backward: {format_bytes(total)} in {self.num_storages} storages"
+            f" (weight copies {format_bytes(self.weight_copy_bytes)}, model inputs {format_bytes(self.input_bytes)})",
+            f"held by conv/linear layers alone: {format_bytes(self.layer_freeable_bytes)} ({pct(self.layer_freeable_bytes).strip()})"
+            + (f"; by DropIT layers: {format_bytes(self.dropit_bytes)} ({pct(self.dropit_bytes).strip()})"
                if any(m.is_dropit for m in self.modules) else ""),
             "",
         ]
@@ -168,8 +168,8 @@ class MemoryReport:
         lines += [head, "-" * len(head)]
         for t in sorted(self.by_type.values(), key=lambda t: (-t.saved_bytes, t.type)):
             lines.append(
-                f"{t.type[:28]:<28} {t.modules:>5} {_fmt(t.saved_bytes):>11} {pct(t.saved_bytes)}"
-                f" {_fmt(t.exclusive_bytes):>11} {pct(t.exclusive_bytes)}"
+                f"{t.type[:28]:<28} {t.modules:>5} {format_bytes(t.saved_bytes):>11} {pct(t.saved_bytes)}"
+                f" {format_bytes(t.exclusive_bytes):>11} {pct(t.exclusive_bytes)}"
             )
         if top > 0:
             order = {id(m): i for i, m in enumerate(self.modules)}
@@ -179,10 +179,10 @@ class MemoryReport:
             head = f"{'module':<48} {'type':<20} {'saved':>11} {'alone':>11} {'freeable':>11}"
             lines += [head, "-" * len(head)]
             for m in mods:
-                free = _fmt(m.freeable_bytes) if m.is_layer else "-"
+                free = format_bytes(m.freeable_bytes) if m.is_layer else "-"
                 lines.append(
-                    f"{_clip(m.name, 48):<48} {m.type[:20]:<20} {_fmt(m.saved_bytes):>11}"
-                    f" {_fmt(m.exclusive_bytes):>11} {free:>11}"
+                    f"{_clip(m.name, 48):<48} {m.type[:20]:<20} {format_bytes(m.saved_bytes):>11}"
+                    f" {format_bytes(m.exclusive_bytes):>11} {free:>11}"
                 )
         return "\n".join(lines)
 
@@ -190,7 +190,8 @@ class MemoryReport:
         return self.table()
 
 
-def _fmt(nbytes: int) -> str:
+def format_bytes(nbytes: int) -> str:
+    """``nbytes`` in B/KiB/MiB/GiB."""
     if nbytes < 1024:
         return f"{nbytes} B"
     if nbytes < 1024**2:
