@@ -63,6 +63,10 @@ def _record(layer: Any, op: str, x: torch.Tensor, cached: Optional[strategies.Ca
         layer.record(op, x.nbytes, 0 if cached is None else cached.nbytes)
 
 
+def _needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _cast_dtype(*tensors: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     """The dtype autocast casts a linear/conv op's operands to here, or None when it is off."""
     first = next(t for t in tensors if t is not None)
@@ -203,7 +207,7 @@ def linear_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     cast = _cast_dtype(x, weight, bias)
     x, bias = _cast(x, cast), _cast(bias, cast)
     w_cast = cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None
-    if not (torch.is_grad_enabled() and weight.requires_grad):
+    if not _needs_autograd(x, weight, bias):
         return F.linear(x, weight, bias)
     return _DropITLinear.apply(x, weight, bias, settings, w_cast, layer, op)
 
@@ -338,7 +342,7 @@ def conv_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     cast = _cast_dtype(x, weight, bias)
     x, bias = _cast(x, cast), _cast(bias, cast)
     w_cast = cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None
-    if torch.is_grad_enabled() and weight.requires_grad:
+    if _needs_autograd(x, weight, bias):
         op = op or f"conv{'_transpose' if transposed else ''}{nd}d"
         out = _DropITConv.apply(x, weight, bias, params, settings, w_cast, layer, op)
     else:

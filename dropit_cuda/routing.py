@@ -300,15 +300,16 @@ class Conversion:
 
     def lookup(self, w: Any) -> Optional[Layer]:
         """The layer whose weight ``w`` is (or is a view of) if DropIT applies to this product,
-        else None; decides ``skip_first`` on the first product against a trainable weight."""
+        else None; decides ``skip_first`` on the first product against a trainable weight. A
+        frozen weight is routed too: its product then caches nothing of the input."""
         if not isinstance(w, torch.Tensor):
             return None
         layer = self._find(w)
         if layer is None and w._base is not None:
             layer = self._find(w._base)
-        if layer is None or not w.requires_grad:
+        if layer is None:
             return None
-        if self.first_pending:
+        if self.first_pending and w.requires_grad:
             self.first_pending = False
             self.first = layer.name
             if layer.settings is not None:
