@@ -57,13 +57,20 @@ _PASS_THROUGH_NODES = {
 }
 
 
+def _dropit_layers(module: nn.Module) -> dict:
+    """The covered weights ``module`` owns in a conversion (see :mod:`dropit_cuda.routing`)."""
+    return module.__dict__.get("_dropit_layers", {})
+
+
 def is_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a conv or linear layer (plain or DropIT: DropIT layers subclass them)."""
-    return isinstance(module, _LAYER_TYPES)
+    """Whether ``module`` is a conv or linear layer, or owns a weight a DropIT conversion covers
+    (Hugging Face's ``Conv1D``, attention projections)."""
+    return isinstance(module, _LAYER_TYPES) or bool(_dropit_layers(module))
 
 
 def _is_dropit(module: nn.Module) -> bool:
-    return is_layer(module) and type(module).__module__.startswith("dropit_cuda")
+    """Whether a conversion caches the inputs of ``module``'s weights through DropIT."""
+    return any(layer.settings is not None for layer in _dropit_layers(module).values())
 
 
 @dataclass
@@ -321,6 +328,9 @@ def measure(model: nn.Module, *example_inputs: Any, top: int = 10, **kwargs: Any
         names.append(name or ROOT_NAME)
         mods.append(mod)
     calls = [0] * len(mods)
+    # the classes as the forward pass met them (a conversion may turn a MaskedReLU back into a
+    # ReLU once its first training forward is over)
+    types = [type(m).__name__ for m in mods]
 
     own_keys = set()
     params: set[int] = set()
@@ -408,12 +418,12 @@ def measure(model: nn.Module, *example_inputs: Any, top: int = 10, **kwargs: Any
                 records.append(_Record(lambda t=t: t, key, nbytes, owner, _param_copy_of(t, params)))
 
     live = [r for r in records if r.ref() is not None]
-    report = _build_report(live, names, mods, calls, input_keys, top)
+    report = _build_report(live, names, mods, types, calls, input_keys, top)
     del output
     return report
 
 
-def _build_report(live: list[_Record], names: list[str], mods: list[nn.Module], calls: list[int],
+def _build_report(live: list[_Record], names: list[str], mods: list[nn.Module], types: list[str], calls: list[int],
                   input_keys: set, top: int) -> MemoryReport:
     size: dict[tuple, int] = {}
     holders: dict[tuple, set[int]] = defaultdict(set)
@@ -433,7 +443,7 @@ def _build_report(live: list[_Record], names: list[str], mods: list[nn.Module], 
         alone = [k for k in keys if len(holders[k]) == 1]
         rows.append(ModuleMemory(
             name=names[i],
-            type=type(mods[i]).__name__,
+            type=types[i],
             is_layer=is_layer(mods[i]),
             is_dropit=_is_dropit(mods[i]),
             calls=calls[i],

@@ -53,20 +53,21 @@ class DropITLayer:
         layer = layers.get(self._weight_attrs()[0])
         return None if layer is None else layer.settings
 
-    @property
-    def gamma(self) -> Optional[float]:
+    def _setting(self, name: str):
         s = self.dropit_settings
-        return None if s is None else s.gamma
+        return None if s is None else getattr(s, name)
 
-    @property
-    def strategy(self) -> Optional[str]:
-        s = self.dropit_settings
-        return None if s is None else s.strategy
+    def _set_setting(self, name: str, value) -> None:
+        current = self.dropit_settings or Settings()
+        values = {"gamma": current.gamma, "strategy": current.strategy, "chunk": current.chunk, name: value}
+        self.set_dropit(**values)
 
-    @property
-    def chunk(self) -> Optional[int]:
-        s = self.dropit_settings
-        return None if s is None else s.chunk
+    gamma = property(lambda self: self._setting("gamma"), lambda self, v: self._set_setting("gamma", v),
+                     doc="The dropping rate (None while a model's conversion keeps this layer dense).")
+    strategy = property(lambda self: self._setting("strategy"), lambda self, v: self._set_setting("strategy", v),
+                        doc="The strategy (None while a model's conversion keeps this layer dense).")
+    chunk = property(lambda self: self._setting("chunk"), lambda self, v: self._set_setting("chunk", v),
+                     doc="The chunk size (None while a model's conversion keeps this layer dense).")
 
     def set_dropit(self, gamma: float = DEFAULT_GAMMA, strategy: str = DEFAULT_STRATEGY,
                    chunk: int = DEFAULT_CHUNK) -> None:

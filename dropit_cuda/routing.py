@@ -383,39 +383,34 @@ class Conversion:
 
 
 class _ReluProbe:
-    """On the first training forward: which MaskedReLU outputs some other op saves anyway.
+    """On the first training forward: which MaskedReLU outputs something keeps alive anyway.
 
     Masking a ReLU frees its output only if nothing else keeps that output for backward; where
     something does (a max-pool, a batch norm, a layer left dense), the mask costs one bit per
-    element more and frees nothing. The probe watches every tensor saved during the forward
-    (``saved_tensors_hooks``) and each MaskedReLU's outputs (held until the forward ends, so that
-    their memory cannot be reused and mistaken for another tensor), then turns back into
-    ``nn.ReLU`` each MaskedReLU whose masks would cost more than the outputs it frees.
+    element more and frees nothing. The probe holds a weak reference to the storage of each
+    MaskedReLU output; when the forward has returned, a storage still alive is kept by the
+    autograd graph (or the model's output), one that expired was freed thanks to the mask. Each
+    MaskedReLU whose masks cost more than the outputs they freed turns back into ``nn.ReLU``.
+    (Weak references change nothing the forward saves, unlike a ``saved_tensors_hooks`` probe,
+    which would hide the saves from the caller's own hooks.)
     """
 
     def __init__(self, relus: list[tuple[str, nn.Module]]) -> None:
         self.relus = relus
-        self.saved: set[int] = set()
-        self.outputs: dict[int, list[torch.Tensor]] = {id(m): [] for _, m in relus}
+        self.outputs: dict[int, list[tuple[int, int, int]]] = {id(m): [] for _, m in relus}
         self.handles: list[Any] = []
-        self.hooks: Optional[Any] = None
 
     def start(self) -> None:
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            self.saved.add(_storage_ptr(t))
-            return t
-
         for _, m in self.relus:
             self.handles.append(m.register_forward_hook(self._watch))
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self.hooks.__enter__()
 
     def _watch(self, module: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(output, torch.Tensor):
-            self.outputs[id(module)].append(output)
+            storage = output.untyped_storage()
+            mask_bytes = (output.numel() + 31) // 32 * 4
+            self.outputs[id(module)].append((storage._weak_ref(), storage.nbytes(), mask_bytes))
 
     def finish(self) -> dict[str, str]:
-        self.hooks.__exit__(None, None, None)
         for h in self.handles:
             h.remove()
         decisions = {}
@@ -424,22 +419,16 @@ class _ReluProbe:
             if not outs:
                 decisions[name] = "masked (not called in the first training forward)"
                 continue
-            mask_bytes = sum((o.numel() + 31) // 32 * 4 for o in outs)
-            freed = sum(o.untyped_storage().nbytes() for o in outs if _storage_ptr(o) not in self.saved)
-            if mask_bytes >= freed:
+            freed = sum(nbytes for ref, nbytes, _ in outs if torch.UntypedStorage._expired(ref))
+            if sum(mask for _, _, mask in outs) >= freed:
                 m.to_plain()
-                decisions[name] = "plain (its output is kept for backward by another op anyway)"
+                decisions[name] = "plain (its output is kept alive by another op anyway)"
             else:
                 decisions[name] = "masked"
+            for ref, _, _ in outs:
+                torch.UntypedStorage._free_weak_ref(ref)
         self.outputs.clear()
         return decisions
-
-
-def _storage_ptr(t: torch.Tensor) -> int:
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return 0
 
 
 # --- attaching and detaching a conversion -------------------------------------------------------

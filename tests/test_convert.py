@@ -305,7 +305,7 @@ def test_relu_mask_only_where_it_frees_memory():
     dc.convert(m, gamma=0.9)
     m(x)
     assert type(m[1]) is nn.ReLU and type(m[4]) is dc.MaskedReLU
-    assert dc.report(m).relus == {"1": "plain (its output is kept for backward by another op anyway)",
+    assert dc.report(m).relus == {"1": "plain (its output is kept alive by another op anyway)",
                                   "4": "masked"}
     assert saved_bytes(lambda: m(x), m) < saved_bytes(lambda: plain(x), plain)
     # decided from example inputs at convert time as well
