@@ -342,3 +342,37 @@ def test_channels_last_model_gamma0():
     loss_m, grads_m = grads_after_step(m, x)
     loss_p, grads_p = grads_after_step(plain, x)
     assert torch.equal(loss_m, loss_p) and all(torch.equal(grads_m[k], grads_p[k]) for k in grads_p)
+
+
+class _Blocks(nn.Module):
+    def __init__(self, checkpointed=()):
+        super().__init__()
+        torch.manual_seed(6)
+        self.stem = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)) for _ in range(3))
+        self.checkpointed = set(checkpointed)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            if i in self.checkpointed:
+                x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = x + block(x)
+        return x
+
+
+@pytest.mark.parametrize("strategy", ["parallel_min_k", "random"])
+def test_checkpointed_blocks_give_the_same_gradients(strategy):
+    x = lambda: torch.randn(4, 8, generator=torch.Generator().manual_seed(7))  # noqa: E731
+    grads = []
+    for checkpointed in ((), (0, 2), (0, 1, 2)):
+        m = dc.convert(_Blocks(checkpointed), gamma=0.9, strategy=strategy)
+        torch.manual_seed(8)  # the random strategy's draws
+        grads.append(grads_after_step(m, x())[1])
+        # the recomputation during backward is not counted as another forward
+        assert all(r.calls == 1 for r in dc.report(m).layers if r.gamma is not None)
+    for g in grads[1:]:
+        assert g.keys() == grads[0].keys() and all(torch.equal(g[k], grads[0][k]) for k in g)
+    changed = weights_changed_by_dropit(lambda: _Blocks((0, 1, 2)), lambda m: dc.convert(m, gamma=0.9), x)
+    assert changed == {f"blocks.{i}.{j}.weight" for i in range(3) for j in (0, 2)}
