@@ -80,3 +80,16 @@ def saved_bytes(fn, model):
         if st.data_ptr() not in own:
             sizes[st.data_ptr()] = st.nbytes()
     return sum(sizes.values())
+
+
+def grad_fn_names(out):
+    """Class names of every autograd node behind ``out``."""
+    names, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dropit_cuda as dc
-from cases import grads_after_step, saved_bytes, weights_changed_by_dropit
+from cases import grad_fn_names, grads_after_step, saved_bytes, weights_changed_by_dropit
 
 torchvision = pytest.importorskip("torchvision")  # a test dependency (requirements-test.txt)
 
@@ -216,21 +216,9 @@ def test_eval_and_no_grad_are_untouched():
         assert torch.equal(m(_x()), plain(_x()))
     x = _x().requires_grad_()
     out = m(x)
-    assert "DropIT" not in str(_node_names(out))
+    assert "DropIT" not in str(grad_fn_names(out))
     m.train()
-    assert "DropIT" in str(_node_names(m(x)))
-
-
-def _node_names(out):
-    names, stack, seen = [], [out.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
+    assert "DropIT" in str(grad_fn_names(m(x)))
 
 
 def test_nothing_to_convert_warns():
