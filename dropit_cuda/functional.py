@@ -190,6 +190,8 @@ class _DropITLinear(torch.autograd.Function):
             grad_x = grad_x.view(plan.x_shape) if len(plan.x_shape) != 2 else grad_x
         if ctx.needs_input_grad[1]:
             mat1 = x_hat if x_hat.dim() == 2 else x_hat.reshape(plan.mat1_sizes)
+            if _column_major(plan.mat1_sizes, plan.mat1_strides):  # as ATen's product read x
+                mat1 = mat1.t().contiguous().t()
             w_t_sizes, w_t_strides = plan.w_sizes[::-1], plan.w_strides[::-1]
             if _column_major(w_t_sizes, w_t_strides):
                 grad_w = g2.t().mm(mat1)
