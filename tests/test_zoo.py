@@ -4,8 +4,9 @@ every trainable weight the forward pass multiplies, wherever the product is call
 The signal is independent of the package: ``weight_products.product_calls`` watches the linear/
 conv products a plain forward pass makes. DropIT changes only the weight gradients of the products
 it covers, so at gamma = 0.9 each of those gradients differs from the plain model's, except the
-first layer's (``skip_first``), and every other gradient (biases, norms, embeddings, inputs of
-the first layer...) and the forward output are equal bit for bit.
+first layer's (``skip_first``), and every other gradient (the first layer's weight, biases,
+norms, embeddings, position tables...) and the forward output are equal bit for bit. All-zero
+parameters get small random values first (see ``randomize_zero_parameters``).
 """
 
 from __future__ import annotations
