@@ -1,5 +1,6 @@
-"""Which parameters a model multiplies as the weight of a linear/conv product, found by watching
-the calls a forward pass makes, independently of dropit_cuda.
+"""Scaffolding of the zoo tests. Mainly: which parameters a model multiplies as the weight of a
+linear/conv product, found by watching the calls a plain forward pass makes (a TorchFunctionMode),
+independently of dropit_cuda; also the seeded training step the tests compare.
 
 DropIT leaves the forward output, input gradients and bias gradients exact and changes only the
 weight gradients of the products it covers. So, at gamma > 0, the gradient of every parameter
