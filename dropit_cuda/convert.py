@@ -278,8 +278,11 @@ class Report:
 
     layers: list[LayerReport]
     relus: dict[str, str]
+    #: eager training forwards seen (compiled ones record nothing)
     forwards: int
-    recorded: bool
+    #: whether the last training forward ran compiled (then calls and bytes are those of the
+    #: last eager one, if any)
+    compiled: bool
     first: Optional[str]
 
     @property
@@ -292,16 +295,16 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [asdict(r) for r in self.layers], "relus": dict(self.relus), "forwards": self.forwards,
-                "recorded": self.recorded, "first": self.first,
+                "compiled": self.compiled, "first": self.first,
                 "dense_bytes": self.dense_bytes, "cached_bytes": self.cached_bytes}
 
     def __str__(self) -> str:
         from .memory import format_bytes
 
-        if not self.forwards:
+        if self.compiled:
+            state = "the last training forward ran compiled: calls and bytes are not recorded there"
+        elif not self.forwards:
             state = "no training forward yet"
-        elif not self.recorded:
-            state = "the last training forward was compiled: calls and bytes are not recorded"
         else:
             state = "calls and bytes of the last training forward"
         rows = [("layer", "op", "settings", "calls", "dense", "cached")]
@@ -342,4 +345,4 @@ def report(model: nn.Module) -> Report:
                                 layer.dense_reason, layer.calls, layer.dense_bytes, layer.cached_bytes))
     relus = {name: conversion.relu_decisions.get(name, "masked (undecided: no eager training forward yet)")
              for name, _ in conversion.relus}
-    return Report(rows, relus, conversion.forwards, conversion.recorded, conversion.first)
+    return Report(rows, relus, conversion.forwards, conversion.compiled, conversion.first)
