@@ -21,6 +21,7 @@ from .modules import (
     DropITMultiheadAttention,
 )
 from .convert import convert, report, revert
+from .fidelity import FidelityMonitor, Plan, fidelity, tune
 from .relu import MaskedReLU, masked_relu
 from . import memory
 
@@ -33,12 +34,15 @@ __all__ = [
     "DropITConvTranspose3d",
     "DropITLinear",
     "DropITMultiheadAttention",
+    "FidelityMonitor",
     "MaskedReLU",
     "Packed",
+    "Plan",
     "STRATEGIES",
     "Settings",
     "convert",
     "extension_info",
+    "fidelity",
     "functional",
     "masked_relu",
     "memory",
@@ -46,6 +50,7 @@ __all__ = [
     "report",
     "revert",
     "strategies",
+    "tune",
     "unpack",
 ]
 __version__ = "0.1.0"
