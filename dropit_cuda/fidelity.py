@@ -69,15 +69,19 @@ class _Watch:
 
 @contextlib.contextmanager
 def _recording(conversion: Conversion) -> Iterator[dict[str, _Watch]]:
-    """While active, every layer of ``conversion`` has a watch (``Layer.watch``)."""
+    """While active, every layer of ``conversion`` has a watch (``Layer.watch``). The ReLU masks
+    are not decided meanwhile: the dense inputs held for the exact gradients would make every
+    ReLU output look kept by another op."""
     watches = {}
     for layer in conversion.layers:
         layer.watch = watches[layer.name] = _Watch()
+    relu_pending, conversion.relu_pending = conversion.relu_pending, False
     try:
         yield watches
     finally:
         for layer in conversion.layers:
             layer.watch = None
+        conversion.relu_pending = relu_pending
 
 
 def _compare(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
@@ -190,7 +194,7 @@ class FidelityReport:
             if r.cosine is None:
                 why = f"dense ({r.dense_reason})" if r.gamma is None else (r.note or "-")
                 ax_cos.text(0.02, y, why, va="center", fontsize=8)
-        ax_cos.set_xlim(min(0.0, *cos), 1.0)
+        ax_cos.set_xlim(min([0.0, *cos]), 1.0)
         ax_cos.set_yticks(ys, names, fontsize=8)
         ax_cos.invert_yaxis()
         ax_cos.set_xlabel("weight-gradient cosine vs exact")
