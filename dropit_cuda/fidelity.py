@@ -472,10 +472,15 @@ class Plan(Mapping):
         rows = [("layer", "gamma", "cosine", "cached", "why")]
         for r in self.layers:
             rows.append((r.name or "(model)", "dense" if r.gamma is None else f"{r.gamma:g}",
-                         "-" if r.cosine is None else f"{r.cosine:.4f}", format_bytes(r.cached_bytes), r.reason))
+                         "-" if r.cosine is None else f"{r.cosine:.4f}",
+                         format_bytes(r.cached_bytes) if r.cosines else "-", r.reason))
         lines = [f"DropIT plan: per layer the largest γ whose weight-gradient cosine is >= {self.min_cosine:g}"]
         lines += _table(rows, "lrrrl")
         lines.append(f"plan: {format_bytes(self.cached_bytes)} cached of {format_bytes(self.dense_bytes)} dense")
+        best = self.best_uniform
+        if best is not None:
+            lines.append(f"best uniform γ that meets the floor: {best.gamma:g}, {format_bytes(best.cached_bytes)} "
+                         f"cached (the plan: {100 * self.cached_bytes / max(best.cached_bytes, 1):.0f}% of it)")
         for u in self.uniform:
             mark = "meets" if u.meets(self.min_cosine) else "misses"
             lines.append(f"uniform γ={u.gamma:g}: {format_bytes(u.cached_bytes)} cached, worst cosine "
