@@ -286,16 +286,29 @@ class LayerReport:
     dense_bytes: int
     cached_bytes: int
 
+    def settings_text(self) -> str:
+        """``g=0.9 parallel_min_k D=16384``, or ``dense (why)``."""
+        if self.gamma is None:
+            return f"dense ({self.dense_reason})"
+        return f"g={self.gamma:g} {self.strategy} D={self.chunk}"
 
-@dataclass
-class Report:
-    """What :func:`report` returns; ``str(report)`` is a table, ``to_dict()`` plain data."""
 
-    layers: list[LayerReport]
-    relus: dict[str, str]
-    forwards: int
-    recorded: bool
-    first: Optional[str]
+def text_table(rows: list[tuple[str, ...]], align: str) -> list[str]:
+    """The lines of a text table: a header row, a rule, the rows; ``align`` has one letter per
+    column (``l`` left, ``r`` right)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+class ByteTotals:
+    """``dense_bytes`` and ``cached_bytes`` summed over ``self.layers``."""
+
+    layers: Sequence[LayerReport]
 
     @property
     def dense_bytes(self) -> int:
@@ -304,6 +317,17 @@ class Report:
     @property
     def cached_bytes(self) -> int:
         return sum(r.cached_bytes for r in self.layers)
+
+
+@dataclass
+class Report(ByteTotals):
+    """What :func:`report` returns; ``str(report)`` is a table, ``to_dict()`` plain data."""
+
+    layers: list[LayerReport]
+    relus: dict[str, str]
+    forwards: int
+    recorded: bool
+    first: Optional[str]
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [asdict(r) for r in self.layers], "relus": dict(self.relus), "forwards": self.forwards,
@@ -321,15 +345,9 @@ class Report:
             state = "calls and bytes of the last training forward"
         rows = [("layer", "op", "settings", "calls", "dense", "cached")]
         for r in self.layers:
-            how = (f"g={r.gamma} {r.strategy} D={r.chunk}" if r.gamma is not None else f"dense ({r.dense_reason})")
-            rows.append((r.name or "(model)", r.op or "-", how, str(r.calls), format_bytes(r.dense_bytes),
-                         format_bytes(r.cached_bytes)))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [f"DropIT report: {state}"]
-        for k, row in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-            if k == 0:
-                lines.append("  ".join("-" * w for w in widths))
+            rows.append((r.name or "(model)", r.op or "-", r.settings_text(), str(r.calls),
+                         format_bytes(r.dense_bytes), format_bytes(r.cached_bytes)))
+        lines = [f"DropIT report: {state}", *text_table(rows, "lllrrr")]
         lines.append(f"total: {format_bytes(self.dense_bytes)} dense inputs cached as "
                      f"{format_bytes(self.cached_bytes)}")
         if self.relus:

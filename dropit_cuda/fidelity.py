@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import strategies
-from .convert import report, unobserved_forward
+from .convert import ByteTotals, LayerReport, report, text_table, unobserved_forward
 from .memory import format_bytes
 from .routing import Conversion, conversion_of, in_backward
 from .settings import check_gamma
@@ -110,29 +110,21 @@ def _compare(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float,
 
 
 @dataclass
-class LayerFidelity:
-    """One covered weight: its settings, its gradient's fidelity, and its bytes in the pass.
+class LayerFidelity(LayerReport):
+    """One covered weight: its settings and bytes in the pass (as in :func:`dropit_cuda.report`)
+    and its weight gradient's fidelity.
 
     ``cosine`` and ``rel_error`` are None for a layer DropIT leaves dense (``dense_reason``:
     ``skip_first``, ``excluded``, ``per-layer setting``; its gradient is the exact one) and for a
     DropIT layer that computed no weight gradient in the pass (``note`` says why)."""
 
-    name: str
-    op: Optional[str]
-    gamma: Optional[float]
-    strategy: Optional[str]
-    chunk: Optional[int]
-    dense_reason: Optional[str]
-    calls: int
-    cosine: Optional[float]
-    rel_error: Optional[float]
-    dense_bytes: int
-    cached_bytes: int
+    cosine: Optional[float] = None
+    rel_error: Optional[float] = None
     note: Optional[str] = None
 
 
 @dataclass
-class FidelityReport:
+class FidelityReport(ByteTotals):
     """What :func:`fidelity` returns: per layer (``layers``) and over the whole model (``cosine``,
     ``rel_error``: all measured DropIT layers' weight gradients as one vector; ``dense_bytes``,
     ``cached_bytes``: their inputs dense and as cached). ``str(report)`` is a table,
@@ -142,14 +134,6 @@ class FidelityReport:
     cosine: Optional[float]
     rel_error: Optional[float]
     loss: float
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(r.dense_bytes for r in self.layers)
-
-    @property
-    def cached_bytes(self) -> int:
-        return sum(r.cached_bytes for r in self.layers)
 
     @property
     def measured(self) -> list[LayerFidelity]:
@@ -163,7 +147,7 @@ class FidelityReport:
     def __str__(self) -> str:
         rows = [("layer", "op", "settings", "cosine", "rel err", "dense", "cached")]
         for r in self.layers:
-            how = f"g={r.gamma:g} {r.strategy} D={r.chunk}" if r.gamma is not None else f"dense ({r.dense_reason})"
+            how = r.settings_text()
             cos = "-" if r.cosine is None else f"{r.cosine:.4f}"
             err = "-" if r.rel_error is None else f"{r.rel_error:.4f}"
             if r.note:
@@ -175,7 +159,7 @@ class FidelityReport:
         rows.append(("(all DropIT layers)", "", "", cos, err, format_bytes(self.dense_bytes),
                      format_bytes(self.cached_bytes)))
         lines = [f"DropIT fidelity: weight gradients vs exact on one batch (loss {self.loss:.6g})"]
-        lines += _table(rows, "lllrrrr")
+        lines += text_table(rows, "lllrrrr")
         return "\n".join(lines)
 
     def plot(self, path: str) -> str:
@@ -216,18 +200,6 @@ def _matplotlib_figure():
         raise ImportError("plot() needs matplotlib, an optional dependency of dropit_cuda: "
                           "pip install 'dropit_cuda[demo]' (or pip install matplotlib)") from e
     return Figure
-
-
-def _table(rows: list[tuple], align: str) -> list[str]:
-    """A text table; ``align`` has one letter per column: ``l`` left, ``r`` right."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if a == "l" else c.rjust(w)
-                               for c, w, a in zip(row, widths, align)).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return lines
 
 
 # --- fidelity ---------------------------------------------------------------------------------
@@ -321,9 +293,8 @@ def _measure(model: nn.Module, conversion: Conversion, inputs: tuple, kwargs: di
                 cosine, rel_error = _compare([(watch.dropit, watch.exact)])
                 pairs.append((watch.dropit, watch.exact))
             else:
-                note = "not used in this pass" if not r.calls else "no weight gradient"
-        layers.append(LayerFidelity(r.name, r.op, r.gamma, r.strategy, r.chunk, r.dense_reason, r.calls,
-                                    cosine, rel_error, r.dense_bytes, r.cached_bytes, note))
+                note = "not used in this pass" if not r.calls else "no weight gradient (frozen or not in the loss)"
+        layers.append(LayerFidelity(**asdict(r), cosine=cosine, rel_error=rel_error, note=note))
     cosine, rel_error = _compare(pairs) if pairs else (None, None)
     return FidelityReport(layers, cosine, rel_error, loss_value), watches
 
@@ -348,8 +319,9 @@ def fidelity(model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn] = None, *
     Left as they were: every parameter's ``.grad`` (gradients are returned by
     ``torch.autograd.grad``, never accumulated), the random state (CPU and the model's CUDA
     devices), the buffers (batch-norm statistics), the module modes, and :func:`dropit_cuda.report`.
-    Decisions a first training forward takes (``skip_first``, the ReLU masks) are taken if this is
-    the first. Needs eager execution (under ``torch.compile`` nothing is recorded).
+    If this is the model's first training forward, ``skip_first`` is decided here, but the ReLU
+    masks are left to the next one (the dense inputs held here would make every ReLU output look
+    kept by another op). Needs eager execution (under ``torch.compile`` nothing is recorded).
 
     Args:
         model: a model converted by :func:`dropit_cuda.convert`, in training mode.
@@ -375,11 +347,8 @@ def _escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def _cache_bytes(inputs: list[tuple[tuple, torch.dtype, int]], strategy: Optional[str], chunk: Optional[int],
-                 gamma: Optional[float]) -> int:
-    """Bytes a layer caches for these inputs at ``gamma`` (None: dense), predicted by the strategy."""
-    if gamma is None:
-        return sum(math.prod(shape) * dtype.itemsize for shape, dtype, _ in inputs)
+def _cache_bytes(inputs: list[tuple[tuple, torch.dtype, int]], strategy: str, chunk: int, gamma: float) -> int:
+    """Bytes a layer caches for these inputs at these settings, predicted by the strategy."""
     impl = strategies.get(strategy)
     return sum(impl.nbytes(shape, dtype, gamma, chunk, channel_dim) for shape, dtype, channel_dim in inputs)
 
@@ -398,6 +367,8 @@ class PlanLayer:
     dense_bytes: int
     cached_bytes: int
     reason: str
+    #: whether the plan names the layer (not a layer the conversion excluded)
+    planned: bool = True
 
 
 @dataclass
@@ -428,7 +399,7 @@ class Plan(Mapping):
         self.layers = layers
         self.uniform = uniform
         self.min_cosine = min_cosine
-        named = [r for r in layers if r.reason != "excluded"]
+        named = [r for r in layers if r.planned]
         named.sort(key=lambda r: -r.name.count("."))  # stable: deeper names first
         self._spec = {_escape(r.name): r.gamma for r in named}
 
@@ -475,7 +446,7 @@ class Plan(Mapping):
                          "-" if r.cosine is None else f"{r.cosine:.4f}",
                          format_bytes(r.cached_bytes) if r.cosines else "-", r.reason))
         lines = [f"DropIT plan: per layer the largest γ whose weight-gradient cosine is >= {self.min_cosine:g}"]
-        lines += _table(rows, "lrrrl")
+        lines += text_table(rows, "lrrrl")
         lines.append(f"plan: {format_bytes(self.cached_bytes)} cached of {format_bytes(self.dense_bytes)} dense")
         best = self.best_uniform
         if best is not None:
@@ -559,7 +530,7 @@ def tune(model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn] = None, min_c
       a smaller γ that misses the floor while a larger one meets it is reported (a single batch
       need not give a cosine that falls monotonically with γ);
     - a layer that misses the floor at every candidate is kept dense (None): its gradient is then
-      exact, and it caches its whole input, which is what a γ of 0 would cost too;
+      exact, and it caches its whole input (no more than γ = 0 would);
     - layers the conversion keeps dense (``skip_first``, a per-layer ``None``) stay dense; a
       DropIT layer that computed no weight gradient in the pass (unused, frozen) keeps its γ.
 
@@ -589,11 +560,11 @@ def tune(model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn] = None, min_c
     first, watches = passes[candidates[0]]
     layers = []
     for row in first.layers:
-        inputs_seen = watches[row.name].inputs
-        dense = _cache_bytes(inputs_seen, None, None, None) if inputs_seen else row.dense_bytes
+        dense = row.dense_bytes
         if row.gamma is None:
-            reason = "excluded" if row.dense_reason == "excluded" else f"dense in the conversion ({row.dense_reason})"
-            layers.append(PlanLayer(row.name, None, None, {}, None, None, dense, dense, reason))
+            excluded = row.dense_reason == "excluded"
+            reason = "excluded: not in the plan" if excluded else f"dense in the conversion ({row.dense_reason})"
+            layers.append(PlanLayer(row.name, None, None, {}, None, None, dense, dense, reason, not excluded))
             continue
         setting = next(layer.settings for layer in conversion.layers if layer.name == row.name)
         if row.cosine is None:
@@ -602,7 +573,7 @@ def tune(model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn] = None, min_c
             continue
         cosines = {g: next(r.cosine for r in passes[g][0].layers if r.name == row.name) for g in candidates}
         gamma, reason = _choose(cosines, floor)
-        cached = _cache_bytes(inputs_seen, row.strategy, row.chunk, gamma)
+        cached = dense if gamma is None else _cache_bytes(watches[row.name].inputs, row.strategy, row.chunk, gamma)
         layers.append(PlanLayer(row.name, gamma, None if gamma is None else cosines[gamma], cosines,
                                 row.strategy, row.chunk, dense, cached, reason))
     uniform = []

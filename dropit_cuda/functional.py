@@ -24,7 +24,7 @@ weight: ``x @ W`` is ``linear(x, W.t())``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +124,7 @@ def _keep_exact_input(ctx, x: torch.Tensor, layer: Any, channel_dim: int) -> Non
     watch.saw(x, channel_dim)
 
 
-def _give_exact_grad(ctx, grad_w: torch.Tensor, weight_grad) -> None:
+def _give_exact_grad(ctx, grad_w: torch.Tensor, weight_grad: Callable[[torch.Tensor], torch.Tensor]) -> None:
     if ctx.watch is None:
         return
     x = ctx.exact_input
