@@ -110,7 +110,7 @@ def unobserved_forward(model: nn.Module, conversion: Conversion) -> Iterator[Non
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = {m: m.training for m in model.modules()}
     stats = [(layer, layer.op, layer.calls, layer.dense_bytes, layer.cached_bytes) for layer in conversion.layers]
-    forwards, recorded = conversion.forwards, conversion.recorded
+    forwards, compiled = conversion.forwards, conversion.compiled
     devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices):
@@ -123,7 +123,7 @@ def unobserved_forward(model: nn.Module, conversion: Conversion) -> Iterator[Non
             m.training = training
         for layer, *values in stats:
             layer.op, layer.calls, layer.dense_bytes, layer.cached_bytes = values
-        conversion.forwards, conversion.recorded = forwards, recorded
+        conversion.forwards, conversion.compiled = forwards, compiled
 
 
 def _probe(model: nn.Module, conversion: Conversion, example_inputs: Any) -> None:
@@ -325,22 +325,25 @@ class Report(ByteTotals):
 
     layers: list[LayerReport]
     relus: dict[str, str]
+    #: eager training forwards seen (compiled ones record nothing)
     forwards: int
-    recorded: bool
+    #: whether the last training forward ran compiled (then calls and bytes are those of the
+    #: last eager one, if any)
+    compiled: bool
     first: Optional[str]
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [asdict(r) for r in self.layers], "relus": dict(self.relus), "forwards": self.forwards,
-                "recorded": self.recorded, "first": self.first,
+                "compiled": self.compiled, "first": self.first,
                 "dense_bytes": self.dense_bytes, "cached_bytes": self.cached_bytes}
 
     def __str__(self) -> str:
         from .memory import format_bytes
 
-        if not self.forwards:
+        if self.compiled:
+            state = "the last training forward ran compiled: calls and bytes are not recorded there"
+        elif not self.forwards:
             state = "no training forward yet"
-        elif not self.recorded:
-            state = "the last training forward was compiled: calls and bytes are not recorded"
         else:
             state = "calls and bytes of the last training forward"
         rows = [("layer", "op", "settings", "calls", "dense", "cached")]
@@ -375,4 +378,4 @@ def report(model: nn.Module) -> Report:
                                 layer.dense_reason, layer.calls, layer.dense_bytes, layer.cached_bytes))
     relus = {name: conversion.relu_decisions.get(name, "masked (undecided: no eager training forward yet)")
              for name, _ in conversion.relus}
-    return Report(rows, relus, conversion.forwards, conversion.recorded, conversion.first)
+    return Report(rows, relus, conversion.forwards, conversion.compiled, conversion.first)
