@@ -21,7 +21,7 @@ from .modules import (
     DropITMultiheadAttention,
 )
 from .convert import convert, report, revert
-from .fidelity import FidelityMonitor, Plan, fidelity, tune
+from .fidelity import FidelityMonitor, FidelityReport, Plan, fidelity, tune
 from .relu import MaskedReLU, masked_relu
 from . import memory
 
@@ -35,6 +35,7 @@ __all__ = [
     "DropITLinear",
     "DropITMultiheadAttention",
     "FidelityMonitor",
+    "FidelityReport",
     "MaskedReLU",
     "Packed",
     "Plan",
