@@ -64,6 +64,9 @@ class Layer:
         self.claimed = claimed
         self.parametrized = parametrized
         self.derived: Optional[torch.Tensor] = None  # a parametrized weight's value this forward
+        #: set only while dropit_cuda.fidelity records: the autograd functions then also hand it
+        #: the exact weight gradient (see functional._keep_exact_input)
+        self.watch: Any = None
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -89,7 +92,7 @@ class Layer:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["derived"] = None
+        state["derived"] = state["watch"] = None
         return state
 
     def __repr__(self) -> str:
