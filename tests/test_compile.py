@@ -15,10 +15,9 @@ def test_compiled_converted_model_matches_eager():
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.ReLU(), nn.Linear(5, 3)
     )
     plain = copy.deepcopy(model)
-    dc.convert(model, gamma=0.5, chunk=32, skip_first=False)  # parallel_min_k
-    dc.convert(model, gamma=0.5, strategy="min_k", include="0", skip_first=False)
-    dc.convert(model, gamma=0.5, strategy="min_k_channel", include="5", skip_first=False)
-    assert [model[i].strategy for i in (0, 3, 5)] == ["min_k", "parallel_min_k", "min_k_channel"]
+    dc.convert(model, gamma=0.5, chunk=32, skip_first=False,
+               strategy={"0": "min_k", "5": "min_k_channel"})  # the others: parallel_min_k
+    assert [r.strategy for r in dc.report(model).layers] == ["min_k", "parallel_min_k", "min_k_channel"]
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True)  # no graph break through the DropIT functions
     x = torch.randn(2, 3, 6, 6)
@@ -34,6 +33,7 @@ def test_compiled_converted_model_matches_eager():
     torch.testing.assert_close(out, ref)  # the forward is exact
     for p, q, r in zip(model.parameters(), eager.parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+    assert dc.report(model).compiled and dc.report(model).forwards == 0  # compiled: no stats
     # the compiled backward really used the compressed inputs
     for i in (0, 3, 5):
         assert not torch.allclose(model[i].weight.grad, plain[i].weight.grad)
@@ -63,16 +63,18 @@ def test_compiled_random_strategy_draws_like_eager():
 
 
 def _train_over_shapes(model, shapes, backend):
-    """Trains a compiled copy and an eager copy of ``model`` on inputs of ``shapes``; returns the
-    dynamo frame count after each shape and asserts the gradients agree at every shape."""
+    """Trains a compiled copy (one graph: fullgraph=True) and an eager copy of ``model`` on inputs
+    of ``shapes``; asserts the gradients agree at every shape; returns, after each shape, the
+    graphs dynamo has built and the compilations the backend has seen."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     eager = copy.deepcopy(model)
-    compiled = torch.compile(model, backend=CompileCounterWithBackend(backend), dynamic=True)
-    frames = []
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    seen = []
     for i, shape in enumerate(shapes):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(i))
         for m, run in ((model, compiled), (eager, eager)):
@@ -80,8 +82,14 @@ def _train_over_shapes(model, shapes, backend):
             run(x).square().sum().backward()
         for (name, p), q in zip(model.named_parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad, msg=f"{name} at input shape {shape}")
-        frames.append((counters["frames"]["ok"], counters["stats"]["unique_graphs"]))
-    return frames
+        seen.append((counters["stats"]["unique_graphs"], counter.frame_count))
+    return seen
+
+
+def _compiled_once(seen):
+    """One graph throughout, and no compilation after the first shape's. (The backend may see the
+    first shape twice: dynamo restarts its analysis once when it specialises the float γ.)"""
+    return all(graphs == 1 for graphs, _ in seen) and len({frames for _, frames in seen}) == 1
 
 
 class _Mlp(nn.Module):
@@ -108,7 +116,7 @@ def test_dynamic_batch_and_sequence_length_compile_once():
     torch.manual_seed(0)
     model = _converted(_Mlp())
     shapes = [(3, 7, 16), (5, 9, 16), (2, 33, 16), (6, 20, 16)]  # numel 336 .. 1056: 6 to 17 chunks
-    assert _train_over_shapes(model, shapes, "aot_eager") == [(1, 1)] * len(shapes)
+    assert _compiled_once(_train_over_shapes(model, shapes, "aot_eager"))
 
 
 def test_dynamic_batch_and_image_size_compile_once():
@@ -118,7 +126,7 @@ def test_dynamic_batch_and_image_size_compile_once():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
     ))
     shapes = [(4, 3, 6, 5), (5, 3, 9, 7), (6, 3, 12, 10), (7, 3, 8, 11)]
-    assert _train_over_shapes(model, shapes, "aot_eager") == [(1, 1)] * len(shapes)
+    assert _compiled_once(_train_over_shapes(model, shapes, "aot_eager"))
 
 
 @pytest.mark.slow
@@ -128,4 +136,4 @@ def test_dynamic_shapes_inductor_compile_once():
     torch.manual_seed(0)
     model = _converted(_Mlp())
     shapes = [(3, 7, 16), (5, 9, 16), (2, 33, 16)]
-    assert _train_over_shapes(model, shapes, "inductor") == [(1, 1)] * len(shapes)
+    assert _compiled_once(_train_over_shapes(model, shapes, "inductor"))

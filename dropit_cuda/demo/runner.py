@@ -241,12 +241,12 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------- bytes
 
 
-def dropit_layer_names(model: nn.Module, inputs: tuple) -> list[str]:
-    """Names of the modules that cache a DropIT pack in one training forward of ``model``."""
-    from .. import memory
+def dropit_layer_names(model: nn.Module) -> list[str]:
+    """Names of the layers whose inputs DropIT caches in a converted ``model`` (from
+    :func:`dropit_cuda.report`; convert with ``example_inputs`` so the first layer is decided)."""
+    import dropit_cuda as dc
 
-    report = memory.measure(copy.deepcopy(model).train(), *inputs)
-    return [m.name for m in report.modules if m.is_dropit]
+    return [r.name for r in dc.report(model).layers if r.gamma is not None]
 
 
 def saved_bytes(model: nn.Module, inputs: tuple, layers: Sequence[str]) -> tuple[int, int]:
@@ -361,13 +361,15 @@ def _run_task(task: Task, cfg: DemoConfig, device: torch.device, log: Callable[[
         if not dropit_names:
             # the layers DropIT converts; the baseline's bytes are counted over the same (dense) layers
             with task.autocast(cfg, device):
-                dropit_names = dropit_layer_names(
-                    dc.convert(copy.deepcopy(initial), chunk=cfg.chunk, **task.convert_options(cfg)), probe)
+                dropit_names = dropit_layer_names(dc.convert(
+                    copy.deepcopy(initial), chunk=cfg.chunk, example_inputs=probe, **task.convert_options(cfg)))
         for spec in specs:
             model = copy.deepcopy(initial)
             if spec.strategy is not None:
+                # example_inputs: the first layer and the ReLU masks are decided now, so the bytes
+                # below are those of every training step
                 dc.convert(model, gamma=spec.gamma, strategy=spec.strategy, chunk=cfg.chunk,
-                           relu_mask=cfg.relu_mask, **task.convert_options(cfg))
+                           relu_mask=cfg.relu_mask, example_inputs=probe, **task.convert_options(cfg))
             entry = per_run[spec.key]
             if "saved_bytes" not in entry:  # shapes are the same for every seed: measure once
                 with task.autocast(cfg, device):
