@@ -119,12 +119,14 @@ def with_checkpoints(model: nn.Module, names: list[str]) -> nn.Module:
 
 def variants(work: Workload, gammas: list[float], combo_gamma: float) -> list[tuple[str, nn.Module]]:
     """(label, model) of every variant, each its own copy of the initial weights."""
+    # example_inputs: the first layer and the ReLU masks are decided before anything is measured
+    options = {**work.convert_options, "example_inputs": work.inputs}
     out = [("baseline", copy.deepcopy(work.model))]
     for g in gammas:
-        out.append((f"dropit g={g:g}", dc.convert(copy.deepcopy(work.model), gamma=g, **work.convert_options)))
+        out.append((f"dropit g={g:g}", dc.convert(copy.deepcopy(work.model), gamma=g, **options)))
     out.append(("checkpoint", with_checkpoints(copy.deepcopy(work.model), work.blocks)))
     every_other = work.blocks[::2]
-    combo = dc.convert(copy.deepcopy(work.model), gamma=combo_gamma, **_excluding(work.convert_options, every_other))
+    combo = dc.convert(copy.deepcopy(work.model), gamma=combo_gamma, **_excluding(options, every_other))
     out.append((f"checkpoint/2 + dropit g={combo_gamma:g}", with_checkpoints(combo, every_other)))
     return out
 
