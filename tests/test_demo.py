@@ -260,6 +260,14 @@ def test_config_validation_names_the_field(task, field, value, error, tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_flags_left_out_take_task_defaults_and_none_is_kept():
+    parse = demo.build_parser().parse_args
+    assert demo.flag_overrides(parse([])) == {}
+    assert demo.flag_overrides(parse(["--contrast", "none", "--no-progress"])) == {"contrast": None, "progress": False}
+    cfg = demo.config_for(demo.TASKS["text"], demo.flag_overrides(parse(["--contrast", "none"])))
+    assert [s.key for s in cfg.runs()] == ["baseline", "parallel_min_k@0.8", "parallel_min_k@0.9"]
+
+
 def test_flags_reach_each_task_and_out_is_per_task():
     overrides = {"lr": 0.01, "epochs": 3, "steps": 50, "out": "o"}
     d = demo.config_for(demo.TASKS["digits"], overrides)

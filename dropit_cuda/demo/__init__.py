@@ -108,13 +108,15 @@ def _per_task(field: str) -> str:
 
 
 def build_parser(prog: str = "python -m dropit_cuda demo") -> argparse.ArgumentParser:
-    """The flags; those left out are ``None`` here and take each task's default."""
+    """The flags; those left out are absent from the parsed namespace (but ``task`` and
+    ``check``) and take each task's default (see :func:`flag_overrides`)."""
     d = DemoConfig()
     digits, text = TASKS["digits"].config_class(), TASKS["text"].config_class()
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train a small ResNet on scikit-learn's digits and a small GPT on the Python standard "
                     "library's source, baseline against DropIT. Flags given apply to every task run.",
+        argument_default=argparse.SUPPRESS,  # a flag left out is absent, so `--contrast none` is seen
     )
     p.add_argument("--task", choices=(*TASKS, "all"), default="all", help="which task to run (default: all)")
     p.add_argument("--gammas", type=_gammas, help="comma-separated dropping rates for --strategy "
@@ -135,11 +137,11 @@ def build_parser(prog: str = "python -m dropit_cuda demo") -> argparse.ArgumentP
                    help=f"DropIT chunk size D (default: {d.chunk}; see the README for why not 16384)")
     p.add_argument("--threads", type=_positive,
                    help=f"CPU threads for torch (default: {d.threads}: these networks gain little from more)")
-    p.add_argument("--no-relu-mask", dest="relu_mask", action="store_false", default=None,
+    p.add_argument("--no-relu-mask", dest="relu_mask", action="store_false",
                    help="keep nn.ReLU in the DropIT runs (by default convert() swaps in MaskedReLU, "
                         "which caches 1 bit per element, so that packing a conv's input frees it)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
-    p.add_argument("--check", action="store_true",
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--check", action="store_true", default=False,
                    help="acceptance mode: baseline and parallel_min_k γ=0.8 only, 3 seeds unless --seeds says "
                         "otherwise; exit status 1 if DropIT is worse than the baseline by more than the "
                         "tolerance (digits: 1.5 points of test accuracy; text: 3%% of validation loss)")
@@ -154,12 +156,17 @@ def build_parser(prog: str = "python -m dropit_cuda demo") -> argparse.ArgumentP
     return p
 
 
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the command line sets (``None`` included: ``--contrast none``)."""
+    return {k: v for k, v in vars(args).items() if k not in ("task", "check")}
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dropit_cuda demo") -> int:
     """Runs the demo from command-line flags; returns the exit status."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     tasks = list(TASKS.values()) if args.task == "all" else [TASKS[args.task]]
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("task", "check")}
+    overrides = flag_overrides(args)
     for name, flag in _TASK_FLAGS.items():
         owners = [t.name for t in TASKS.values() if name in {f.name for f in dataclasses.fields(t.config_class)}]
         if name in overrides and not any(t.name in owners for t in tasks):

@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-
-def fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from ..memory import format_bytes
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -33,10 +25,10 @@ def format_table(results: dict[str, Any]) -> str:
             if i == 0 and n > 1:
                 text += f" ± {entry[m['key'] + '_std']:.{m['decimals']}f}"
             cells.append(text)
-        total = entry.get("saved_bytes")
-        ratio = "-" if not base_total or total is None else f"{100.0 * total / base_total:.0f}%"
-        rows.append((entry["name"], *cells, f"{entry['train_loss_mean']:.4f}", fmt_bytes(total), ratio,
-                     fmt_bytes(entry.get("layer_bytes")), f"{entry['step_ms']:.1f}"))
+        total = entry["saved_bytes"]
+        ratio = "-" if not base_total else f"{100.0 * total / base_total:.0f}%"
+        rows.append((entry["name"], *cells, f"{entry['train_loss_mean']:.4f}", format_bytes(total), ratio,
+                     format_bytes(entry["layer_bytes"]), f"{entry['step_ms']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
     for j, r in enumerate(rows):
