@@ -49,7 +49,7 @@ DROPIT_DEVICE uint32_t warp_inclusive_scan(uint32_t v) {
 // the slots are read after it, so a second call must use other slots (keep
 // two buffers and alternate) unless a barrier separates the calls.
 // Block sizes up to 1024 threads (32 warps).
-DROPIT_DEVICE uint32_t block_exclusive_scan_warp_counts(uint32_t warp_count, uint32_t* slots,
+DROPIT_DEVICE uint32_t block_exclusive_scan_warp_counts(uint32_t warp_count, simt::sptr<uint32_t> slots,
                                                         uint32_t* total) {
   const int lane = lane_id();
   const int warp = warp_id();

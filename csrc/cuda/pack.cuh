@@ -52,10 +52,10 @@ constexpr int kMaxThreads = 1024;
 // Everything a pack launch needs; int64 where a product can pass 2^31.
 template <typename Bits>
 struct PackParams : KernelGeometry {
-  const Bits* x;
-  Bits* values;
-  int32_t* bitmap;    // ceil(D/32) words per chunk, or null
-  uint16_t* offsets;  // aligned with values, or null
+  simt::gptr<const Bits> x;
+  simt::gptr<Bits> values;
+  simt::gptr<int32_t> bitmap;    // ceil(D/32) words per chunk, or null
+  simt::gptr<uint16_t> offsets;  // aligned with values, or null
   uint64_t seed;      // random keys only
 };
 
@@ -64,10 +64,10 @@ inline PackParams<Bits> make_pack_params(const ChunkGeometry& g, const Bits* x, 
                                          int32_t* bitmap, uint16_t* offsets, uint64_t seed) {
   PackParams<Bits> p;
   static_cast<KernelGeometry&>(p) = kernel_geometry(g);
-  p.x = x;
-  p.values = values;
-  p.bitmap = bitmap;
-  p.offsets = offsets;
+  p.x = simt::gptr<const Bits>(x);
+  p.values = simt::gptr<Bits>(values);
+  p.bitmap = simt::gptr<int32_t>(bitmap);
+  p.offsets = simt::gptr<uint16_t>(offsets);
   p.seed = seed;
   return p;
 }
@@ -138,7 +138,7 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
   DROPIT_SHARED(uint32_t, scan_slots, 2 * 32);  // two alternating buffers
   DROPIT_SHARED(uint32_t, bin_sums, 8);         // per-warp sums of the digit scan
   DROPIT_SHARED(uint32_t, sel, 4);              // digit, count above it, its bucket's count
-  Bits* staged = nullptr;
+  simt::sptr<Bits> staged = nullptr;
   if constexpr (Src == KeySource::kSharedBits) staged = simt::dynamic_shared<Bits>();
 
   const int tid = simt::thread_idx();
@@ -153,10 +153,10 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
     const int L = p.chunk_len(c);
     const int k = p.chunk_keep(c);
     const int64_t xbase = c * static_cast<int64_t>(p.chunk);
-    const Bits* xc = p.x + xbase;
-    Bits* vc = p.values + c * static_cast<int64_t>(p.keep);
-    uint16_t* oc = p.offsets ? p.offsets + c * static_cast<int64_t>(p.keep) : nullptr;
-    int32_t* wc = p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr;
+    const simt::gptr<const Bits> xc = p.x + xbase;
+    const simt::gptr<Bits> vc = p.values + c * static_cast<int64_t>(p.keep);
+    const simt::gptr<uint16_t> oc = p.offsets ? p.offsets + c * static_cast<int64_t>(p.keep) : nullptr;
+    const simt::gptr<int32_t> wc = p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr;
 
     if (k == L) {  // everything is kept (gamma small or the chunk tiny)
       for (int e = tid; e < L; e += nthreads) {
@@ -180,7 +180,7 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
       shift = shift > 8 ? shift - 8 : 0;
       for (int i = tid; i < kHistCopies * kRadixBins; i += nthreads) hist[i] = 0u;
       simt::sync();
-      uint32_t* h = hist + (warp % kHistCopies) * kRadixBins;
+      const simt::sptr<uint32_t> h = hist + (warp % kHistCopies) * kRadixBins;
       if (pass == 0) {
         // Every key counts. Magnitude keys crowd into a few top digits (the
         // exponent), so the lanes of a warp that share a bin add once
@@ -206,11 +206,11 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
             const uint32_t bin =
                 static_cast<uint32_t>(pack_key<Bits, Key, Src>(b[u], p.seed, xbase + i) >> shift) & 0xffu;
             if constexpr (Src == KeySource::kRandom) {
-              if (in) simt::atomic_add_shared(&h[bin], 1u);
+              if (in) simt::atomic_add_shared(h + bin, 1u);
             } else {
               const uint32_t peers = simt::match_any(in ? bin : 0x100u);
               if (in && lane == simt::ffs(peers) - 1)
-                simt::atomic_add_shared(&h[bin], static_cast<uint32_t>(simt::popc(peers)));
+                simt::atomic_add_shared(h + bin, static_cast<uint32_t>(simt::popc(peers)));
             }
           }
         }
@@ -225,7 +225,7 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
           }
           const Key key = pack_key<Bits, Key, Src>(bits, p.seed, xbase + i);
           if (static_cast<Key>(key >> high) == static_cast<Key>(prefix >> high))
-            simt::atomic_add_shared(&h[(key >> shift) & 0xff], 1u);
+            simt::atomic_add_shared(h + ((key >> shift) & 0xff), 1u);
         }
       }
 #if DROPIT_TEST_DROP_BARRIER != 1

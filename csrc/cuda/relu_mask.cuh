@@ -37,7 +37,8 @@ DROPIT_DEVICE int64_t word_stride() { return simt::grid_dim() * bitmap::num_warp
 
 // y = relu(x) (y may be x) and mask = one bit per element of n.
 template <typename Bits>
-DROPIT_DEVICE void relu_mask_forward_body(const Bits* x, Bits* y, uint32_t* mask, int64_t n,
+DROPIT_DEVICE void relu_mask_forward_body(simt::gptr<const Bits> x, simt::gptr<Bits> y,
+                                          simt::gptr<uint32_t> mask, int64_t n,
                                           Bits sign, Bits inf) {
   const int lane = bitmap::lane_id();
   const int64_t words = bitmap::words_for(n);
@@ -56,14 +57,14 @@ DROPIT_DEVICE void relu_mask_forward_body(const Bits* x, Bits* y, uint32_t* mask
 
 // out = bit ? grad : +0 for each of the n elements.
 template <typename Bits>
-DROPIT_DEVICE void relu_mask_backward_body(const Bits* grad, const uint32_t* mask, Bits* out,
-                                           int64_t n) {
+DROPIT_DEVICE void relu_mask_backward_body(simt::gptr<const Bits> grad, simt::gptr<const uint32_t> mask,
+                                           simt::gptr<Bits> out, int64_t n) {
   const int lane = bitmap::lane_id();
   const int64_t words = bitmap::words_for(n);
   for (int64_t w = first_word(); w < words; w += word_stride()) {
     const uint32_t word = mask[w];  // the same address in every lane: one broadcast load
     const int64_t e = w * bitmap::kWarp + lane;
-    if (e < n) out[e] = ((word >> lane) & 1u) ? grad[e] : static_cast<Bits>(0);
+    if (e < n) out[e] = ((word >> lane) & 1u) ? static_cast<Bits>(grad[e]) : static_cast<Bits>(0);
   }
 }
 

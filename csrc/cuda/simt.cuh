@@ -2,24 +2,47 @@
 //
 // Kernel bodies use nothing of CUDA but what is declared here: thread and block
 // indices, block barriers, static and dynamic shared memory, shared-memory
-// atomics, and the warp intrinsics (ballot, shuffles, popc/ffs/clz). Compiled
-// by nvcc they map onto CUDA; compiled as plain C++ with DROPIT_SIMT_HOST
-// defined they call a host SIMT implementation (tests/simt/) that runs a
-// block's threads as cooperative fibers, so the very same kernel source runs
-// on the CPU.
+// atomics, global and shared memory through gptr/sptr (and 16-byte vector
+// accesses), and the warp intrinsics (ballot, shuffles, popc/ffs/clz). Compiled
+// by nvcc they map onto CUDA (gptr<T> and sptr<T> are plain T*); compiled as
+// plain C++ with DROPIT_SIMT_HOST defined they call a host SIMT implementation
+// (tests/simt/) that runs a block's threads as cooperative fibers and checks
+// and counts every memory access, so the very same kernel source runs on the CPU.
 //
 // Rules for kernel bodies:
 //  - warp intrinsics (ballot, match_any, shuffles) are called by all 32 lanes of a warp (full mask), in
 //    warp-uniform control flow; block sizes are multiples of 32;
 //  - barriers are reached by every thread of the block;
-//  - static shared arrays are declared with DROPIT_SHARED(type, name, count)
-//    at function scope (their contents are undefined at block start);
+//  - global memory is reached only through gptr<T>, shared memory only through
+//    sptr<T>: static shared arrays are declared with DROPIT_SHARED(type, name, count)
+//    at function scope (their contents are undefined at block start), dynamic
+//    shared memory comes from dynamic_shared<T>();
+//  - a subscript (p[i]) is read or written at once: never keep it in an `auto`
+//    (on the host it is a reference object that accesses memory when used);
 //  - launch syntax and stream handling live in the .cu launchers only.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+namespace dropit {
+namespace simt {
+
+// N elements of T moved by one aligned access (16 bytes at most).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  static_assert(sizeof(T) * N <= 16 && (N & (N - 1)) == 0, "vector accesses move up to 16 bytes");
+  T v[N];
+};
+
+// Elements of T in one 16-byte access.
+template <typename T>
+constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
+
+}  // namespace simt
+}  // namespace dropit
 
 #if defined(__CUDACC__)
 
@@ -28,6 +51,12 @@
 
 namespace dropit {
 namespace simt {
+
+// Pointers into global and shared memory.
+template <typename T>
+using gptr = T*;
+template <typename T>
+using sptr = T*;
 
 DROPIT_DEVICE int thread_idx() { return static_cast<int>(threadIdx.x); }
 DROPIT_DEVICE int block_dim() { return static_cast<int>(blockDim.x); }
@@ -45,6 +74,22 @@ DROPIT_DEVICE T* dynamic_shared() {
 template <typename T>
 DROPIT_DEVICE T atomic_add_shared(T* p, T v) {
   return atomicAdd(p, v);
+}
+
+// The address of p, for alignment tests.
+template <typename T>
+DROPIT_DEVICE uintptr_t address(const T* p) {
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+// N consecutive elements from p, which must be aligned to the access.
+template <int N, typename T>
+DROPIT_DEVICE Vec<std::remove_const_t<T>, N> load_vec(T* p) {
+  return *reinterpret_cast<const Vec<std::remove_const_t<T>, N>*>(p);
+}
+template <int N, typename T>
+DROPIT_DEVICE void store_vec(T* p, const Vec<T, N>& v) {
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
 DROPIT_DEVICE uint32_t ballot(bool pred) { return __ballot_sync(0xffffffffu, pred); }
@@ -69,16 +114,21 @@ DROPIT_DEVICE int clz(uint32_t v) { return __clz(static_cast<int>(v)); }  // 32 
 
 #elif defined(DROPIT_SIMT_HOST)
 
+// Inlined into the kernel body, so that the host layer's access hook sees the
+// kernel's own code as its caller (one site per memory instruction).
 #define DROPIT_DEVICE inline
+#define DROPIT_SIMT_INLINE inline __attribute__((always_inline))
 #define DROPIT_SHARED(type, name, count)                                                   \
-  type* name = static_cast<type*>(                                                         \
-      ::dropit::simt::host::static_shared(sizeof(type) * static_cast<size_t>(count), alignof(type)))
+  ::dropit::simt::sptr<type> name(static_cast<type*>(                                      \
+      ::dropit::simt::host::static_shared(sizeof(type) * static_cast<size_t>(count), alignof(type))))
 
 namespace dropit {
 namespace simt {
 namespace host {
 // Implemented by the host SIMT layer (tests/simt/simt_host.cpp).
 enum class WarpOp : int { kBallot = 1, kShfl, kShflUp, kShflDown, kShflXor, kMatchAny };
+enum class Space : int { kGlobal = 0, kShared = 1 };
+enum class Access : int { kLoad = 0, kStore = 1, kAtomic = 2 };
 int thread_idx();
 int block_dim();
 int64_t block_idx();
@@ -89,7 +139,73 @@ void* dynamic_shared();
 // One warp-wide exchange: every lane passes its value (and argument); returns
 // this lane's result once all 32 lanes have arrived.
 uint64_t warp_op(WarpOp op, uint64_t value, int arg);
+// Checks one access of `bytes` at p (inside a registered global buffer, or
+// inside the block's shared memory; aligned to `align`; a store needs a
+// writable buffer) and counts it. A failed check stops the launch with an
+// error. Never inlined: its return address tells the access sites apart.
+__attribute__((noinline)) void access(Space space, Access kind, const void* p, size_t bytes, size_t align);
 }  // namespace host
+
+template <typename T, host::Space S>
+class Ptr;
+
+// What p[i] gives on the host: reading it loads, assigning to it stores, both
+// through the layer's checks.
+template <typename T, host::Space S>
+class Ref {
+ public:
+  using Value = std::remove_const_t<T>;
+  DROPIT_SIMT_INLINE explicit Ref(T* p) : p_(p) {}
+  DROPIT_SIMT_INLINE operator Value() const {
+    host::access(S, host::Access::kLoad, p_, sizeof(T), alignof(T));
+    return *p_;
+  }
+  DROPIT_SIMT_INLINE const Ref& operator=(Value v) const {
+    static_assert(!std::is_const_v<T>, "store through a pointer to const");
+    host::access(S, host::Access::kStore, p_, sizeof(T), alignof(T));
+    *p_ = v;
+    return *this;
+  }
+  DROPIT_SIMT_INLINE const Ref& operator=(const Ref& r) const { return *this = static_cast<Value>(r); }
+  DROPIT_SIMT_INLINE Ptr<T, S> operator&() const { return Ptr<T, S>(p_); }
+
+ private:
+  T* p_;
+};
+
+// A pointer into global (S = kGlobal) or shared memory whose accesses go
+// through the layer. Arithmetic and comparisons as for T*.
+template <typename T, host::Space S>
+class Ptr {
+ public:
+  DROPIT_SIMT_INLINE Ptr() = default;
+  DROPIT_SIMT_INLINE Ptr(std::nullptr_t) {}
+  DROPIT_SIMT_INLINE explicit Ptr(T* p) : p_(p) {}
+  template <typename U, typename = std::enable_if_t<std::is_convertible_v<U*, T*>>>
+  DROPIT_SIMT_INLINE Ptr(const Ptr<U, S>& o) : p_(o.get()) {}
+
+  DROPIT_SIMT_INLINE T* get() const { return p_; }
+  DROPIT_SIMT_INLINE explicit operator bool() const { return p_ != nullptr; }
+  DROPIT_SIMT_INLINE Ref<T, S> operator[](int64_t i) const { return Ref<T, S>(p_ + i); }
+  DROPIT_SIMT_INLINE Ref<T, S> operator*() const { return Ref<T, S>(p_); }
+  DROPIT_SIMT_INLINE Ptr operator+(int64_t i) const { return Ptr(p_ + i); }
+  DROPIT_SIMT_INLINE Ptr operator-(int64_t i) const { return Ptr(p_ - i); }
+  DROPIT_SIMT_INLINE Ptr& operator+=(int64_t i) {
+    p_ += i;
+    return *this;
+  }
+  DROPIT_SIMT_INLINE int64_t operator-(const Ptr& o) const { return p_ - o.p_; }
+  DROPIT_SIMT_INLINE bool operator==(const Ptr& o) const { return p_ == o.p_; }
+  DROPIT_SIMT_INLINE bool operator!=(const Ptr& o) const { return p_ != o.p_; }
+
+ private:
+  T* p_ = nullptr;
+};
+
+template <typename T>
+using gptr = Ptr<T, host::Space::kGlobal>;
+template <typename T>
+using sptr = Ptr<T, host::Space::kShared>;
 
 inline int thread_idx() { return host::thread_idx(); }
 inline int block_dim() { return host::block_dim(); }
@@ -98,16 +214,36 @@ inline int64_t grid_dim() { return host::grid_dim(); }
 inline void sync() { host::sync(); }
 
 template <typename T>
-inline T* dynamic_shared() {
-  return static_cast<T*>(host::dynamic_shared());
+inline sptr<T> dynamic_shared() {
+  return sptr<T>(static_cast<T*>(host::dynamic_shared()));
 }
 
 // Fibers of a block never run at the same time: a plain read-modify-write is atomic.
 template <typename T>
-inline T atomic_add_shared(T* p, T v) {
-  T old = *p;
-  *p = static_cast<T>(old + v);
+DROPIT_SIMT_INLINE T atomic_add_shared(sptr<T> p, T v) {
+  host::access(host::Space::kShared, host::Access::kAtomic, p.get(), sizeof(T), alignof(T));
+  T old = *p.get();
+  *p.get() = static_cast<T>(old + v);
   return old;
+}
+
+template <typename T, host::Space S>
+DROPIT_SIMT_INLINE uintptr_t address(const Ptr<T, S>& p) {
+  return reinterpret_cast<uintptr_t>(p.get());
+}
+
+template <int N, typename T, host::Space S>
+DROPIT_SIMT_INLINE Vec<std::remove_const_t<T>, N> load_vec(const Ptr<T, S>& p) {
+  using V = Vec<std::remove_const_t<T>, N>;
+  host::access(S, host::Access::kLoad, p.get(), sizeof(V), alignof(V));
+  V v;
+  std::memcpy(&v, p.get(), sizeof(V));
+  return v;
+}
+template <int N, typename T, host::Space S>
+DROPIT_SIMT_INLINE void store_vec(const Ptr<T, S>& p, const Vec<T, N>& v) {
+  host::access(S, host::Access::kStore, p.get(), sizeof(v), alignof(Vec<T, N>));
+  std::memcpy(p.get(), &v, sizeof(v));
 }
 
 inline uint32_t ballot(bool pred) {

@@ -30,10 +30,10 @@ constexpr int kUnpackItems = 4;  // bitmap words per warp per tile
 
 template <typename Bits>
 struct UnpackParams : KernelGeometry {
-  const Bits* values;
-  const int32_t* bitmap;    // or null
-  const uint16_t* offsets;  // or null
-  Bits* out;
+  simt::gptr<const Bits> values;
+  simt::gptr<const int32_t> bitmap;    // or null
+  simt::gptr<const uint16_t> offsets;  // or null
+  simt::gptr<Bits> out;
 };
 
 template <typename Bits>
@@ -42,10 +42,10 @@ inline UnpackParams<Bits> make_unpack_params(const ChunkGeometry& g, const Bits*
                                              Bits* out) {
   UnpackParams<Bits> p;
   static_cast<KernelGeometry&>(p) = kernel_geometry(g);
-  p.values = values;
-  p.bitmap = bitmap;
-  p.offsets = offsets;
-  p.out = out;
+  p.values = simt::gptr<const Bits>(values);
+  p.bitmap = simt::gptr<const int32_t>(bitmap);
+  p.offsets = simt::gptr<const uint16_t>(offsets);
+  p.out = simt::gptr<Bits>(out);
   return p;
 }
 
@@ -68,9 +68,9 @@ DROPIT_DEVICE void unpack_bitmap_block(const UnpackParams<Bits>& p) {
   for (int64_t c = simt::block_idx(); c < p.num_chunks; c += simt::grid_dim()) {
     const int L = p.chunk_len(c);
     const int k = p.chunk_keep(c);
-    const Bits* vc = p.values + c * static_cast<int64_t>(p.keep);
-    const int32_t* wc = p.bitmap + c * static_cast<int64_t>(p.words);
-    Bits* oc = p.out + c * static_cast<int64_t>(p.chunk);
+    const simt::gptr<const Bits> vc = p.values + c * static_cast<int64_t>(p.keep);
+    const simt::gptr<const int32_t> wc = p.bitmap + c * static_cast<int64_t>(p.words);
+    const simt::gptr<Bits> oc = p.out + c * static_cast<int64_t>(p.chunk);
     const int used_words = (L + 31) >> 5;
     int run = 0;  // values taken by the tiles before this one
     for (int base = 0; base < L; base += tile) {
@@ -93,7 +93,7 @@ DROPIT_DEVICE void unpack_bitmap_block(const UnpackParams<Bits>& p) {
         if (e < L) {
           const int pos = pos0 + simt::popc(w[j] & lt);
           const bool kept = ((w[j] >> lane) & 1u) && static_cast<unsigned>(pos) < static_cast<unsigned>(k);
-          oc[e] = kept ? vc[pos] : static_cast<Bits>(0);
+          oc[e] = kept ? static_cast<Bits>(vc[pos]) : static_cast<Bits>(0);
         }
         pos0 += simt::popc(w[j]);
       }
@@ -109,14 +109,14 @@ DROPIT_DEVICE void unpack_offsets_block(const UnpackParams<Bits>& p) {
   for (int64_t c = simt::block_idx(); c < p.num_chunks; c += simt::grid_dim()) {
     const int L = p.chunk_len(c);
     const int k = p.chunk_keep(c);
-    const Bits* vc = p.values + c * static_cast<int64_t>(p.keep);
-    const uint16_t* ofs = p.offsets + c * static_cast<int64_t>(p.keep);
-    Bits* oc = p.out + c * static_cast<int64_t>(p.chunk);
+    const simt::gptr<const Bits> vc = p.values + c * static_cast<int64_t>(p.keep);
+    const simt::gptr<const uint16_t> ofs = p.offsets + c * static_cast<int64_t>(p.keep);
+    const simt::gptr<Bits> oc = p.out + c * static_cast<int64_t>(p.chunk);
     for (int e = tid; e < L; e += nthreads) oc[e] = static_cast<Bits>(0);
     simt::sync();  // the zeros land before the values
     for (int r = tid; r < k; r += nthreads) {
       const int o = ofs[r];
-      if (o < L) oc[o] = vc[r];
+      if (o < L) oc[o] = static_cast<Bits>(vc[r]);
     }
     simt::sync();
   }

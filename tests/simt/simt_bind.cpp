@@ -21,9 +21,15 @@ void* shifted(const void* p, int64_t bytes) {
   return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes));
 }
 
-dropit::simt::host::LaunchOptions options(int64_t stack_kb, const std::string& order) {
+// A tensor's memory as a buffer the kernel may touch (writable or not).
+dropit::simt::host::LaunchOptions::Buffer buffer(const at::Tensor& t, bool writable, const char* name) {
+  return {t.numel() > 0 ? t.const_data_ptr() : nullptr, static_cast<size_t>(t.nbytes()), writable, name};
+}
+
+dropit::simt::host::LaunchOptions options(int64_t stack_kb, const std::string& order, bool profile) {
   using Opt = dropit::simt::host::LaunchOptions;
   Opt o;
+  o.profile = profile;
   o.stack_bytes = static_cast<size_t>(stack_kb) * 1024;
   if (order == "forward") {
     o.order = Opt::Order::kForward;
@@ -41,7 +47,7 @@ dropit::simt::host::LaunchOptions options(int64_t stack_kb, const std::string& o
 std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64_t chunk, bool bitmap,
                                         std::optional<int64_t> seed, int64_t threads, int64_t source,
                                         int64_t smem_limit, int64_t grid, std::string variant,
-                                        std::string order, int64_t stack_kb, int64_t start) {
+                                        std::string order, int64_t stack_kb, int64_t start, bool profile) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous() && dropit::is_supported_float(x.scalar_type()),
               "x must be a 1-D contiguous floating CPU tensor");
   TORCH_CHECK(gamma >= 0.0 && gamma < 1.0 && chunk >= 1 && chunk <= dropit::kMaxChunk, "bad gamma/chunk");
@@ -71,8 +77,10 @@ std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64
   j.source = static_cast<int>(source);
   j.smem_limit = static_cast<size_t>(smem_limit);
   j.grid = grid;
-  j.options = options(stack_kb, order);
+  j.options = options(stack_kb, order, profile);
   j.options.first_block = c0;
+  j.options.buffers = {buffer(x, false, "x"), buffer(values, true, "values"),
+                       buffer(index, true, bitmap ? "bitmap" : "offsets")};
   if (variant == "kernels") {
     dropit::simt_test::pack_kernels(j);
   } else if (variant == "drop_hist") {
@@ -87,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64
 
 at::Tensor unpack(const at::Tensor& values, const at::Tensor& index, int64_t numel, double gamma,
                   int64_t chunk, bool bitmap, int64_t threads, int64_t grid, std::string order, int64_t stack_kb,
-                  int64_t start) {
+                  int64_t start, bool profile) {
   TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous() &&
                   dropit::is_supported_float(values.scalar_type()),
               "values must be a 1-D contiguous floating CPU tensor");
@@ -114,19 +122,61 @@ at::Tensor unpack(const at::Tensor& values, const at::Tensor& index, int64_t num
   j.geometry = g;
   j.threads = static_cast<int>(threads);
   j.grid = grid;
-  j.options = options(stack_kb, order);
+  j.options = options(stack_kb, order, profile);
   j.options.first_block = c0;
+  j.options.buffers = {buffer(values, false, "values"), buffer(index, false, bitmap ? "bitmap" : "offsets"),
+                       buffer(out, true, "out")};
   dropit::simt_test::unpack_kernels(j);
   return out;
+}
+
+// The production launch plan of pack for a tensor of `numel` elements.
+py::dict pack_plan(int64_t numel, double gamma, int64_t chunk, int64_t elem_bytes, bool random, int64_t smem_limit) {
+  PackJob j;
+  j.elem_bytes = static_cast<int>(elem_bytes);
+  j.geometry = ChunkGeometry(numel, chunk, gamma);
+  j.random = random;
+  j.smem_limit = static_cast<size_t>(smem_limit);
+  const auto plan = dropit::simt_test::pack_plan_of(j);
+  py::dict d;
+  d["threads"] = plan.threads;
+  d["source"] = plan.source == 0 ? "shared" : (plan.source == 1 ? "global" : "random");
+  d["dynamic_smem"] = plan.dynamic_smem;
+  return d;
 }
 
 py::dict last_stats() {
   auto s = dropit::simt::host::last_stats();
   py::dict d;
-  d["blocks"] = s.blocks;
-  d["switches"] = s.switches;
-  d["barriers"] = s.barriers;
-  d["warp_ops"] = s.warp_ops;
+#define DROPIT_STAT(name) d[#name] = s.name
+  DROPIT_STAT(blocks);
+  DROPIT_STAT(switches);
+  DROPIT_STAT(barriers);
+  DROPIT_STAT(barrier_warps);
+  DROPIT_STAT(warp_ops);
+  DROPIT_STAT(ballots);
+  DROPIT_STAT(shuffles);
+  DROPIT_STAT(matches);
+  DROPIT_STAT(global_loads);
+  DROPIT_STAT(global_stores);
+  DROPIT_STAT(global_load_bytes);
+  DROPIT_STAT(global_store_bytes);
+  DROPIT_STAT(shared_loads);
+  DROPIT_STAT(shared_stores);
+  DROPIT_STAT(shared_atomics);
+  DROPIT_STAT(shared_load_bytes);
+  DROPIT_STAT(shared_store_bytes);
+  DROPIT_STAT(global_load_instr);
+  DROPIT_STAT(global_store_instr);
+  DROPIT_STAT(global_load_sectors);
+  DROPIT_STAT(global_store_sectors);
+  DROPIT_STAT(shared_load_instr);
+  DROPIT_STAT(shared_store_instr);
+  DROPIT_STAT(shared_atomic_instr);
+  DROPIT_STAT(shared_load_wavefronts);
+  DROPIT_STAT(shared_store_wavefronts);
+  DROPIT_STAT(shared_atomic_wavefronts);
+#undef DROPIT_STAT
   return d;
 }
 
@@ -138,12 +188,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seed") = py::none(), py::arg("threads") = 0, py::arg("source") = -1,
         py::arg("smem_limit") = 227 * 1024, py::arg("grid") = 0, py::arg("variant") = "kernels",
         py::arg("order") = "forward", py::arg("stack_kb") = 64,
-        py::arg("start") = 0, py::call_guard<py::gil_scoped_release>());
+        py::arg("start") = 0, py::arg("profile") = false, py::call_guard<py::gil_scoped_release>());
   m.def("unpack", &unpack, py::arg("values"), py::arg("index"), py::arg("numel"), py::arg("gamma"),
         py::arg("chunk"), py::arg("bitmap"), py::arg("threads") = 0, py::arg("grid") = 0,
         py::arg("order") = "forward", py::arg("stack_kb") = 64, py::arg("start") = 0,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("profile") = false, py::call_guard<py::gil_scoped_release>());
   m.def("last_stats", &last_stats);
+  m.def("pack_plan", &pack_plan, py::arg("numel"), py::arg("gamma"), py::arg("chunk"), py::arg("elem_bytes"),
+        py::arg("random") = false, py::arg("smem_limit") = 227 * 1024);
   m.def("exchange", &dropit::simt_test::exchange, py::arg("op"), py::arg("threads"), py::arg("arg") = 0,
         py::arg("grid") = 1);
   m.def("misuse", &dropit::simt_test::misuse, py::arg("what"));

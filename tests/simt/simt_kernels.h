@@ -38,6 +38,14 @@ struct UnpackJob {
   simt::host::LaunchOptions options;
 };
 
+// The launch plan of pack for a job: threads, key source (0 shared, 1 global, 2 random).
+struct PackPlanInfo {
+  int threads;
+  int source;
+  size_t dynamic_smem;
+};
+PackPlanInfo pack_plan_of(const PackJob& job);
+
 // The kernels as compiled for production.
 void pack_kernels(const PackJob& job);
 void unpack_kernels(const UnpackJob& job);
