@@ -1,7 +1,8 @@
 """Cost model of the CUDA pack and unpack kernels, measured on the CPU.
 
 The host SIMT layer (tests/simt/) runs the kernels' own source and counts, per launch: global
-bytes read and written (and the 32-byte sectors the warp instructions touch), shared-memory
+bytes read and written (distinct bytes per warp instruction: lanes reading one word count it
+once; and the 32-byte sectors the warp instructions touch), shared-memory
 loads, stores and atomics (lane accesses, warp instructions, and wavefronts: the passes bank
 conflicts add), block barriers and warp collectives (ballots, shuffles, matches). The layer
 sees these operations only; it groups each warp's lanes into warp instructions by assuming
@@ -70,8 +71,8 @@ def summarise(stats: dict, n: int, chunks: int, ratio: float | None) -> dict:
     seen = sum(stats[k] for k in SEEN)
     replays = sum(stats[f"shared_{k}_wavefronts"] - stats[f"shared_{k}_instr"] for k in ("load", "store", "atomic"))
     out = {
-        "global_bytes_read": stats["global_load_bytes"],
-        "global_bytes_written": stats["global_store_bytes"],
+        "global_bytes_read": stats["global_load_distinct_bytes"],
+        "global_bytes_written": stats["global_store_distinct_bytes"],
         "global_sectors": stats["global_load_sectors"] + stats["global_store_sectors"],
         "shared_loads": stats["shared_loads"], "shared_stores": stats["shared_stores"],
         "shared_atomics": stats["shared_atomics"],

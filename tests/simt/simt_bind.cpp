@@ -170,6 +170,8 @@ py::dict last_stats() {
   DROPIT_STAT(global_store_instr);
   DROPIT_STAT(global_load_sectors);
   DROPIT_STAT(global_store_sectors);
+  DROPIT_STAT(global_load_distinct_bytes);
+  DROPIT_STAT(global_store_distinct_bytes);
   DROPIT_STAT(shared_load_instr);
   DROPIT_STAT(shared_store_instr);
   DROPIT_STAT(shared_atomic_instr);

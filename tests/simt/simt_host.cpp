@@ -296,17 +296,23 @@ void account_instruction(LaunchStats& st, const AccessRecord* recs, size_t n) {
   const auto space = static_cast<Space>(recs[0].space);
   const auto kind = static_cast<Access>(recs[0].kind);
   if (space == Space::kGlobal) {
-    std::vector<uintptr_t> sectors;
-    for (size_t i = 0; i < n; ++i)
+    std::vector<uintptr_t> sectors, bytes;
+    for (size_t i = 0; i < n; ++i) {
       for (uintptr_t s = recs[i].addr >> 5; s <= (recs[i].addr + recs[i].bytes - 1) >> 5; ++s) sectors.push_back(s);
+      for (uintptr_t b = recs[i].addr; b < recs[i].addr + recs[i].bytes; ++b) bytes.push_back(b);
+    }
     std::sort(sectors.begin(), sectors.end());
+    std::sort(bytes.begin(), bytes.end());
     const uint64_t distinct = std::unique(sectors.begin(), sectors.end()) - sectors.begin();
+    const uint64_t distinct_bytes = std::unique(bytes.begin(), bytes.end()) - bytes.begin();
     if (kind == Access::kLoad) {
       ++st.global_load_instr;
       st.global_load_sectors += distinct;
+      st.global_load_distinct_bytes += distinct_bytes;
     } else {
       ++st.global_store_instr;
       st.global_store_sectors += distinct;
+      st.global_store_distinct_bytes += distinct_bytes;
     }
     return;
   }

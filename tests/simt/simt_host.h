@@ -70,13 +70,15 @@ struct LaunchStats {
   uint64_t global_load_bytes = 0, global_store_bytes = 0;
   uint64_t shared_loads = 0, shared_stores = 0, shared_atomics = 0;
   uint64_t shared_load_bytes = 0, shared_store_bytes = 0;
-  // Warp instructions (profile only). Global: the 32-byte sectors each touches.
+  // Warp instructions (profile only). Global: the 32-byte sectors each touches, and its
+  // distinct bytes (lanes reading the same word count it once).
   // Shared: wavefronts, i.e. the passes a bank conflict makes it take (for a
   // load or store the most distinct 4-byte words any bank serves, at least one
   // per 128 bytes; for an atomic the most lanes on any bank: each lane's
   // read-modify-write is its own pass, same address or not).
   uint64_t global_load_instr = 0, global_store_instr = 0;
   uint64_t global_load_sectors = 0, global_store_sectors = 0;
+  uint64_t global_load_distinct_bytes = 0, global_store_distinct_bytes = 0;
   uint64_t shared_load_instr = 0, shared_store_instr = 0, shared_atomic_instr = 0;
   uint64_t shared_load_wavefronts = 0, shared_store_wavefronts = 0, shared_atomic_wavefronts = 0;
 };
