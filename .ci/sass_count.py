@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEEN = {
     "LDG": "global load", "LD": "global load", "STG": "global store", "ST": "global store",
     "LDS": "shared load", "STS": "shared store", "ATOMS": "shared atomic",
-    "VOTE": "vote", "SHFL": "shuffle", "MATCH": "match", "BAR": "barrier",
+    "VOTE": "vote", "SHFL": "shuffle", "MATCH": "match", "BAR": "barrier", "WARPSYNC": "warp barrier",
 }
 INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 LABEL = re.compile(r"^(\.L_x_\d+):")

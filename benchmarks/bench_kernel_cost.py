@@ -10,11 +10,12 @@ lockstep (the n-th execution of an access site by each lane is one warp instruct
 
 Modelled warp instructions = seen x R + replays, where
 - seen: the warp instructions the layer counts (global and shared loads, stores, atomics,
-  ballots, shuffles, matches, one barrier per warp);
+  ballots, shuffles, matches, warp barriers, one block barrier per warp);
 - R: the instructions the kernel's innermost loops carry per seen instruction in its SASS
   (`.ci/sass_count.py --json`, given with --sass; sm_90 by default): the address arithmetic,
   compares, loop control and branches around each seen instruction, as compiled;
-- replays: shared wavefronts beyond one per instruction (bank conflicts, same-bin atomics).
+- replays: the passes bank conflicts add to shared accesses (wavefronts beyond one per 128
+  bytes moved; an atomic's lanes on one bank take a pass each, same address or not).
 It cannot see: code outside loops (per-chunk setup and scans; small for D >= 1024),
 divergence (lanes of a warp that skip work still take the warp's issue slots), latency and
 stalls, and how well the loops that run most match the kernel's average R. Without --sass the
@@ -47,7 +48,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 BITS = {2: "u16", 4: "u32", 8: "u64"}
 BASELINE = ROOT / "benchmarks" / "results" / "kernel_cost_baseline.json"
 SEEN = ["global_load_instr", "global_store_instr", "shared_load_instr", "shared_store_instr",
-        "shared_atomic_instr", "ballots", "shuffles", "matches", "barrier_warps"]
+        "shared_atomic_instr", "ballots", "shuffles", "matches", "warp_syncs", "barrier_warps"]
 
 
 def data(kind: str, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -69,7 +70,7 @@ def kernel_name(op: str, elem_bytes: int, source: str = "") -> str:
 
 def summarise(stats: dict, n: int, chunks: int, ratio: float | None) -> dict:
     seen = sum(stats[k] for k in SEEN)
-    replays = sum(stats[f"shared_{k}_wavefronts"] - stats[f"shared_{k}_instr"] for k in ("load", "store", "atomic"))
+    replays = stats["shared_conflict_passes"]
     out = {
         "global_bytes_read": stats["global_load_distinct_bytes"],
         "global_bytes_written": stats["global_store_distinct_bytes"],
@@ -77,7 +78,8 @@ def summarise(stats: dict, n: int, chunks: int, ratio: float | None) -> dict:
         "shared_loads": stats["shared_loads"], "shared_stores": stats["shared_stores"],
         "shared_atomics": stats["shared_atomics"],
         "shared_wavefronts": sum(stats[f"shared_{k}_wavefronts"] for k in ("load", "store", "atomic")),
-        "barriers": stats["barriers"], "warp_collectives": stats["ballots"] + stats["shuffles"] + stats["matches"],
+        "barriers": stats["barriers"],
+        "warp_collectives": stats["ballots"] + stats["shuffles"] + stats["matches"] + stats.get("warp_syncs", 0),
         "seen_warp_instructions": seen, "shared_replays": replays,
         "modelled_warp_instructions": None if ratio is None else seen * ratio + replays,
     }

@@ -12,13 +12,17 @@
 // Rules for kernel bodies:
 //  - warp intrinsics (ballot, match_any, shuffles) are called by all 32 lanes of a warp (full mask), in
 //    warp-uniform control flow; block sizes are multiples of 32;
-//  - barriers are reached by every thread of the block;
+//  - barriers are reached by every thread of the block (warp barriers by every
+//    lane of the warp), and are called through the body's barrier policy
+//    (BlockSync below) with the barrier's name;
 //  - global memory is reached only through gptr<T>, shared memory only through
 //    sptr<T>: static shared arrays are declared with DROPIT_SHARED(type, name, count)
 //    at function scope (their contents are undefined at block start), dynamic
 //    shared memory comes from dynamic_shared<T>();
 //  - a subscript (p[i]) is read or written at once: never keep it in an `auto`
 //    (on the host it is a reference object that accesses memory when used);
+//  - loops of a fixed trip count that nvcc unrolls are marked DROPIT_UNROLL
+//    (the host layer's warp-instruction counts pair each copy's lanes);
 //  - launch syntax and stream handling live in the .cu launchers only.
 #pragma once
 
@@ -47,14 +51,44 @@ constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
 #if defined(__CUDACC__)
 
 #define DROPIT_DEVICE __device__ __forceinline__
-#define DROPIT_SHARED(type, name, count) __shared__ type name[(count)]
+// 16-byte aligned, so that any array may take vector accesses.
+#define DROPIT_SHARED(type, name, count) __shared__ __align__(16) type name[(count)]
+#define DROPIT_UNROLL _Pragma("unroll")
 
 namespace dropit {
 namespace simt {
 
-// Pointers into global and shared memory.
+#define DROPIT_PTR __host__ __device__ __forceinline__
+
+// A pointer into global memory: a T* whose vector accesses are global ones (16-byte loads and
+// stores that nvcc may not merge on its own). Arithmetic and comparisons as for T*.
 template <typename T>
-using gptr = T*;
+class gptr {
+ public:
+  gptr() = default;
+  DROPIT_PTR gptr(std::nullptr_t) {}
+  DROPIT_PTR explicit gptr(T* p) : p_(p) {}
+  template <typename U, typename = std::enable_if_t<std::is_convertible_v<U*, T*>>>
+  DROPIT_PTR gptr(const gptr<U>& o) : p_(o.get()) {}
+
+  DROPIT_PTR T* get() const { return p_; }
+  DROPIT_PTR explicit operator bool() const { return p_ != nullptr; }
+  DROPIT_PTR T& operator[](int64_t i) const { return p_[i]; }
+  DROPIT_PTR T& operator*() const { return *p_; }
+  DROPIT_PTR gptr operator+(int64_t i) const { return gptr(p_ + i); }
+  DROPIT_PTR gptr operator-(int64_t i) const { return gptr(p_ - i); }
+  DROPIT_PTR gptr& operator+=(int64_t i) {
+    p_ += i;
+    return *this;
+  }
+  DROPIT_PTR bool operator==(const gptr& o) const { return p_ == o.p_; }
+  DROPIT_PTR bool operator!=(const gptr& o) const { return p_ != o.p_; }
+
+ private:
+  T* p_ = nullptr;
+};
+
+// A pointer into shared memory.
 template <typename T>
 using sptr = T*;
 
@@ -64,6 +98,8 @@ DROPIT_DEVICE int64_t block_idx() { return static_cast<int64_t>(blockIdx.x); }
 DROPIT_DEVICE int64_t grid_dim() { return static_cast<int64_t>(gridDim.x); }
 
 DROPIT_DEVICE void sync() { __syncthreads(); }
+// Orders the shared-memory accesses of the lanes of a warp (all 32 call it).
+DROPIT_DEVICE void syncwarp() { __syncwarp(); }
 
 template <typename T>
 DROPIT_DEVICE T* dynamic_shared() {
@@ -81,15 +117,62 @@ template <typename T>
 DROPIT_DEVICE uintptr_t address(const T* p) {
   return reinterpret_cast<uintptr_t>(p);
 }
+template <typename T>
+DROPIT_DEVICE uintptr_t address(const gptr<T>& p) {
+  return reinterpret_cast<uintptr_t>(p.get());
+}
 
-// N consecutive elements from p, which must be aligned to the access.
+// The same memory seen as U (a shared array reused for another purpose).
+template <typename U, typename T>
+DROPIT_DEVICE U* ptr_cast(T* p) {
+  return reinterpret_cast<U*>(p);
+}
+
+namespace detail {
+// The CUDA vector type of a width: accesses through it compile to one wide load or store.
+template <int Bytes> struct Wide;
+template <> struct Wide<2> { using type = unsigned short; };
+template <> struct Wide<4> { using type = unsigned int; };
+template <> struct Wide<8> { using type = uint2; };
+template <> struct Wide<16> { using type = uint4; };
+}  // namespace detail
+
+// N consecutive elements from p, which must be aligned to the access. In shared memory through
+// the CUDA vector type; in global memory through __ldg and a PTX store, whose one wide
+// instruction the compiler cannot split as it did a plain 16-byte store (global vector loads
+// here are of inputs the kernel only reads).
 template <int N, typename T>
 DROPIT_DEVICE Vec<std::remove_const_t<T>, N> load_vec(T* p) {
-  return *reinterpret_cast<const Vec<std::remove_const_t<T>, N>*>(p);
+  using V = Vec<std::remove_const_t<T>, N>;
+  using W = typename detail::Wide<sizeof(V)>::type;
+  const W w = *reinterpret_cast<const W*>(p);
+  V v;
+  memcpy(&v, &w, sizeof(V));
+  return v;
 }
 template <int N, typename T>
 DROPIT_DEVICE void store_vec(T* p, const Vec<T, N>& v) {
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
+  using W = typename detail::Wide<sizeof(Vec<T, N>)>::type;
+  W w;
+  memcpy(&w, &v, sizeof(W));
+  *reinterpret_cast<W*>(p) = w;
+}
+template <int N, typename T>
+DROPIT_DEVICE Vec<std::remove_const_t<T>, N> load_vec(const gptr<T>& p) {
+  using V = Vec<std::remove_const_t<T>, N>;
+  using W = typename detail::Wide<sizeof(V)>::type;
+  const W w = __ldg(reinterpret_cast<const W*>(p.get()));
+  V v;
+  memcpy(&v, &w, sizeof(V));
+  return v;
+}
+template <int N, typename T>
+DROPIT_DEVICE void store_vec(const gptr<T>& p, const Vec<T, N>& v) {
+  static_assert(sizeof(Vec<T, N>) == 16, "global vector stores move 16 bytes");
+  uint4 w;
+  memcpy(&w, &v, sizeof(w));
+  asm("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p.get()), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+      : "memory");
 }
 
 DROPIT_DEVICE uint32_t ballot(bool pred) { return __ballot_sync(0xffffffffu, pred); }
@@ -118,15 +201,17 @@ DROPIT_DEVICE int clz(uint32_t v) { return __clz(static_cast<int>(v)); }  // 32 
 // kernel's own code as its caller (one site per memory instruction).
 #define DROPIT_DEVICE inline
 #define DROPIT_SIMT_INLINE inline __attribute__((always_inline))
+// Unrolled on the host too, so that each copy of an access is a site of its own, as on the GPU.
+#define DROPIT_UNROLL _Pragma("GCC unroll 16")
 #define DROPIT_SHARED(type, name, count)                                                   \
   ::dropit::simt::sptr<type> name(static_cast<type*>(                                      \
-      ::dropit::simt::host::static_shared(sizeof(type) * static_cast<size_t>(count), alignof(type))))
+      ::dropit::simt::host::static_shared(sizeof(type) * static_cast<size_t>(count), 16)))
 
 namespace dropit {
 namespace simt {
 namespace host {
 // Implemented by the host SIMT layer (tests/simt/simt_host.cpp).
-enum class WarpOp : int { kBallot = 1, kShfl, kShflUp, kShflDown, kShflXor, kMatchAny };
+enum class WarpOp : int { kBallot = 1, kShfl, kShflUp, kShflDown, kShflXor, kMatchAny, kSync };
 enum class Space : int { kGlobal = 0, kShared = 1 };
 enum class Access : int { kLoad = 0, kStore = 1, kAtomic = 2 };
 int thread_idx();
@@ -212,6 +297,7 @@ inline int block_dim() { return host::block_dim(); }
 inline int64_t block_idx() { return host::block_idx(); }
 inline int64_t grid_dim() { return host::grid_dim(); }
 inline void sync() { host::sync(); }
+inline void syncwarp() { host::warp_op(host::WarpOp::kSync, 0, 0); }
 
 template <typename T>
 inline sptr<T> dynamic_shared() {
@@ -230,6 +316,11 @@ DROPIT_SIMT_INLINE T atomic_add_shared(sptr<T> p, T v) {
 template <typename T, host::Space S>
 DROPIT_SIMT_INLINE uintptr_t address(const Ptr<T, S>& p) {
   return reinterpret_cast<uintptr_t>(p.get());
+}
+
+template <typename U, typename T, host::Space S>
+DROPIT_SIMT_INLINE Ptr<U, S> ptr_cast(const Ptr<T, S>& p) {
+  return Ptr<U, S>(reinterpret_cast<U*>(p.get()));
 }
 
 template <int N, typename T, host::Space S>
@@ -286,3 +377,18 @@ inline int clz(uint32_t v) { return v == 0 ? 32 : __builtin_clz(v); }
 #else
 #error "csrc/cuda/simt.cuh: compile with nvcc, or define DROPIT_SIMT_HOST and link the host SIMT layer"
 #endif
+
+namespace dropit {
+namespace simt {
+
+// The barrier policy of the kernel bodies: each barrier call names the barrier
+// (an id from the kernel's own enum): a block barrier, or a warp's when one
+// warp works alone. Production code syncs at every one; the tests pass a
+// policy that leaves one out, to check that each is needed.
+struct BlockSync {
+  DROPIT_DEVICE void operator()(int /*barrier*/) const { sync(); }
+  DROPIT_DEVICE void warp(int /*barrier*/) const { syncwarp(); }
+};
+
+}  // namespace simt
+}  // namespace dropit

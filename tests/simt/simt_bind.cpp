@@ -1,6 +1,7 @@
 // Python bindings of the test-only extension: the CUDA kernel bodies run on CPU
 // tensors under the host SIMT layer.
 #include <torch/extension.h>
+#include <pybind11/stl.h>
 
 #include <optional>
 #include <string>
@@ -46,7 +47,7 @@ dropit::simt::host::LaunchOptions options(int64_t stack_kb, const std::string& o
 
 std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64_t chunk, bool bitmap,
                                         std::optional<int64_t> seed, int64_t threads, int64_t source,
-                                        int64_t smem_limit, int64_t grid, std::string variant,
+                                        int64_t smem_limit, int64_t grid, int64_t drop_barrier,
                                         std::string order, int64_t stack_kb, int64_t start, bool profile) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous() && dropit::is_supported_float(x.scalar_type()),
               "x must be a 1-D contiguous floating CPU tensor");
@@ -81,21 +82,14 @@ std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64
   j.options.first_block = c0;
   j.options.buffers = {buffer(x, false, "x"), buffer(values, true, "values"),
                        buffer(index, true, bitmap ? "bitmap" : "offsets")};
-  if (variant == "kernels") {
-    dropit::simt_test::pack_kernels(j);
-  } else if (variant == "drop_hist") {
-    dropit::simt_test::pack_drop_hist(j);
-  } else if (variant == "drop_scan") {
-    dropit::simt_test::pack_drop_scan(j);
-  } else {
-    TORCH_CHECK(false, "variant must be kernels, drop_hist or drop_scan, got ", variant);
-  }
+  j.drop_barrier = static_cast<int>(drop_barrier);
+  dropit::simt_test::pack_kernels(j);
   return {values, index};
 }
 
 at::Tensor unpack(const at::Tensor& values, const at::Tensor& index, int64_t numel, double gamma,
-                  int64_t chunk, bool bitmap, int64_t threads, int64_t grid, std::string order, int64_t stack_kb,
-                  int64_t start, bool profile) {
+                  int64_t chunk, bool bitmap, int64_t threads, int64_t grid, int64_t drop_barrier, std::string order,
+                  int64_t stack_kb, int64_t start, bool profile) {
   TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous() &&
                   dropit::is_supported_float(values.scalar_type()),
               "values must be a 1-D contiguous floating CPU tensor");
@@ -122,6 +116,7 @@ at::Tensor unpack(const at::Tensor& values, const at::Tensor& index, int64_t num
   j.geometry = g;
   j.threads = static_cast<int>(threads);
   j.grid = grid;
+  j.drop_barrier = static_cast<int>(drop_barrier);
   j.options = options(stack_kb, order, profile);
   j.options.first_block = c0;
   j.options.buffers = {buffer(values, false, "values"), buffer(index, false, bitmap ? "bitmap" : "offsets"),
@@ -145,8 +140,7 @@ py::dict pack_plan(int64_t numel, double gamma, int64_t chunk, int64_t elem_byte
   return d;
 }
 
-py::dict last_stats() {
-  auto s = dropit::simt::host::last_stats();
+py::dict stats_dict(const dropit::simt::host::LaunchStats& s) {
   py::dict d;
 #define DROPIT_STAT(name) d[#name] = s.name
   DROPIT_STAT(blocks);
@@ -157,6 +151,7 @@ py::dict last_stats() {
   DROPIT_STAT(ballots);
   DROPIT_STAT(shuffles);
   DROPIT_STAT(matches);
+  DROPIT_STAT(warp_syncs);
   DROPIT_STAT(global_loads);
   DROPIT_STAT(global_stores);
   DROPIT_STAT(global_load_bytes);
@@ -178,9 +173,12 @@ py::dict last_stats() {
   DROPIT_STAT(shared_load_wavefronts);
   DROPIT_STAT(shared_store_wavefronts);
   DROPIT_STAT(shared_atomic_wavefronts);
+  DROPIT_STAT(shared_conflict_passes);
 #undef DROPIT_STAT
   return d;
 }
+
+py::dict last_stats() { return stats_dict(dropit::simt::host::last_stats()); }
 
 }  // namespace
 
@@ -188,17 +186,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dropit_cuda's CUDA kernel bodies run on CPU tensors by the host SIMT layer (tests only)";
   m.def("pack", &pack, py::arg("x"), py::arg("gamma"), py::arg("chunk"), py::arg("bitmap"),
         py::arg("seed") = py::none(), py::arg("threads") = 0, py::arg("source") = -1,
-        py::arg("smem_limit") = 227 * 1024, py::arg("grid") = 0, py::arg("variant") = "kernels",
+        py::arg("smem_limit") = 227 * 1024, py::arg("grid") = 0, py::arg("drop_barrier") = 0,
         py::arg("order") = "forward", py::arg("stack_kb") = 64,
         py::arg("start") = 0, py::arg("profile") = false, py::call_guard<py::gil_scoped_release>());
   m.def("unpack", &unpack, py::arg("values"), py::arg("index"), py::arg("numel"), py::arg("gamma"),
         py::arg("chunk"), py::arg("bitmap"), py::arg("threads") = 0, py::arg("grid") = 0,
-        py::arg("order") = "forward", py::arg("stack_kb") = 64, py::arg("start") = 0,
+        py::arg("drop_barrier") = 0, py::arg("order") = "forward", py::arg("stack_kb") = 64, py::arg("start") = 0,
         py::arg("profile") = false, py::call_guard<py::gil_scoped_release>());
   m.def("last_stats", &last_stats);
+  m.def("last_barrier_ids", &dropit::simt_test::last_barrier_ids,
+        "the barrier ids the last pack or unpack run called, sorted");
   m.def("pack_plan", &pack_plan, py::arg("numel"), py::arg("gamma"), py::arg("chunk"), py::arg("elem_bytes"),
         py::arg("random") = false, py::arg("smem_limit") = 227 * 1024);
   m.def("exchange", &dropit::simt_test::exchange, py::arg("op"), py::arg("threads"), py::arg("arg") = 0,
         py::arg("grid") = 1);
   m.def("misuse", &dropit::simt_test::misuse, py::arg("what"));
+  m.def("profile_case", [](const std::string& what) { return stats_dict(dropit::simt_test::profile_case(what)); },
+        py::arg("what"));
 }

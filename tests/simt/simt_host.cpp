@@ -259,6 +259,8 @@ void complete_warp(Machine& m, int w) {
     case WarpOp::kShflXor:
       for (int l = 0; l < kWarp; ++l) lanes[l].out = lanes[(l ^ lanes[l].arg) & (kWarp - 1)].in;
       break;
+    case WarpOp::kSync:
+      break;
     default:
       fail(m, "unknown warp intrinsic");
   }
@@ -269,6 +271,8 @@ void complete_warp(Machine& m, int w) {
     ++m.stats.ballots;
   } else if (op == WarpOp::kMatchAny) {
     ++m.stats.matches;
+  } else if (op == WarpOp::kSync) {
+    ++m.stats.warp_syncs;
   } else {
     ++m.stats.shuffles;
   }
@@ -326,12 +330,15 @@ void account_instruction(LaunchStats& st, const AccessRecord* recs, size_t n) {
     for (uintptr_t w : words) passes = std::max(passes, ++per_bank[w % 32]);
     ++st.shared_atomic_instr;
     st.shared_atomic_wavefronts += passes;
+    st.shared_conflict_passes += passes - 1;
     return;
   }
   std::sort(words.begin(), words.end());
   const size_t distinct = std::unique(words.begin(), words.end()) - words.begin();
   for (size_t i = 0; i < distinct; ++i) passes = std::max(passes, ++per_bank[words[i] % 32]);
-  passes = std::max<uint64_t>(passes, (distinct + 31) / 32);
+  const uint64_t ideal = std::max<uint64_t>(1, (distinct + 31) / 32);  // 128 bytes a pass
+  passes = std::max(passes, ideal);
+  st.shared_conflict_passes += passes - ideal;
   if (kind == Access::kLoad) {
     ++st.shared_load_instr;
     st.shared_load_wavefronts += passes;

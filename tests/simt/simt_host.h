@@ -4,8 +4,9 @@
 // ucontext elsewhere) on the calling OS thread.
 // A fiber runs until it reaches a barrier or a warp intrinsic, then yields:
 //  - sync() returns only when every thread of the block has reached it;
-//  - a warp intrinsic returns only when all 32 lanes of the warp have called
-//    the same intrinsic; the results are computed from all 32 lanes' values;
+//  - a warp intrinsic (and a warp barrier) returns only when all 32 lanes of
+//    the warp have called the same intrinsic; the results are computed from all
+//    32 lanes' values;
 //  - static shared memory (DROPIT_SHARED) and dynamic shared memory are per
 //    block and filled with a poison byte at the start of every block;
 //  - every global access (through simt::gptr) must lie inside one of the
@@ -61,10 +62,11 @@ struct LaunchStats {
   uint64_t switches = 0;      // fiber resumptions
   uint64_t barriers = 0;      // block barriers completed
   uint64_t barrier_warps = 0;  // barrier instructions issued (one per warp and barrier)
-  uint64_t warp_ops = 0;      // warp-wide exchanges completed (= the three below)
+  uint64_t warp_ops = 0;      // warp-wide exchanges completed (= the four below)
   uint64_t ballots = 0;
   uint64_t shuffles = 0;
   uint64_t matches = 0;
+  uint64_t warp_syncs = 0;    // warp barriers
   // Lane-level accesses and the bytes they move (always counted).
   uint64_t global_loads = 0, global_stores = 0;
   uint64_t global_load_bytes = 0, global_store_bytes = 0;
@@ -81,6 +83,8 @@ struct LaunchStats {
   uint64_t global_load_distinct_bytes = 0, global_store_distinct_bytes = 0;
   uint64_t shared_load_instr = 0, shared_store_instr = 0, shared_atomic_instr = 0;
   uint64_t shared_load_wavefronts = 0, shared_store_wavefronts = 0, shared_atomic_wavefronts = 0;
+  // The passes bank conflicts add: wavefronts beyond one per 128 bytes the instruction moves.
+  uint64_t shared_conflict_passes = 0;
 };
 
 // Runs `body` as `grid` blocks of `block_threads` threads (a multiple of 32,

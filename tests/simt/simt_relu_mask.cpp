@@ -27,7 +27,7 @@ Shape launch_shape(int64_t n, int64_t threads, int64_t grid, int64_t order, int6
   Shape s;
   s.threads = threads > 0 ? static_cast<int>(threads) : dropit::relu_kernels::kThreads;
   TORCH_CHECK(s.threads % 32 == 0 && s.threads <= 1024, "threads must be a multiple of 32 up to 1024");
-  s.grid = grid > 0 ? grid : dropit::relu_kernels::grid_for(n, s.threads);
+  s.grid = grid > 0 ? grid : dropit::relu_kernels::plan_relu_mask(n, s.threads).grid;
   TORCH_CHECK(order >= 0 && order <= 2, "order must be 0 (forward), 1 (reverse) or 2 (shuffled)");
   s.options.order = order == 0 ? LaunchOptions::Order::kForward
                                : (order == 1 ? LaunchOptions::Order::kReverse : LaunchOptions::Order::kShuffled);
