@@ -42,9 +42,10 @@ constexpr int kPackLoadAhead = 2;     // 16-byte loads in flight per thread in t
 // After the bins come 32 spare counters, one per lane, that take the keys of digit 0.
 constexpr size_t kPackWideBytes = sizeof(uint32_t) * kWideBins;
 static_assert(kPackWideBytes >= 2 * sizeof(uint32_t) * (kMaxChunk / 32), "masks of the largest chunk fit");
-// Static shared memory of the body (bytes): wide bins and spares, narrow bins, scan slots, the selection.
+// Static shared memory of the body (bytes): wide bins and spares, narrow bins, scan slots, the
+// chosen bin, the candidates' counts.
 constexpr size_t kPackStaticSmem = kPackWideBytes + sizeof(uint32_t) * (32 + kNarrowBins) + sizeof(uint64_t) * 32 +
-                                   sizeof(uint32_t) * 4;
+                                   sizeof(uint32_t) * (4 + 32);
 
 // Everything a pack launch needs; int64 where a product can pass 2^31.
 template <typename Bits>
@@ -132,9 +133,9 @@ struct ChunkKeys {
   }
 };
 
-// Calls f(bits) for each element of the chunk, each thread taking 16 bytes at a time (kLoadAhead
-// loads in flight) where `src` is 16-byte aligned, one element at a time otherwise and for the
-// tail. With `stage`, the bits are also stored to the same place of `staged`.
+// Calls f(v) for the elements of the chunk, v a Vec of 16 bytes of them at a time (kLoadAhead
+// loads in flight per thread) where `src` is 16-byte aligned, a Vec of one element otherwise and
+// for the tail. With `stage`, the bits are also stored to the same place of `staged`.
 template <int kLoadAhead, typename Bits, typename Src, typename F>
 DROPIT_DEVICE void for_each_element(Src src, int L, bool stage, simt::sptr<Bits> staged, const F& f) {
   constexpr int V = simt::kVec16<Bits>;
@@ -152,8 +153,7 @@ DROPIT_UNROLL
 DROPIT_UNROLL
     for (int u = 0; u < kLoadAhead; ++u) {
       if (stage) simt::store_vec(to + u * step, v[u]);
-DROPIT_UNROLL
-      for (int j = 0; j < V; ++j) f(v[u].v[j]);
+      f(v[u]);
     }
     from += kLoadAhead * step;
     to += kLoadAhead * step;
@@ -162,8 +162,7 @@ DROPIT_UNROLL
     for (; i < nvec; i += nthreads) {
       const simt::Vec<Bits, V> v = simt::load_vec<V>(from);
       if (stage) simt::store_vec(to, v);
-DROPIT_UNROLL
-      for (int j = 0; j < V; ++j) f(v.v[j]);
+      f(v);
       from += step;
       to += step;
     }
@@ -171,19 +170,26 @@ DROPIT_UNROLL
   for (int e = nvec * V + tid; e < L; e += nthreads) {
     const Bits bits = src[e];
     if (stage) staged[e] = bits;
-    f(bits);
+    f(simt::Vec<Bits, 1>{{bits}});
   }
 }
 
-// Calls f(key) for each key of the chunk (in no particular order), reading the keys as cheaply as
-// their source allows (random keys are computed, one element per thread at a time).
+// Calls f(keys) for the keys of the chunk (in no particular order), keys a Vec of up to 16 bytes
+// of them, reading them as cheaply as their source allows (random keys are computed, one element
+// per thread at a time).
 template <typename Bits, typename Key, KeySource Src, typename F>
 DROPIT_DEVICE void for_each_key(const ChunkKeys<Bits, Key, Src>& keys, int L, bool from_global, bool stage,
                                 const F& f) {
   if constexpr (Src == KeySource::kRandom) {
-    for (int e = simt::thread_idx(); e < L; e += simt::block_dim()) f(keys(e));
+    for (int e = simt::thread_idx(); e < L; e += simt::block_dim()) f(simt::Vec<Key, 1>{{keys(e)}});
   } else {
-    auto g = [&](Bits bits) { f(magnitude_key<Bits>(bits)); };
+    auto g = [&](const auto& v) {
+      constexpr int N = static_cast<int>(sizeof(v.v) / sizeof(v.v[0]));
+      simt::Vec<Key, N> k;
+DROPIT_UNROLL
+      for (int j = 0; j < N; ++j) k.v[j] = magnitude_key<Bits>(v.v[j]);
+      f(k);
+    };
     if (from_global) {
       for_each_element<kPackLoadAhead>(keys.x, L, stage, keys.staged, g);
     } else {
@@ -200,12 +206,16 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   // Significant key bits: a magnitude key's top bit (the sign) is always 0.
   constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);
   constexpr int kWideShift = kKeyBits - kWideBits;
-  constexpr int kCandidates = static_cast<int>(kPackWideBytes / sizeof(Key));  // buffer capacity
+  // Candidates: lane slot l (lane l of any warp) holds up to kPerLane keys, its i-th at i*32 + l,
+  // so lanes storing or reading their own slots touch distinct banks, and nobody contends for a
+  // counter (an atomic on one address, nvcc aggregates across the warp at some cost).
+  constexpr int kPerLane = static_cast<int>(kPackWideBytes / sizeof(Key) / 32);
   constexpr bool kStaged = Src == KeySource::kSharedBits;
   DROPIT_SHARED(uint32_t, wide, kWideBins + 32);  // wide bins (then candidates, then bitmap words), spares
   DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // narrow bins
   DROPIT_SHARED(uint64_t, slots, 32);          // block scans; warp 0's selection
-  DROPIT_SHARED(uint32_t, sel, 4);             // chosen bin, keys above it, keys in it; candidates
+  DROPIT_SHARED(uint32_t, sel, 4);             // chosen bin, keys above it, keys in it
+  DROPIT_SHARED(uint32_t, gathered, 32);       // candidates per lane slot
   const simt::sptr<uint32_t> slots32 = simt::ptr_cast<uint32_t>(slots);
   static_assert(kMaxChunk < (1 << 20), "need and count of a selection fit 20 bits");
   const simt::sptr<Key> candidates = simt::ptr_cast<Key>(wide);
@@ -247,14 +257,17 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
 
     // ---- 1. the wide digit ----
     for (int i = tid; i < kWideBins / 4; i += nthreads) simt::store_vec(wide + 4 * i, simt::Vec<uint32_t, 4>{});
-    if (tid == 0) sel[3] = 0u;  // the candidates' count
+    if (tid < 32) gathered[tid] = 0u;
     sync(kWideCleared);
     // Digit 0 (zeros among them, half of a ReLU output) goes to the lane's spare counter: no
     // branch, no atomics piling on one bin; choose_bin counts bin 0 by difference.
     const simt::sptr<uint32_t> spare = wide + (kWideBins + lane);
-    for_each_key(keys, L, /*from_global=*/true, kStaged, [&](Key key) {
-      const uint32_t d = static_cast<uint32_t>(key >> kWideShift);
-      simt::atomic_add_shared(d != 0 ? wide + d : spare, 1u);
+    for_each_key(keys, L, /*from_global=*/true, kStaged, [&](const auto& ks) {
+DROPIT_UNROLL
+      for (const Key key : ks.v) {
+        const uint32_t d = static_cast<uint32_t>(key >> kWideShift);
+        simt::atomic_add_shared(d != 0 ? wide + d : spare, 1u);
+      }
     });
     sync(kWideCounted);
     choose_bin<kWideBins>(BlockTeam(), wide, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots32, sel, sync,
@@ -264,20 +277,39 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
 
     // ---- 2. the bucket's keys, then narrower digits ----
     if (!s.whole()) {
-      // Gather the bucket's keys but its lowest (they count in bin 0 by number).
+      // Gather the bucket's keys but its lowest (they count in bin 0 by number) into the lane's
+      // slot: one atomic per 16 bytes of keys holding any.
       const Key fixed = static_cast<Key>(s.prefix >> kWideShift);
-      for_each_key(keys, L, /*from_global=*/!kStaged, false, [&](Key key) {
-        if (static_cast<Key>(key >> kWideShift) == fixed && key != s.prefix) {
-          const uint32_t slot = simt::atomic_add_shared(sel + 3, 1u);
-          if (slot < static_cast<uint32_t>(kCandidates)) candidates[slot] = key;
+      for_each_key(keys, L, /*from_global=*/!kStaged, false, [&](const auto& ks) {
+        uint32_t match = 0;
+        int j = 0;
+DROPIT_UNROLL
+        for (const Key key : ks.v) {
+          match |= static_cast<uint32_t>(static_cast<Key>(key >> kWideShift) == fixed && key != s.prefix) << j;
+          ++j;
+        }
+        if (match != 0) {
+          uint32_t slot = simt::atomic_add_shared(gathered + lane, static_cast<uint32_t>(simt::popc(match)));
+          j = 0;
+DROPIT_UNROLL
+          for (const Key key : ks.v) {
+            if ((match >> j) & 1u) {
+              if (slot < static_cast<uint32_t>(kPerLane)) candidates[slot * 32 + lane] = key;
+              ++slot;
+            }
+            ++j;
+          }
         }
       });
       sync(kCandidatesGathered);
-      const int gathered = static_cast<int>(static_cast<uint32_t>(sel[3]));
-      if (gathered <= kCandidates) {  // warp 0 alone, then it shares the selection through `slots`
+      const uint32_t mine = gathered[lane];  // every warp takes the same decision
+      if (simt::ballot(mine > static_cast<uint32_t>(kPerLane)) == 0) {
+        // Warp 0 alone, lane l on slot l; then it shares the selection through `slots`.
         if (warp == 0) {
-          narrow_selection(WarpTeam(), s, [&](int i) { return static_cast<Key>(candidates[i]); }, gathered, narrow,
-                           slots32, sel, sync);
+          auto own_candidates = [&](const auto& f) {
+            for (uint32_t i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
+          };
+          narrow_selection(WarpTeam(), s, own_candidates, narrow, slots32, sel, sync);
           if (lane == 0) {
             slots[0] = static_cast<uint64_t>(s.prefix);
             slots[1] = (static_cast<uint64_t>(s.shift) << 40) | (static_cast<uint64_t>(s.need) << 20) |
@@ -289,7 +321,10 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
         s = {static_cast<Key>(static_cast<uint64_t>(slots[0])), static_cast<int>(packed >> 40),
              static_cast<int>((packed >> 20) & 0xfffff), static_cast<int>(packed & 0xfffff)};
       } else {  // too crowded a bucket: every pass reads the whole chunk
-        narrow_selection(BlockTeam(), s, keys, L, narrow, slots32, sel, sync);
+        auto chunk_keys = [&](const auto& f) {
+          for (int e = tid; e < L; e += nthreads) f(keys(e));
+        };
+        narrow_selection(BlockTeam(), s, chunk_keys, narrow, slots32, sel, sync);
       }
     }
 

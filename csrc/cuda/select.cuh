@@ -125,14 +125,13 @@ DROPIT_DEVICE void take_bin(Selection<Key>& s, simt::sptr<uint32_t> sel, int shi
 }
 
 // Narrows a selection to a single key (or until its bucket is kept whole), kNarrowBits a step.
-// `key_of(i)` gives the i-th of `n` keys that hold the bucket's keys (other keys are skipped);
-// keys whose digit is 0 are not counted but fall in bin 0 by number, so a list may leave out keys
-// equal to the bucket's lowest key (their digits are 0 at every step). Every thread of the team
-// calls it.
-template <typename Team, typename Key, typename KeyOf, typename Sync>
-DROPIT_DEVICE void narrow_selection(Team team, Selection<Key>& s, const KeyOf& key_of, int n,
-                                    simt::sptr<uint32_t> hist, simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel,
-                                    const Sync& sync) {
+// `visit(f)`, called by each thread of the team, calls f(key) for that thread's share of keys
+// that hold the bucket's keys (other keys are skipped); keys whose digit is 0 are not counted but
+// fall in bin 0 by number, so the keys may leave out those equal to the bucket's lowest key (their
+// digits are 0 at every step). Every thread of the team calls it.
+template <typename Team, typename Key, typename Visit, typename Sync>
+DROPIT_DEVICE void narrow_selection(Team team, Selection<Key>& s, const Visit& visit, simt::sptr<uint32_t> hist,
+                                    simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync) {
   const int tid = team.rank();
   const int nthreads = team.size();
   while (s.shift > 0 && !s.whole()) {
@@ -142,11 +141,10 @@ DROPIT_DEVICE void narrow_selection(Team team, Selection<Key>& s, const KeyOf& k
     const Key fixed = static_cast<Key>(s.prefix >> high);
     for (int i = tid; i < kNarrowBins; i += nthreads) hist[i] = 0u;
     team.sync(sync, kNarrowCleared);
-    for (int i = tid; i < n; i += nthreads) {
-      const Key key = key_of(i);
+    visit([&](Key key) {
       const uint32_t d = static_cast<uint32_t>((key >> shift) & digit_mask);
       if (static_cast<Key>(key >> high) == fixed && d != 0) simt::atomic_add_shared(hist + d, 1u);
-    }
+    });
     team.sync(sync, kNarrowCounted);
     choose_bin<kNarrowBins>(team, hist, static_cast<uint32_t>(s.count), static_cast<uint32_t>(s.need), slots, sel,
                             sync, kNarrowScanned, kNarrowChosen);
