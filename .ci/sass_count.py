@@ -12,9 +12,9 @@ divergent-warp fallbacks the compiler parks after the final trap are counted apa
 then each innermost loop (a backward branch that encloses no other) with its size and the
 instructions in it that the host SIMT layer also counts ("seen": global and shared loads,
 stores and atomics, warp votes, shuffles and matches, barriers). "per seen" is the loops'
-instructions per seen instruction: how many instructions the kernel's element loops really issue
-for each one the host layer counts (benchmarks/bench_kernel_cost.py uses it as the cost model's
-overhead factor).
+instructions per seen instruction. The JSON also lists every seen instruction with its chain of
+kernel-header source lines and its loop: benchmarks/bench_kernel_cost.py matches them to the host
+layer's sites to weigh each loop by how often it runs.
 """
 
 from __future__ import annotations
@@ -69,7 +69,11 @@ class Instr:
     op: str
     target: str  # branch target (address or label), "" otherwise
     predicated: bool
-    line: str    # "file.cuh:N" of the innermost kernel-header frame, "" without line info
+    chain: list  # "file.cuh:N" of its kernel-header frames, innermost first; empty without line info
+
+    @property
+    def line(self) -> str:
+        return self.chain[0] if self.chain else ""
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Loop:
     size: int = 0
     seen: dict = field(default_factory=dict)
     lines: str = ""
+    blocks: list = field(default_factory=list)  # sizes of its basic blocks, in address order
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -95,14 +100,10 @@ def demangle(names: list[str]) -> list[str]:
     return short
 
 
-def kernel_line(frames: list[tuple[str, int]]) -> str:
-    """The line of an instruction in the kernel headers: the innermost frame in csrc/cuda/*.cuh
-    that is not the portability layer."""
-    for f, n in frames:
-        base = os.path.basename(f)
-        if f.endswith(".cuh") and base != "simt.cuh":
-            return f"{base}:{n}"
-    return ""
+def kernel_chain(frames: list[tuple[str, int]]) -> list[str]:
+    """An instruction's place in the kernel headers: its frames in csrc/cuda/*.cuh other than the
+    portability layer, innermost first (the host layer's sites resolve to the same chains)."""
+    return [f"{os.path.basename(f)}:{n}" for f, n in frames if f.endswith(".cuh") and os.path.basename(f) != "simt.cuh"]
 
 
 def parse(text: str, func_re: re.Pattern) -> dict[str, list[Instr]]:
@@ -135,7 +136,7 @@ def parse(text: str, func_re: re.Pattern) -> dict[str, list[Instr]]:
                 t = re.search(r"\(?(\.L_x_\d+)\)?|(0x[0-9a-f]+)", args)
                 if t:
                     target = t.group(1) or t.group(2)
-            cur.append(Instr(int(m.group(1), 16), op, target, m.group(2) is not None, kernel_line(frames)))
+            cur.append(Instr(int(m.group(1), 16), op, target, m.group(2) is not None, kernel_chain(frames)))
     return funcs
 
 
@@ -154,6 +155,30 @@ def analyse(instrs: list[Instr], label_addr: dict[str, int]) -> dict:
                 loops.append(Loop(t, i.addr))
     innermost = [lp for lp in loops
                  if not any(o is not lp and lp.start <= o.start and o.end <= lp.end for o in loops)]
+    innermost.sort(key=lambda lp: lp.start)
+    # Basic blocks inside the loops: a block starts at a branch target and after a branch.
+    targets = {resolve(i.target, label_addr) for i in main if i.target}
+    block_starts = set(targets)
+    for k, i in enumerate(main[:-1]):
+        if i.op.split(".")[0] in ("BRA", "BRX", "JMP", "EXIT", "RET", "CALL", "BREAK", "WARPSYNC", "BSYNC"):
+            block_starts.add(main[k + 1].addr)
+    block_of = {}
+    for li, lp in enumerate(innermost):
+        sizes, b = [], -1
+        for i in main:
+            if lp.start <= i.addr <= lp.end:
+                if b < 0 or i.addr in block_starts:
+                    sizes.append(0)
+                    b += 1
+                sizes[b] += 1
+                block_of[i.addr] = (li, b)
+        lp.blocks = sizes
+    seen_list = []  # every seen instruction: class, chain, innermost loop and block (or -1, -1)
+    for i in main:
+        cls = SEEN.get(i.op.split(".")[0])
+        if cls:
+            loop, block = block_of.get(i.addr, (-1, -1))
+            seen_list.append([cls, i.chain, loop, block])
     for lp in innermost:
         lines = []
         for i in main:
@@ -173,12 +198,14 @@ def analyse(instrs: list[Instr], label_addr: dict[str, int]) -> dict:
     return {
         "instructions": len(main),
         "cold_instructions": len(instrs) - len(main),
-        "seen_instructions": sum(1 for i in main if i.op.split(".")[0] in SEEN),
+        "seen_instructions": len(seen_list),
         "loops": len(loops),
         "innermost_loops": [
-            {"start": hex(lp.start), "size": lp.size, "seen": lp.seen, "lines": lp.lines} for lp in innermost
+            {"start": hex(lp.start), "size": lp.size, "seen": lp.seen, "lines": lp.lines, "blocks": lp.blocks}
+            for lp in innermost
         ],
         "loop_instructions_per_seen": (size / seen) if seen else None,
+        "seen_list": seen_list,
     }
 
 

@@ -2,25 +2,34 @@
 
 The host SIMT layer (tests/simt/) runs the kernels' own source and counts, per launch: global
 bytes read and written (distinct bytes per warp instruction: lanes reading one word count it
-once; and the 32-byte sectors the warp instructions touch), shared-memory
-loads, stores and atomics (lane accesses, warp instructions, and wavefronts: the passes bank
-conflicts add), block barriers and warp collectives (ballots, shuffles, matches). The layer
-sees these operations only; it groups each warp's lanes into warp instructions by assuming
-lockstep (the n-th execution of an access site by each lane is one warp instruction).
+once; and the 32-byte sectors the warp instructions touch), shared-memory loads, stores and
+atomics (lane accesses, warp instructions, and wavefronts: the passes bank conflicts add), block
+and warp barriers and warp collectives (ballots, shuffles, matches). The layer sees these
+operations only; it groups each warp's lanes into warp instructions by assuming lockstep (the
+n-th execution of an access site by each lane is one warp instruction).
 
-Modelled warp instructions = seen x R + replays, where
-- seen: the warp instructions the layer counts (global and shared loads, stores, atomics,
-  ballots, shuffles, matches, warp barriers, one block barrier per warp);
-- R: the instructions the kernel's innermost loops carry per seen instruction in its SASS
-  (`.ci/sass_count.py --json`, given with --sass; sm_90 by default): the address arithmetic,
-  compares, loop control and branches around each seen instruction, as compiled;
-- replays: the passes bank conflicts add to shared accesses (wavefronts beyond one per 128
+Modelled warp instructions (with --sass, the JSON of `.ci/sass_count.py` for these kernels,
+sm_90 by default):
+- the host layer's sites (each access or warp intrinsic of the kernel body, with its warp
+  instructions) are matched to the seen SASS instructions (global and shared accesses, warp
+  collectives and barriers) of the same class and chain of kernel-header source lines (the
+  host build carries line tables for this), the innermost line within 4 (see
+  assign_executions), and their warp instructions shared among them;
+- each basic block of an innermost SASS loop runs as often as its most executed class of seen
+  instructions (the class's executions over its instructions in the block: compilers may put an
+  instruction on the next source line); a block without seen instructions, as often as the
+  loop's most run block; each costs its size (its instructions, as nvcc compiled them) per run;
+- the seen instructions outside those loops (setup, scans, barriers, and any the matching
+  missed) cost the static ratio of the code outside the loops per seen instruction;
+- plus replays: the passes bank conflicts add to shared accesses (wavefronts beyond one per 128
   bytes moved; an atomic's lanes on one bank take a pass each, same address or not).
-It cannot see: code outside loops (per-chunk setup and scans; small for D >= 1024),
-divergence (lanes of a warp that skip work still take the warp's issue slots), latency and
-stalls, and how well the loops that run most match the kernel's average R. Without --sass the
-modelled column is left out.
+It cannot see: branches around blocks with no seen instruction (such a block counts every run of
+its loop), lanes that skip work (they still occupy the warp's issue slots), latency, stalls and
+memory bandwidth. The
+share of the host's seen instructions matched to SASS is printed: the model is only as good as
+that share.
 
+    python .ci/sass_count.py --json sass.json <pack_cuda.o or the built _C*.so>
     python benchmarks/bench_kernel_cost.py --sass sass.json --json cost.json
     python benchmarks/bench_kernel_cost.py --dtypes float32 --chunks 16384 --gammas 0.9
 
@@ -33,7 +42,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -68,7 +80,102 @@ def kernel_name(op: str, elem_bytes: int, source: str = "") -> str:
     return f"void unpack_bitmap_kernel<{bits}>"
 
 
-def summarise(stats: dict, n: int, chunks: int, ratio: float | None) -> dict:
+def site_chains(module, addresses) -> dict[int, tuple]:
+    """Each site address (a return address in the host build of the kernels) as its chain of
+    kernel-header source lines, innermost first, as .ci/sass_count.py gives them for SASS."""
+    path = os.path.realpath(module.__file__)
+    base = None
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and os.path.realpath(fields[5]) == path and int(fields[2], 16) == 0:
+                base = int(fields[0].split("-")[0], 16)
+                break
+    if base is None or not addresses:
+        return {}
+    addrs = sorted(set(addresses))
+    # The call instruction is just before the return address.
+    out = subprocess.run(["addr2line", "-e", path, "-f", "-i", "-p", "-a"] + [hex(a - base - 1) for a in addrs],
+                         capture_output=True, text=True, check=True).stdout
+    chains, cur = {}, None
+    for line in out.splitlines():
+        m = re.match(r"^0x([0-9a-f]+): (.*)$", line)
+        if m:
+            cur = int(m.group(1), 16) + base + 1
+            chains[cur] = []
+            rest = m.group(2)
+        else:
+            rest = line.strip()
+        loc = re.search(r" at (\S+):(\d+)", rest)
+        if cur is not None and loc:
+            f = loc.group(1)
+            if f.endswith(".cuh") and os.path.basename(f) != "simt.cuh":
+                chains[cur].append(f"{os.path.basename(f)}:{loc.group(2)}")
+    return {a: tuple(c) for a, c in chains.items()}
+
+
+def assign_executions(stats: dict, kernel: dict, chains: dict) -> tuple[list, float]:
+    """The host's warp instructions spread over the kernel's seen SASS instructions, and the share
+    of them that found SASS instructions.
+
+    A site goes to the SASS instructions of its class whose chain of source lines equals its own
+    but for the innermost line, which may differ by up to 4 (nvcc attributes an instruction to
+    any line of its statement, after scheduling): those inside innermost loops if any (copies
+    outside are a loop's peeled runs), of those the nearest lines."""
+    by_place = {}
+    for idx, (cls, chain, loop, _) in enumerate(kernel["seen_list"]):
+        if chain:
+            f, line = chain[0].rsplit(":", 1)
+            by_place.setdefault((cls, f, tuple(chain[1:])), []).append((int(line), loop >= 0, idx))
+    runs = [0.0] * len(kernel["seen_list"])
+    assigned = total = 0
+    for address, kind, count in stats["sites"]:
+        total += count
+        chain = chains.get(address, ())
+        if not chain:
+            continue
+        f, line = chain[0].rsplit(":", 1)
+        cands = [c for c in by_place.get((kind, f, tuple(chain[1:])), []) if abs(c[0] - int(line)) <= 4]
+        if not cands:
+            continue
+        if any(c[1] for c in cands):
+            cands = [c for c in cands if c[1]]
+        nearest = min(abs(c[0] - int(line)) for c in cands)
+        cands = [c for c in cands if abs(c[0] - int(line)) == nearest]
+        for _, _, idx in cands:
+            runs[idx] += count / len(cands)
+        assigned += count
+    return runs, (assigned / total if total else 1.0)
+
+
+def modelled_instructions(stats: dict, kernel: dict, chains: dict) -> tuple[float, float]:
+    """(modelled warp instructions without replays, share of the seen instructions matched)."""
+    runs, share = assign_executions(stats, kernel, chains)
+    loops = kernel["innermost_loops"]
+    # Per basic block and class: the executions of its seen instructions over their number there.
+    runs_by_class, count_by_class = Counter(), Counter()
+    in_loops_matched = 0.0
+    for (cls, _, loop, block), r in zip(kernel["seen_list"], runs):
+        if loop >= 0:
+            runs_by_class[(loop, block, cls)] += r
+            count_by_class[(loop, block, cls)] += 1
+            in_loops_matched += r
+    block_runs = {}
+    for (loop, block, cls), n in count_by_class.items():
+        block_runs[(loop, block)] = max(block_runs.get((loop, block), 0.0), runs_by_class[(loop, block, cls)] / n)
+    in_loops = 0.0
+    for li, lp in enumerate(loops):
+        loop_runs = max((r for (l, _), r in block_runs.items() if l == li), default=0.0)
+        for b, size in enumerate(lp["blocks"]):
+            in_loops += size * block_runs.get((li, b), loop_runs)
+    loop_seen_static = sum(sum(lp["seen"].values()) for lp in loops)
+    rest_ratio = (kernel["instructions"] - sum(lp["size"] for lp in loops)) / max(
+        1, kernel["seen_instructions"] - loop_seen_static)
+    seen = sum(stats[k] for k in SEEN)
+    return in_loops + max(0.0, seen - in_loops_matched) * rest_ratio, share
+
+
+def summarise(stats: dict, n: int, chunks: int, model: tuple[float, float] | None) -> dict:
     seen = sum(stats[k] for k in SEEN)
     replays = stats["shared_conflict_passes"]
     out = {
@@ -81,15 +188,16 @@ def summarise(stats: dict, n: int, chunks: int, ratio: float | None) -> dict:
         "barriers": stats["barriers"],
         "warp_collectives": stats["ballots"] + stats["shuffles"] + stats["matches"] + stats.get("warp_syncs", 0),
         "seen_warp_instructions": seen, "shared_replays": replays,
-        "modelled_warp_instructions": None if ratio is None else seen * ratio + replays,
+        "modelled_warp_instructions": None if model is None else model[0] + replays,
     }
     return {
         "per_element": {k: (v / n if v is not None else None) for k, v in out.items()},
         "per_chunk": {k: (v / chunks if v is not None else None) for k, v in out.items()},
+        "matched_share": None if model is None else model[1],
     }
 
 
-def measure(simt, dtype: str, chunk: int, gamma: float, kind: str, chunks: int, ratios: dict) -> list[dict]:
+def measure(simt, dtype: str, chunk: int, gamma: float, kind: str, chunks: int, sass: dict) -> list[dict]:
     n = chunk * chunks
     x = data(kind, n, DTYPES[dtype], seed=chunk)
     es = x.element_size()
@@ -105,7 +213,11 @@ def measure(simt, dtype: str, chunk: int, gamma: float, kind: str, chunks: int, 
                             ("unpack", unpack_stats, kernel_name("unpack", es))):
         row = {"op": op, "dtype": dtype, "chunk": chunk, "gamma": gamma, "data": kind, "numel": n,
                "kernel": name, "threads": plan["threads"] if op == "pack" else None}
-        row.update(summarise(stats, n, chunks, ratios.get(name)))
+        model = None
+        if name in sass:
+            chains = site_chains(simt, [address for address, _, _ in stats["sites"]])
+            model = modelled_instructions(stats, sass[name], chains)
+        row.update(summarise(stats, n, chunks, model))
         rows.append(row)
     return rows
 
@@ -130,12 +242,13 @@ def print_tables(rows: list[dict], baseline: dict[tuple, dict]) -> None:
               f"{fmt(e['modelled_warp_instructions'], 7, 3)}")
     print("\nPer chunk (block barriers, warp collectives, shared wavefronts, 32-byte sectors, warp instructions):")
     print(f"{'op':6} {'dtype':8} {'D':>6} {'gamma':>5} {'data':6} | {'barrier':>7} {'collect':>8} {'wavefr':>8} "
-          f"{'sectors':>8} | {'seen':>8} {'model':>9}")
+          f"{'sectors':>8} | {'seen':>8} {'model':>9} {'matched':>7}")
     for r in rows:
         c = r["per_chunk"]
         print(f"{r['op']:6} {r['dtype']:8} {r['chunk']:>6} {r['gamma']:>5} {r['data']:6} | {fmt(c['barriers'], 7, 0)} "
               f"{fmt(c['warp_collectives'], 8, 0)} {fmt(c['shared_wavefronts'], 8, 0)} {fmt(c['global_sectors'], 8, 0)} | "
-              f"{fmt(c['seen_warp_instructions'], 8, 0)} {fmt(c['modelled_warp_instructions'], 9, 0)}")
+              f"{fmt(c['seen_warp_instructions'], 8, 0)} {fmt(c['modelled_warp_instructions'], 9, 0)} "
+              f"{fmt(r['matched_share'], 7, 2)}")
     if not baseline:
         return
     print("\nModelled warp instructions per element, today's kernels (baseline) against these:")
@@ -163,24 +276,21 @@ def main() -> None:
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
 
-    ratios = {}
-    if args.sass:
-        sass = json.loads(Path(args.sass).read_text())[args.arch]
-        ratios = {name: k["loop_instructions_per_seen"] for name, k in sass.items()}
+    sass = json.loads(Path(args.sass).read_text())[args.arch] if args.sass else {}
     baseline = {}
     if args.baseline and os.path.exists(args.baseline):
         baseline = {key(r): r for r in json.loads(Path(args.baseline).read_text())["results"]}
-    simt = load()
+    simt = load(debug_info=bool(sass))  # line tables, to match the profile's sites to SASS
     rows = []
     for dtype in args.dtypes:
         for chunk in args.chunks:
             chunks = max(2, -(-args.elements // chunk))
             for gamma in args.gammas:
                 for kind in args.data:
-                    rows.extend(measure(simt, dtype, chunk, gamma, kind, chunks, ratios))
+                    rows.extend(measure(simt, dtype, chunk, gamma, kind, chunks, sass))
     print_tables(rows, baseline)
     if args.json:
-        meta = {"sass": args.sass, "arch": args.arch, "ratios": ratios, "torch": torch.__version__}
+        meta = {"sass": args.sass, "arch": args.arch, "torch": torch.__version__}
         Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
 
 

@@ -341,16 +341,20 @@ DROPIT_UNROLL
     const int w_end = w_begin + warp_words < used_words ? w_begin + warp_words : used_words;
     int cw = w_begin;
     for (; cw + 2 <= w_end && cw + 2 <= full_words; cw += 2) {
-      const Key k0 = keys(32 * cw + lane), k1 = keys(32 * cw + 32 + lane);
-      const simt::Vec<uint32_t, 4> m{{simt::ballot(k0 > highest), simt::ballot(k0 >= lowest),
-                                      simt::ballot(k1 > highest), simt::ballot(k1 >= lowest)}};
-      if (lane == 0) simt::store_vec(masks + 2 * cw, m);
+      const Key k0 = keys(32 * cw + lane);
+      const Key k1 = keys(32 * cw + 32 + lane);
+      const uint32_t above0 = simt::ballot(k0 > highest);
+      const uint32_t from0 = simt::ballot(k0 >= lowest);
+      const uint32_t above1 = simt::ballot(k1 > highest);
+      const uint32_t from1 = simt::ballot(k1 >= lowest);
+      if (lane == 0) simt::store_vec(masks + 2 * cw, simt::Vec<uint32_t, 4>{{above0, from0, above1, from1}});
     }
     for (; cw < w_end; ++cw) {
       const bool in = 32 * cw + lane < L;
       const Key key = in ? keys(32 * cw + lane) : Key(0);
-      const simt::Vec<uint32_t, 2> m{{simt::ballot(in && key > highest), simt::ballot(in && key >= lowest)}};
-      if (lane == 0) simt::store_vec(masks + 2 * cw, m);
+      const uint32_t above = simt::ballot(in && key > highest);
+      const uint32_t from = simt::ballot(in && key >= lowest);
+      if (lane == 0) simt::store_vec(masks + 2 * cw, simt::Vec<uint32_t, 2>{{above, from}});
     }
     sync(kMasksWritten);
     // Thread t owns words [t*R, t*R + R): counts, one scan, then its words and values.

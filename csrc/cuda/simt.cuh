@@ -22,7 +22,9 @@
 //  - a subscript (p[i]) is read or written at once: never keep it in an `auto`
 //    (on the host it is a reference object that accesses memory when used);
 //  - loops of a fixed trip count that nvcc unrolls are marked DROPIT_UNROLL
-//    (the host layer's warp-instruction counts pair each copy's lanes);
+//    (the host layer's warp-instruction counts pair each copy's lanes), and a
+//    statement holds one memory access or warp intrinsic per source line (the
+//    cost model matches the host's sites to SASS by source line);
 //  - launch syntax and stream handling live in the .cu launchers only.
 #pragma once
 
@@ -197,9 +199,10 @@ DROPIT_DEVICE int clz(uint32_t v) { return __clz(static_cast<int>(v)); }  // 32 
 
 #elif defined(DROPIT_SIMT_HOST)
 
-// Inlined into the kernel body, so that the host layer's access hook sees the
-// kernel's own code as its caller (one site per memory instruction).
-#define DROPIT_DEVICE inline
+// Everything is inlined into the kernel body, as nvcc does: the host layer's
+// hooks then see the kernel's own code as their caller (one site per memory
+// instruction or warp intrinsic), with the same chain of inlined source lines.
+#define DROPIT_DEVICE inline __attribute__((always_inline))
 #define DROPIT_SIMT_INLINE inline __attribute__((always_inline))
 // Unrolled on the host too, so that each copy of an access is a site of its own, as on the GPU.
 #define DROPIT_UNROLL _Pragma("GCC unroll 16")
@@ -222,8 +225,9 @@ void sync();
 void* static_shared(size_t bytes, size_t align);
 void* dynamic_shared();
 // One warp-wide exchange: every lane passes its value (and argument); returns
-// this lane's result once all 32 lanes have arrived.
-uint64_t warp_op(WarpOp op, uint64_t value, int arg);
+// this lane's result once all 32 lanes have arrived. Never inlined: its return
+// address tells the call sites apart.
+__attribute__((noinline)) uint64_t warp_op(WarpOp op, uint64_t value, int arg);
 // Checks one access of `bytes` at p (inside a registered global buffer, or
 // inside the block's shared memory; aligned to `align`; a store needs a
 // writable buffer) and counts it. A failed check stops the launch with an
@@ -297,7 +301,7 @@ inline int block_dim() { return host::block_dim(); }
 inline int64_t block_idx() { return host::block_idx(); }
 inline int64_t grid_dim() { return host::grid_dim(); }
 inline void sync() { host::sync(); }
-inline void syncwarp() { host::warp_op(host::WarpOp::kSync, 0, 0); }
+DROPIT_SIMT_INLINE void syncwarp() { host::warp_op(host::WarpOp::kSync, 0, 0); }
 
 template <typename T>
 inline sptr<T> dynamic_shared() {
@@ -337,17 +341,17 @@ DROPIT_SIMT_INLINE void store_vec(const Ptr<T, S>& p, const Vec<T, N>& v) {
   std::memcpy(p.get(), &v, sizeof(v));
 }
 
-inline uint32_t ballot(bool pred) {
+DROPIT_SIMT_INLINE uint32_t ballot(bool pred) {
   return static_cast<uint32_t>(host::warp_op(host::WarpOp::kBallot, pred ? 1u : 0u, 0));
 }
 
-inline uint32_t match_any(uint32_t v) {
+DROPIT_SIMT_INLINE uint32_t match_any(uint32_t v) {
   return static_cast<uint32_t>(host::warp_op(host::WarpOp::kMatchAny, v, 0));
 }
 
 namespace detail {
 template <typename T>
-inline T exchange(host::WarpOp op, T v, int arg) {
+DROPIT_SIMT_INLINE T exchange(host::WarpOp op, T v, int arg) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffles move up to 8 bytes");
   uint64_t u = 0;
   std::memcpy(&u, &v, sizeof(T));
@@ -359,13 +363,13 @@ inline T exchange(host::WarpOp op, T v, int arg) {
 }  // namespace detail
 
 template <typename T>
-inline T shfl(T v, int src_lane) { return detail::exchange(host::WarpOp::kShfl, v, src_lane); }
+DROPIT_SIMT_INLINE T shfl(T v, int src_lane) { return detail::exchange(host::WarpOp::kShfl, v, src_lane); }
 template <typename T>
-inline T shfl_up(T v, int delta) { return detail::exchange(host::WarpOp::kShflUp, v, delta); }
+DROPIT_SIMT_INLINE T shfl_up(T v, int delta) { return detail::exchange(host::WarpOp::kShflUp, v, delta); }
 template <typename T>
-inline T shfl_down(T v, int delta) { return detail::exchange(host::WarpOp::kShflDown, v, delta); }
+DROPIT_SIMT_INLINE T shfl_down(T v, int delta) { return detail::exchange(host::WarpOp::kShflDown, v, delta); }
 template <typename T>
-inline T shfl_xor(T v, int lane_mask) { return detail::exchange(host::WarpOp::kShflXor, v, lane_mask); }
+DROPIT_SIMT_INLINE T shfl_xor(T v, int lane_mask) { return detail::exchange(host::WarpOp::kShflXor, v, lane_mask); }
 
 inline int popc(uint32_t v) { return __builtin_popcount(v); }
 inline int ffs(uint32_t v) { return v == 0 ? 0 : __builtin_ctz(v) + 1; }

@@ -108,13 +108,16 @@ DROPIT_DEVICE void unpack_bitmap_block(const UnpackParams<Bits>& p, Sync sync = 
       const int e0 = i * V;
       const simt::Vec<uint32_t, 2> wp = simt::load_vec<2>(words + 2 * (e0 >> 5));
       const int bit0 = e0 & 31;
-      uint32_t p0 = wp.v[1] + static_cast<uint32_t>(simt::popc(wp.v[0] & bitmap::low_bits(bit0)));
+      const uint32_t marked = (wp.v[0] >> bit0) & ((1u << V) - 1u);
+      // The group's marked elements take the values from `first` on, as far as the chunk has them.
+      const uint32_t first = wp.v[1] + static_cast<uint32_t>(simt::popc(wp.v[0] & bitmap::low_bits(bit0)));
       simt::Vec<Bits, V> out;
+      uint32_t pos = first;
 DROPIT_UNROLL
       for (int j = 0; j < V; ++j) {
-        const bool marked = (wp.v[0] >> (bit0 + j)) & 1u;
-        out.v[j] = marked && p0 < static_cast<uint32_t>(k) ? static_cast<Bits>(vc[p0]) : Bits(0);
-        p0 += marked ? 1u : 0u;
+        const bool m = (marked >> j) & 1u;
+        out.v[j] = m && pos < static_cast<uint32_t>(k) ? static_cast<Bits>(vc[pos]) : Bits(0);
+        pos += m ? 1u : 0u;
       }
       simt::store_vec(oc + e0, out);
     }

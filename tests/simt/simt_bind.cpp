@@ -175,6 +175,14 @@ py::dict stats_dict(const dropit::simt::host::LaunchStats& s) {
   DROPIT_STAT(shared_atomic_wavefronts);
   DROPIT_STAT(shared_conflict_passes);
 #undef DROPIT_STAT
+  static const char* kKinds[] = {"global load", "global store", "shared load", "shared store", "shared atomic",
+                                 "vote", "shuffle", "match", "warp barrier"};
+  py::list sites;
+  for (const auto& site : s.sites) {
+    sites.append(py::make_tuple(reinterpret_cast<uintptr_t>(site.address), kKinds[static_cast<int>(site.kind)],
+                                site.warp_instructions));
+  }
+  d["sites"] = sites;
   return d;
 }
 

@@ -88,6 +88,7 @@ struct Fiber {
   WarpOp op = WarpOp::kBallot;
   uint64_t in = 0, out = 0;
   int arg = 0;
+  const void* op_site = nullptr;  // profile: where this lane called the warp intrinsic
   std::vector<AccessRecord> log;  // profile only
 };
 
@@ -130,7 +131,7 @@ struct Machine {
   std::vector<size_t> slot_bytes;      // capacity
   std::vector<size_t> slot_declared;   // bytes declared in this block
   size_t slots_used = 0;
-  std::unordered_map<const void*, uint32_t> sites;  // profile: access site -> id
+  std::unordered_map<const void*, uint32_t> sites;  // profile: site -> index in stats.sites
   AlignedBuffer dyn;
   size_t dyn_bytes = 0;
   std::string error;
@@ -221,6 +222,13 @@ void init_fiber(Machine& m, Fiber& f, char* stack, size_t bytes) {
 #endif
 }
 
+// The index of a site in the launch's stats (added on first use).
+uint32_t site_index(Machine& m, const void* address, LaunchStats::SiteKind kind) {
+  auto [it, added] = m.sites.try_emplace(address, static_cast<uint32_t>(m.stats.sites.size()));
+  if (added) m.stats.sites.push_back({address, kind, 0});
+  return it->second;
+}
+
 void complete_warp(Machine& m, int w) {
   Fiber* lanes = &m.fibers[static_cast<size_t>(w) * kWarp];
   const WarpOp op = lanes[0].op;
@@ -267,6 +275,14 @@ void complete_warp(Machine& m, int w) {
   for (int l = 0; l < kWarp; ++l) lanes[l].state = State::kRunnable;
   m.warp_arrived[w] = 0;
   ++m.stats.warp_ops;
+  if (m.opt.profile) {
+    using K = LaunchStats::SiteKind;
+    const K kind = op == WarpOp::kBallot ? K::kBallot
+                   : op == WarpOp::kMatchAny ? K::kMatch
+                   : op == WarpOp::kSync     ? K::kWarpSync
+                                             : K::kShuffle;
+    ++m.stats.sites[site_index(m, lanes[0].op_site, kind)].warp_instructions;
+  }
   if (op == WarpOp::kBallot) {
     ++m.stats.ballots;
   } else if (op == WarpOp::kMatchAny) {
@@ -299,6 +315,7 @@ std::string describe_states(const Machine& m) {
 void account_instruction(LaunchStats& st, const AccessRecord* recs, size_t n) {
   const auto space = static_cast<Space>(recs[0].space);
   const auto kind = static_cast<Access>(recs[0].kind);
+  ++st.sites[recs[0].site].warp_instructions;
   if (space == Space::kGlobal) {
     std::vector<uintptr_t> sectors, bytes;
     for (size_t i = 0; i < n; ++i) {
@@ -461,6 +478,7 @@ uint64_t warp_op(WarpOp op, uint64_t value, int arg) {
   f->op = op;
   f->in = value;
   f->arg = arg;
+  if (m.opt.profile) f->op_site = __builtin_return_address(0);
   const int w = f->tid / kWarp;
   if (++m.warp_arrived[w] == kWarp) complete_warp(m, w);
   yield(m);
@@ -553,10 +571,13 @@ void access(Space space, Access kind, const void* p, size_t bytes, size_t align)
     }
   }
   if (m.opt.profile) {
-    const void* site = __builtin_return_address(0);
-    auto it = m.sites.try_emplace(site, static_cast<uint32_t>(m.sites.size())).first;
-    m.cur->log.push_back({it->second, static_cast<uint8_t>(space), static_cast<uint8_t>(kind),
-                          static_cast<uint16_t>(bytes), a});
+    using K = LaunchStats::SiteKind;
+    const K site_kind = space == Space::kGlobal ? (kind == Access::kLoad ? K::kGlobalLoad : K::kGlobalStore)
+                        : kind == Access::kLoad  ? K::kSharedLoad
+                        : kind == Access::kStore ? K::kSharedStore
+                                                 : K::kSharedAtomic;
+    m.cur->log.push_back({site_index(m, __builtin_return_address(0), site_kind), static_cast<uint8_t>(space),
+                          static_cast<uint8_t>(kind), static_cast<uint16_t>(bytes), a});
   }
 }
 

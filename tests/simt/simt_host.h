@@ -85,6 +85,17 @@ struct LaunchStats {
   uint64_t shared_load_wavefronts = 0, shared_store_wavefronts = 0, shared_atomic_wavefronts = 0;
   // The passes bank conflicts add: wavefronts beyond one per 128 bytes the instruction moves.
   uint64_t shared_conflict_passes = 0;
+  // Warp instructions per site (profile only): the call's return address in the kernel body and
+  // what it does (a memory access's space and kind, or a warp intrinsic).
+  enum class SiteKind : int {
+    kGlobalLoad, kGlobalStore, kSharedLoad, kSharedStore, kSharedAtomic, kBallot, kShuffle, kMatch, kWarpSync
+  };
+  struct Site {
+    const void* address;
+    SiteKind kind;
+    uint64_t warp_instructions;
+  };
+  std::vector<Site> sites;
 };
 
 // Runs `body` as `grid` blocks of `block_threads` threads (a multiple of 32,
