@@ -116,19 +116,11 @@ struct ChunkKeys {
       return x[e];
     }
   }
-  DROPIT_DEVICE Key key_of_bits(Bits bits, int e) const {
+  DROPIT_DEVICE Key operator()(int e) const {
     if constexpr (Src == KeySource::kRandom) {
       return random_key(seed, static_cast<uint64_t>(base + e));
     } else {
-      (void)e;
-      return magnitude_key<Bits>(bits);
-    }
-  }
-  DROPIT_DEVICE Key operator()(int e) const {
-    if constexpr (Src == KeySource::kRandom) {
-      return key_of_bits(Bits(0), e);
-    } else {
-      return key_of_bits(value(e), e);
+      return magnitude_key<Bits>(value(e));
     }
   }
 };
@@ -199,8 +191,8 @@ DROPIT_UNROLL
 }
 
 // The body of the pack kernel. Key is Bits for magnitude keys, uint32_t for random keys. Needs
-// blockDim.x a multiple of 32 up to kPackMaxThreads and, for kSharedBits, chunk * sizeof(Bits) bytes of
-// dynamic shared memory. `sync` is the barrier policy (simt::BlockSync in production).
+// blockDim.x a multiple of 32 up to kPackMaxThreads and, for kSharedBits, chunk * sizeof(Bits)
+// bytes of dynamic shared memory. `sync` is the barrier policy (simt::BlockSync in production).
 template <typename Bits, typename Key, KeySource Src, typename Sync = simt::BlockSync>
 DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   // Significant key bits: a magnitude key's top bit (the sign) is always 0.
@@ -213,13 +205,13 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   constexpr bool kStaged = Src == KeySource::kSharedBits;
   DROPIT_SHARED(uint32_t, wide, kWideBins + 32);  // wide bins (then candidates, then bitmap words), spares
   DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // narrow bins
-  DROPIT_SHARED(uint64_t, slots, 32);          // block scans; warp 0's selection
-  DROPIT_SHARED(uint32_t, sel, 4);             // chosen bin, keys above it, keys in it
-  DROPIT_SHARED(uint32_t, gathered, 32);       // candidates per lane slot
+  DROPIT_SHARED(uint64_t, slots, 32);             // block scans; warp 0's selection
+  DROPIT_SHARED(uint32_t, sel, 4);                // chosen bin, keys above it, keys in it
+  DROPIT_SHARED(uint32_t, gathered, 32);          // candidates per lane slot
   const simt::sptr<uint32_t> slots32 = simt::ptr_cast<uint32_t>(slots);
   static_assert(kMaxChunk < (1 << 20), "need and count of a selection fit 20 bits");
   const simt::sptr<Key> candidates = simt::ptr_cast<Key>(wide);
-  const simt::sptr<uint32_t> masks = wide;     // per bitmap word: keys above the bucket, keys >= its lowest
+  const simt::sptr<uint32_t> masks = wide;  // per bitmap word: keys above the bucket, keys >= its lowest
   simt::sptr<Bits> staged = nullptr;
   if constexpr (kStaged) staged = simt::dynamic_shared<Bits>();
 

@@ -2,7 +2,7 @@
 //
 // A selection is a bucket of keys (those whose bits from `shift` up equal `prefix`'s) and how many
 // of them are still to keep; every key above the bucket is kept. Each step counts a digit of the
-// keys in the bucket, then one block-wide scan picks the bin the keep-th largest key falls in.
+// keys in the bucket, then one scan over the bins picks the bin the keep-th largest key falls in.
 // Only the portability layer (simt.cuh) is used: the host SIMT layer runs this very source.
 #pragma once
 
