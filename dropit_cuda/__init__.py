@@ -9,14 +9,19 @@ from ._native import extension_info
 from .ops import Packed, pack, unpack
 from . import functional, strategies
 from .strategies import STRATEGIES
+from .settings import Settings
 from .modules import (
     DropITConv1d,
     DropITConv2d,
     DropITConv3d,
+    DropITConvTranspose1d,
+    DropITConvTranspose2d,
+    DropITConvTranspose3d,
     DropITLinear,
     DropITMultiheadAttention,
 )
-from .convert import convert, revert
+from .convert import convert, report, revert
+from .fidelity import FidelityMonitor, FidelityReport, Plan, fidelity, tune
 from .relu import MaskedReLU, masked_relu
 from . import memory
 
@@ -24,19 +29,29 @@ __all__ = [
     "DropITConv1d",
     "DropITConv2d",
     "DropITConv3d",
+    "DropITConvTranspose1d",
+    "DropITConvTranspose2d",
+    "DropITConvTranspose3d",
     "DropITLinear",
     "DropITMultiheadAttention",
+    "FidelityMonitor",
+    "FidelityReport",
     "MaskedReLU",
     "Packed",
+    "Plan",
     "STRATEGIES",
+    "Settings",
     "convert",
     "extension_info",
+    "fidelity",
     "functional",
     "masked_relu",
     "memory",
     "pack",
+    "report",
     "revert",
     "strategies",
+    "tune",
     "unpack",
 ]
 __version__ = "0.1.0"

@@ -37,3 +37,15 @@ def test_bench_relu_mask(tmp_path):
     path = tmp_path / "relu.json"
     run_script("bench_relu_mask.py", "--device", "cpu", "--numel", "65536", "--repeats", "1", "--json", str(path))
     assert json.loads(path.read_text())
+
+
+def test_bench_coverage(tmp_path):
+    path = tmp_path / "coverage.json"
+    stdout = run_script("bench_coverage.py", "--models", "vit", "convtranspose1d3d", "--json", str(path))
+    report = json.loads(path.read_text())
+    assert [r["model"] for r in report["rows"]] == ["vit", "convtranspose1d3d"]
+    for r in report["rows"]:
+        assert r["plain_bytes"] > 0 and r["converted_bytes"] > 0
+        assert r["change_pct"] == 100 * (r["converted_bytes"] - r["plain_bytes"]) / r["plain_bytes"]
+    assert [t["target"] for t in report["targets"]][-1].startswith("no model saves more")
+    assert "plain MiB" in stdout
