@@ -230,36 +230,41 @@ def fmt(v, width=7, digits=2) -> str:
     return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
 
 
+CASE = f"{'op':6} {'dtype':8} {'D':>6} {'gamma':>5} {'data':6}"
+
+
+def case(r: dict) -> str:
+    return f"{r['op']:6} {r['dtype']:8} {r['chunk']:>6} {r['gamma']:>5} {r['data']:6}"
+
+
 def print_tables(rows: list[dict], baseline: dict[tuple, dict]) -> None:
     print("Per element (global bytes; shared accesses by lanes; warp instructions):")
-    print(f"{'op':6} {'dtype':8} {'D':>6} {'gamma':>5} {'data':6} | {'B read':>7} {'B writ':>7} | "
-          f"{'sh ld':>6} {'sh st':>6} {'atom':>6} | {'seen':>6} {'model':>7}")
+    print(f"{CASE} | {'B read':>7} {'B writ':>7} | {'sh ld':>6} {'sh st':>6} {'atom':>6} | {'seen':>6} {'model':>7}")
     for r in rows:
         e = r["per_element"]
-        print(f"{r['op']:6} {r['dtype']:8} {r['chunk']:>6} {r['gamma']:>5} {r['data']:6} | "
-              f"{fmt(e['global_bytes_read'])} {fmt(e['global_bytes_written'])} | {fmt(e['shared_loads'], 6)} "
-              f"{fmt(e['shared_stores'], 6)} {fmt(e['shared_atomics'], 6)} | {fmt(e['seen_warp_instructions'], 6, 3)} "
-              f"{fmt(e['modelled_warp_instructions'], 7, 3)}")
-    print("\nPer chunk (block barriers, warp collectives, shared wavefronts, 32-byte sectors, warp instructions):")
-    print(f"{'op':6} {'dtype':8} {'D':>6} {'gamma':>5} {'data':6} | {'barrier':>7} {'collect':>8} {'wavefr':>8} "
-          f"{'sectors':>8} | {'seen':>8} {'model':>9} {'matched':>7}")
+        print(f"{case(r)} | {fmt(e['global_bytes_read'])} {fmt(e['global_bytes_written'])} | "
+              f"{fmt(e['shared_loads'], 6)} {fmt(e['shared_stores'], 6)} {fmt(e['shared_atomics'], 6)} | "
+              f"{fmt(e['seen_warp_instructions'], 6, 3)} {fmt(e['modelled_warp_instructions'], 7, 3)}")
+    print("\nPer chunk (block barriers, warp collectives, shared wavefronts, 32-byte sectors, warp instructions,"
+          " share of them matched to SASS):")
+    print(f"{CASE} | {'barrier':>7} {'collect':>8} {'wavefr':>8} {'sectors':>8} | {'seen':>8} {'model':>9} "
+          f"{'matched':>7}")
     for r in rows:
         c = r["per_chunk"]
-        print(f"{r['op']:6} {r['dtype']:8} {r['chunk']:>6} {r['gamma']:>5} {r['data']:6} | {fmt(c['barriers'], 7, 0)} "
-              f"{fmt(c['warp_collectives'], 8, 0)} {fmt(c['shared_wavefronts'], 8, 0)} {fmt(c['global_sectors'], 8, 0)} | "
+        print(f"{case(r)} | {fmt(c['barriers'], 7, 0)} {fmt(c['warp_collectives'], 8, 0)} "
+              f"{fmt(c['shared_wavefronts'], 8, 0)} {fmt(c['global_sectors'], 8, 0)} | "
               f"{fmt(c['seen_warp_instructions'], 8, 0)} {fmt(c['modelled_warp_instructions'], 9, 0)} "
               f"{fmt(r['matched_share'], 7, 2)}")
     if not baseline:
         return
     print("\nModelled warp instructions per element, today's kernels (baseline) against these:")
-    print(f"{'op':6} {'dtype':8} {'D':>6} {'gamma':>5} {'data':6} | {'baseline':>8} {'now':>7} {'fewer':>6}")
+    print(f"{CASE} | {'baseline':>8} {'now':>7} {'fewer':>6}")
     for r in rows:
         b = baseline.get(key(r))
         old = b["per_element"]["modelled_warp_instructions"] if b else None
         new = r["per_element"]["modelled_warp_instructions"]
         ratio = old / new if old and new else None
-        print(f"{r['op']:6} {r['dtype']:8} {r['chunk']:>6} {r['gamma']:>5} {r['data']:6} | {fmt(old, 8, 3)} "
-              f"{fmt(new, 7, 3)} {fmt(ratio, 5, 1)}x")
+        print(f"{case(r)} | {fmt(old, 8, 3)} {fmt(new, 7, 3)} {fmt(ratio, 5, 1)}x")
 
 
 def main() -> None:

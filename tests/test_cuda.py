@@ -150,7 +150,7 @@ def test_more_than_2_31_elements():
     (torch.bfloat16, 65536),
 ])
 def test_shared_memory_edges(dtype, chunk):
-    # Staged chunks around the 48 KB default limit (pack's static shared memory is about 17.4 KB,
+    # Staged chunks around the 48 KB default limit (pack's static shared memory is about 17.5 KB,
     # so a staged chunk past about 30 KB needs the opt-in) and around the opt-in maximum (227 KB on
     # an H100/H200: float32 D = 53248 is staged, 56000 reads global memory, float64 24576 / 32768
     # likewise).
