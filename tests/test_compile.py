@@ -104,17 +104,20 @@ class _Mlp(nn.Module):
         return self.head(x + self.fc2(self.act(self.fc1(x))))
 
 
-def _converted(model):
+def _converted(model, strategy="parallel_min_k"):
     torch.manual_seed(0)
-    dc.convert(model, gamma=0.5, chunk=64, skip_first=False)
-    # parallel_min_k everywhere, and the ReLU caches a mask: both ops are in the graph
+    dc.convert(model, gamma=0.5, strategy=strategy, chunk=64, skip_first=False)
+    # the strategy everywhere, and the ReLU caches a mask: both are in the graph
     assert any(isinstance(m, dc.MaskedReLU) for m in model.modules())
     return model
 
 
-def test_dynamic_batch_and_sequence_length_compile_once():
+@pytest.mark.parametrize("strategy", ["parallel_min_k", "min_k", "min_k_channel"])
+def test_dynamic_batch_and_sequence_length_compile_once(strategy):
+    # min_k and the channel strategies size their caches in Python from gamma: it must stay a
+    # constant, not become a symbolic float
     torch.manual_seed(0)
-    model = _converted(_Mlp())
+    model = _converted(_Mlp(), strategy)
     shapes = [(3, 7, 16), (5, 9, 16), (2, 33, 16), (6, 20, 16)]  # numel 336 .. 1056: 6 to 17 chunks
     assert _compiled_once(_train_over_shapes(model, shapes, "aot_eager"))
 
