@@ -108,12 +108,12 @@ Bucket<Key> bucket_from_histogram(const int32_t* even, const int32_t* odd, int t
 template <typename Key>
 struct PackScratch {
   std::vector<int32_t> hist = std::vector<int32_t>(2 * kBins, 0);  // zeroed between chunks
-  std::vector<uint32_t> keep;       // the chunk's keep mask, a bit per element
+  std::vector<uint32_t> keep;       // the chunk's keep mask, a bit per element, even words
   std::vector<Key> cand_keys;       // the threshold bucket's keys, in index order
   std::vector<uint16_t> cand_pos;   // and their positions in the chunk
   std::vector<Key> select;          // a copy of cand_keys the select reorders
   explicit PackScratch(int64_t chunk)
-      : keep((chunk + 31) / 32), cand_keys(chunk), cand_pos(chunk), select(chunk) {}
+      : keep((chunk + 63) / 64 * 2), cand_keys(chunk), cand_pos(chunk), select(chunk) {}
 };
 
 template <typename KeyFn, typename Key = typename KeyFn::Key>
@@ -214,10 +214,11 @@ std::pair<Key, int64_t> threshold_of(Key* keys, int64_t m, int64_t need) {
   return {t, static_cast<int64_t>(std::count_if(keys, keys + m, [t](Key v) { return v > t; }))};
 }
 
-// Chunk's keep mask into s.keep: its k largest keys, ties to the lower index.
+// Chunk's keep mask into s.keep: its k largest keys, ties to the lower index. Bits past L are 0.
 template <typename KeyFn, typename Key = typename KeyFn::Key>
 void select_chunk(const KeyFn& key_of, int64_t L, int64_t k, PackScratch<Key>& s) {
   const int64_t nwords = (L + 31) / 32;
+  if (nwords % 2) s.keep[nwords] = 0;  // the copy-out reads whole pairs of words
   if (k == L) {  // every key: no select
     std::fill(s.keep.begin(), s.keep.begin() + nwords, ~0u);
     if (L % 32) s.keep[nwords - 1] = (1u << (L % 32)) - 1u;
@@ -253,20 +254,23 @@ void pack_chunks(const Bits* x, Bits* values, int32_t* bitmap, uint16_t* offsets
       // Copy the kept values out in index order, with the chunk's bitmap words or offsets.
       const Bits* xc = x + c * g.chunk;
       Bits* vc = values + c * g.keep;
-      int32_t* words = bitmap ? bitmap + c * g.words : nullptr;
+      const int64_t nwords = (L + 31) / 32;
+      if (bitmap) {
+        int32_t* words = bitmap + c * g.words;
+        std::copy(scratch.keep.begin(), scratch.keep.begin() + nwords, words);
+        std::fill(words + nwords, words + g.words, 0);
+      }
       uint16_t* offs = offsets ? offsets + c * g.keep : nullptr;
       int64_t pos = 0;
-      const int64_t nwords = (L + 31) / 32;
-      for (int64_t w = 0; w < nwords; ++w) {
-        uint32_t word = scratch.keep[w];
-        if (words) words[w] = static_cast<int32_t>(word);
-        for (; word; word &= word - 1, ++pos) {
-          const int64_t j = 32 * w + __builtin_ctz(word);
+      // 64 elements per step: the loop over a word's set bits ends (and mispredicts) half as often.
+      for (int64_t w = 0; w < nwords; w += 2) {
+        uint64_t bits = scratch.keep[w] | static_cast<uint64_t>(scratch.keep[w + 1]) << 32;
+        for (; bits; bits &= bits - 1, ++pos) {
+          const int64_t j = 32 * w + __builtin_ctzll(bits);
           vc[pos] = xc[j];
           if (offs) offs[pos] = static_cast<uint16_t>(j);
         }
       }
-      if (words) std::fill(words + nwords, words + g.words, 0);
     }
   });
 }
@@ -286,6 +290,17 @@ void prefer_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
+// Bits set in a word. Without the popcnt instruction (baseline x86-64) the builtin is a call.
+inline int popcount32(uint32_t v) {
+#if defined(__x86_64__) && !defined(__POPCNT__)
+  v = v - ((v >> 1) & 0x55555555u);
+  v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+  return static_cast<int>((((v + (v >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+#else
+  return __builtin_popcount(v);
+#endif
+}
+
 // Checks that chunk c's bitmap marks exactly `k` elements, none past the chunk's end, so that a
 // corrupt Packed can't make unpack read or write out of bounds.
 void check_bitmap_chunk(const int32_t* words, int64_t nwords, int64_t L, int64_t k, int64_t c) {
@@ -296,7 +311,7 @@ void check_bitmap_chunk(const int32_t* words, int64_t nwords, int64_t L, int64_t
     const uint32_t outside = valid == 32 ? 0u : ~((1u << valid) - 1u);
     TORCH_CHECK_VALUE((word & outside) == 0, "corrupt bitmap in chunk ", c,
                       ": it marks elements past the chunk's length ", L);
-    marked += __builtin_popcount(word);
+    marked += popcount32(word);
   }
   TORCH_CHECK_VALUE(marked == k, "corrupt bitmap in chunk ", c, ": it marks ", marked,
                     " elements, keep is ", k);
