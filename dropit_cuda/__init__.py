@@ -9,14 +9,18 @@ from ._native import extension_info
 from .ops import Packed, pack, unpack
 from . import functional, strategies
 from .strategies import STRATEGIES
+from .settings import Settings
 from .modules import (
     DropITConv1d,
     DropITConv2d,
     DropITConv3d,
+    DropITConvTranspose1d,
+    DropITConvTranspose2d,
+    DropITConvTranspose3d,
     DropITLinear,
     DropITMultiheadAttention,
 )
-from .convert import convert, revert
+from .convert import convert, report, revert
 from .relu import MaskedReLU, masked_relu
 from . import memory
 
@@ -24,17 +28,22 @@ __all__ = [
     "DropITConv1d",
     "DropITConv2d",
     "DropITConv3d",
+    "DropITConvTranspose1d",
+    "DropITConvTranspose2d",
+    "DropITConvTranspose3d",
     "DropITLinear",
     "DropITMultiheadAttention",
     "MaskedReLU",
     "Packed",
     "STRATEGIES",
+    "Settings",
     "convert",
     "extension_info",
     "functional",
     "masked_relu",
     "memory",
     "pack",
+    "report",
     "revert",
     "strategies",
     "unpack",

@@ -1,80 +1,83 @@
-"""``convert``: turn a model's conv/linear layers into DropIT layers in place; ``revert`` undoes it."""
+"""``convert``: make DropIT cover a model's weights in place; ``revert`` undoes it; ``report`` tells
+what it did."""
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Optional, Sequence, Union
 
+import torch
 import torch.nn as nn
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+from torch.nn.utils import parametrize
 
-from .modules import (
-    DropITConv1d,
-    DropITConv2d,
-    DropITConv3d,
-    DropITLayer,
-    DropITLinear,
-    DropITMultiheadAttention,
-)
-from .ops import check_chunk, check_gamma
 from .relu import MaskedReLU
-from .strategies import check_strategy
+from .routing import Conversion, Layer, attach, conversion_of, detach
+from .settings import (
+    DEFAULT_CHUNK,
+    DEFAULT_GAMMA,
+    DEFAULT_STRATEGY,
+    LayerSpec,
+    Settings,
+    check_spec,
+    name_matches,
+    settings_for,
+)
 
-__all__ = ["SWAPS", "Swap", "convert", "revert"]
+__all__ = ["LayerReport", "Report", "convert", "report", "revert"]
 
 Patterns = Union[str, Sequence[str], None]
 
 
-@dataclass(frozen=True)
-class Swap:
-    """One entry of the conversion table.
-
-    ``plain``: the exact module type that gets converted (subclasses are left alone: their
-    forward may differ). ``make(module, **settings)`` returns the converted module (the same object
-    changed in place, or a new one to put in its place). ``is_layer``: it is a conv/linear-like
-    layer, a candidate for ``skip_first``.
-    """
-
-    plain: type
-    make: Callable[..., nn.Module]
-    is_layer: bool = True
+# --- which weights a model has -----------------------------------------------------------------
 
 
-def _swap_to(cls: type) -> Callable[..., nn.Module]:
-    def make(module: nn.Module, gamma: float, strategy: str, chunk: int, **_: Any) -> nn.Module:
-        return cls.from_module(module, gamma, strategy, chunk)
-
-    return make
-
-
-#: the default conversion table; options of ``convert`` may extend it
-SWAPS: tuple[Swap, ...] = (
-    Swap(nn.Linear, _swap_to(DropITLinear)),
-    # the out_proj of nn.MultiheadAttention
-    Swap(NonDynamicallyQuantizableLinear, _swap_to(DropITLinear)),
-    Swap(nn.Conv1d, _swap_to(DropITConv1d)),
-    Swap(nn.Conv2d, _swap_to(DropITConv2d)),
-    Swap(nn.Conv3d, _swap_to(DropITConv3d)),
-    Swap(nn.MultiheadAttention, _swap_to(DropITMultiheadAttention)),
-)
+def _claimed(module: nn.Module, attr: str) -> bool:
+    """Whether ``module.attr`` is the weight of a layer type ``convert`` promises to cover."""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return attr == "weight"
+    if isinstance(module, nn.MultiheadAttention):
+        return attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    # Hugging Face's Conv1D (GPT-2 family): addmm(bias, x, weight), weight (in, out)
+    cls = type(module)
+    return attr == "weight" and cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
-def _swap_table(**options: Any) -> dict[type, Swap]:
-    """The table ``convert`` uses for these options (a hook for options that add swaps)."""
-    table = {s.plain: s for s in SWAPS}
-    if options.get("relu_mask"):
-        table[nn.ReLU] = RELU_MASK_SWAP
-    return table
+def _weights(model: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
+    """``(layer name, owner module, attribute, parametrized)`` for every weight of ``model`` that
+    can take part in a linear/conv product: parameters of two or more dimensions (each tensor once:
+    a tied weight goes to its first owner that is a covered layer type, else its first owner) and
+    parametrized attributes (weight norm and the like), whose originals are not listed."""
+    found: dict[int, int] = {}
+    out: list[tuple[str, nn.Module, str, bool]] = []
+    for mname, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList) or ".parametrizations." in f".{mname}.":
+            continue
+        if parametrize.is_parametrized(module):
+            for attr in module.parametrizations:
+                with torch.no_grad():
+                    if getattr(module, attr).dim() >= 2:
+                        out.append((_layer_name(mname, attr), module, attr, True))
+        for attr, p in module._parameters.items():
+            if p is None or p.dim() < 2:
+                continue
+            entry = (_layer_name(mname, attr), module, attr, False)
+            i = found.get(id(p))
+            if i is None:
+                found[id(p)] = len(out)
+                out.append(entry)
+            elif _claimed(module, attr) and not _claimed(out[i][1], out[i][2]):
+                out[i] = entry
+    return out
 
 
-# --- relu_mask: nn.ReLU -> MaskedReLU (dropit_cuda/relu.py) --------------------------------------
-def _mask_relu(module: nn.Module, **_: Any) -> nn.Module:
-    return MaskedReLU.from_module(module)
+def _layer_name(module_name: str, attr: str) -> str:
+    if attr == "weight":
+        return module_name
+    return f"{module_name}.{attr}" if module_name else attr
 
 
-#: the swap ``relu_mask=True`` adds; ReLUs are not layers, so ``skip_first`` never skips one
-RELU_MASK_SWAP = Swap(nn.ReLU, _mask_relu, is_layer=False)
+# --- convert -------------------------------------------------------------------------------------
 
 
 def _patterns(value: Patterns, name: str) -> Optional[list[str]]:
@@ -89,48 +92,43 @@ def _patterns(value: Patterns, name: str) -> Optional[list[str]]:
     raise TypeError(f"{name} must be a str, a sequence of str, or None, got {value!r}")
 
 
-def _matches(name: str, pattern: str) -> bool:
-    """``name`` or one of its ancestors (``a``, ``a.b`` for ``a.b.c``) matches ``pattern``."""
-    parts = name.split(".") if name else [""]
-    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+def _check_plain_spec(spec: LayerSpec, what: str) -> None:
+    """Validates a one-value spec now, before the model is touched."""
+    check_spec(spec, what)
+    if spec is not None and not isinstance(spec, dict) and not (callable(spec) and not isinstance(spec, type)):
+        Settings(**{what: spec})
 
 
-def _first_called(model: nn.Module, candidates: list[tuple[str, nn.Module]], example_inputs: Any) -> Optional[str]:
-    """Name of the first candidate module a forward pass on ``example_inputs`` calls."""
-    import torch
-
-    order: list[str] = []
-    handles = []
-    for name, module in candidates:
-        def hook(mod, args, _name=name):
-            if not order:
-                order.append(_name)
-        handles.append(module.register_forward_pre_hook(hook))
+def _probe(model: nn.Module, conversion: Conversion, example_inputs: Any) -> None:
+    """One training forward on ``example_inputs`` to decide ``skip_first`` and the ReLU masks now,
+    with the random state and the buffers (batch-norm statistics) restored afterwards."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = {}
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = {m: m.training for m in model.modules()}
+    devices = [d for d in {t.device for t in model.parameters()} if d.type == "cuda"]
     try:
-        model.eval()
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        with torch.no_grad():
-            model(*args)
+        model.train()
+        with torch.random.fork_rng(devices=[d.index or 0 for d in devices]), torch.enable_grad():
+            model(*args, **kwargs)
     finally:
-        for h in handles:
-            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
         for m, training in modes.items():
             m.training = training
-    return order[0] if order else None
-
-
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    for layer in conversion.layers:
+        layer.reset_stats()
+    conversion.warned = False  # the warning speaks of the first real training forward
 
 
 def convert(
     model: nn.Module,
-    gamma: float = 0.9,
-    strategy: str = "parallel_min_k",
-    chunk: int = 16384,
+    gamma: LayerSpec = DEFAULT_GAMMA,
+    strategy: LayerSpec = DEFAULT_STRATEGY,
+    chunk: LayerSpec = DEFAULT_CHUNK,
     skip_first: bool = True,
     include: Patterns = None,
     exclude: Patterns = None,
@@ -138,115 +136,210 @@ def convert(
     relu_mask: bool = True,
     example_inputs: Any = None,
 ) -> nn.Module:
-    """Swaps ``model``'s layers for DropIT layers in place and returns ``model``.
+    """Makes DropIT cover ``model``'s weights, in place, and returns ``model``.
 
-    Converted: ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` (exact types;
-    subclasses with their own forward are left alone), and ``nn.ReLU`` into :class:`MaskedReLU`
-    unless ``relu_mask=False``. The modules keep their class's parameters
-    (the very same ``Parameter`` objects), buffers, hooks and ``state_dict``: only their class
-    changes. ``nn.MultiheadAttention`` becomes :class:`DropITMultiheadAttention`, whose input
-    projections go through DropIT, and its ``out_proj`` becomes a :class:`DropITLinear` that it
-    applies (its output projection is DropIT only when the attention module itself is converted).
-    Layers converted before get the new settings.
+    Covered: every weight that requires grad and takes part in a linear/conv product while the
+    model trains: ``F.linear``, ``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d``, and ``addmm`` /
+    ``mm`` / ``matmul`` / ``@`` with the weight as the second operand (Hugging Face's ``Conv1D``),
+    called from the layer's own forward or any other (torchvision's Swin applies ``F.linear`` to
+    its submodules' weights), subclasses of any layer type included, parametrized weights included
+    (the weight gradient flows on to the parametrization's parameters), and the projections inside
+    ``nn.MultiheadAttention``. Each such product caches a compressed input; outputs, input and bias
+    gradients stay exact. No module's class or forward changes, parameters are the very same
+    objects and ``state_dict`` keys are unchanged; ``revert`` removes it all. In eval mode or
+    without autograd the model runs exactly as before. Frozen weights cache nothing. Converting
+    again replaces the earlier conversion. :func:`report` tells what DropIT did in the last training
+    forward; a warning names the weights of linear/conv/attention layers that were not used through
+    DropIT in the first one.
 
     Args:
         model: the model, changed in place.
-        gamma, strategy, chunk: the DropIT settings (see :func:`dropit_cuda.functional.linear`).
-        skip_first: leave the first layer the input meets dense (the paper's rule: dropping
-            elements of the input data itself hurts). Without ``example_inputs`` that layer is
-            taken to be the first convertible conv/linear/attention module in registration order
-            (``model.named_modules()``), which is the input layer of torchvision's ResNets and
-            ViTs and of most ``nn.Sequential`` models. With ``example_inputs`` it is found by a
-            forward pass (eval mode, ``torch.no_grad()``, training flags restored afterwards)
-            with pre-hooks recording the first convertible module called.
+        gamma, strategy, chunk: the DropIT settings (see :func:`dropit_cuda.functional.linear`),
+            each either one value for every layer, a dict of ``fnmatch`` patterns on layer names
+            (the layer's module name, ``module.attr`` for weights not called ``weight``; a pattern
+            also matches descendants) to values, where the first matching pattern wins, a layer no
+            pattern matches gets the default, and ``None`` keeps the layer dense; or a callable
+            ``(name, module) -> value or None``.
+        skip_first: leave the first layer the input reaches dense (the paper's rule: dropping
+            elements of the input data itself hurts). That is the first covered weight with
+            ``requires_grad`` that a product uses in the first training forward (so GPT-2's
+            first attention projection, not its ``lm_head``), or in a forward on
+            ``example_inputs`` when they are given.
         include: module-name patterns (``fnmatch``, e.g. ``"layer*.conv1"``; a str or a list);
-            only modules whose qualified name or an ancestor's matches are converted.
-        exclude: patterns of the same kind; matching modules are not converted.
-        example_inputs: optional input (a tensor or a tuple of positional arguments) for
-            ``skip_first``'s detection.
+            only weights (and ReLUs) whose name or an ancestor's matches are covered.
+        exclude: patterns of the same kind; matching weights and ReLUs are left alone.
         relu_mask: also turn every ``nn.ReLU`` (exact type) into a :class:`MaskedReLU`, which caches
-            a 1-bit mask instead of its output (outputs and gradients unchanged, bit for bit).
-            Without it, in conv -> BatchNorm -> ReLU -> conv stacks (ResNets) DropIT frees almost
-            nothing: the ReLU keeps the dense tensor the next conv packs. With it, that tensor is
-            held by the conv alone and its packing frees it. The module object itself changes class,
-            so one ReLU applied in several places is masked everywhere. ``include``/``exclude``
-            apply to ReLUs too; ``skip_first`` does not (a ReLU is not a layer). Turn it off when
-            code needs ``type(m) is nn.ReLU`` (e.g. module-fusion passes matching on types), for
-            forward-mode AD, ``torch.func`` transforms or TorchScript (MaskedReLU's Python autograd
-            function supports none of them; ``torch.compile`` works), or where it gains nothing: a
-            ReLU whose output another op saves anyway (a max-pool, a BatchNorm, a layer left dense)
-            keeps that output alive, so the mask costs 1 bit per element more. Activations called as
-            functions (``F.relu``, ``torch.relu``) are not modules and stay as they are.
+            a 1-bit mask instead of its output (outputs and gradients unchanged, bit for bit), where
+            that frees memory: a ReLU whose output is consumed only by DropIT products (or by ops
+            that keep nothing) stays masked; one whose output another op keeps anyway (a max-pool,
+            a batch norm, a layer left dense) is turned back into ``nn.ReLU`` after the first
+            training forward (decided from what that forward saved; under ``torch.compile`` or in
+            a backward recompute nothing is decided and the ReLUs stay masked). Functional ReLUs
+            (``F.relu``) are not modules and stay as they are.
+        example_inputs: optional input (a tensor, a tuple of positional arguments, or a dict of
+            keyword arguments) for one training forward now that decides ``skip_first`` and the
+            ReLU masks (random state and buffers are restored after it).
 
     Raises:
-        TypeError/ValueError naming the argument: bad settings, patterns of the wrong type, or an
-        ``include``/``exclude`` pattern that matches no convertible module.
+        TypeError/ValueError naming the argument: bad settings (a bad value in a dict or from a
+        callable names its pattern or layer), patterns of the wrong type, or an
+        ``include``/``exclude``/settings pattern that matches nothing in the model. Nothing is
+        changed when it raises.
+
+    Warns:
+        UserWarning when there is nothing to convert.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    gamma = check_gamma(gamma)
-    strategy = check_strategy(strategy)
-    chunk = check_chunk(chunk)
+    specs = {"gamma": gamma, "strategy": strategy, "chunk": chunk}
+    for what, spec in specs.items():
+        _check_plain_spec(spec, what)
     if not isinstance(skip_first, bool):
         raise TypeError(f"skip_first must be a bool, got {type(skip_first).__name__}")
     if not isinstance(relu_mask, bool):
         raise TypeError(f"relu_mask must be a bool, got {type(relu_mask).__name__}")
     inc = _patterns(include, "include")
     exc = _patterns(exclude, "exclude")
-    table = _swap_table(relu_mask=relu_mask)
 
-    candidates: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if type(module) in table or isinstance(module, DropITLayer):
-            candidates.append((name, module))
-    layer_names = [n for n, m in candidates if isinstance(m, DropITLayer) or table[type(m)].is_layer]
+    def selected(name: str) -> bool:
+        return (inc is None or any(name_matches(name, p) for p in inc)) and not (
+            exc is not None and any(name_matches(name, p) for p in exc))
 
+    weights = _weights(model)
+    relus = [(n, m) for n, m in model.named_modules() if relu_mask and type(m) in (nn.ReLU, MaskedReLU)]
+    names = [w[0] for w in weights] + [n for n, _ in relus]
     for arg, pats in (("include", inc), ("exclude", exc)):
         for pat in pats or ():
-            if not any(_matches(n, pat) for n, _ in candidates):
-                raise ValueError(f"{arg} pattern {pat!r} matches no convertible module of the model")
+            if not any(name_matches(n, pat) for n in names):
+                raise ValueError(f"{arg} pattern {pat!r} matches no weight or ReLU of the model")
 
-    first = None
-    if skip_first and layer_names:
-        if example_inputs is not None:
-            layers = [(n, m) for n, m in candidates if n in set(layer_names)]
-            first = _first_called(model, layers, example_inputs)
+    # Every decision before any change, so that an error leaves the model as it was.
+    layers, used = [], set()
+    for name, module, attr, parametrized in weights:
+        if selected(name):
+            settings, matched = settings_for(specs, name, module)
+            used |= matched
+            reason = None if settings is not None else "per-layer setting"
         else:
-            first = layer_names[0]
+            settings, reason = None, "excluded"
+        layers.append(Layer(name, module, attr, settings, reason, _claimed(module, attr), parametrized))
+    for what, spec in specs.items():
+        if isinstance(spec, dict):
+            for pattern in spec:
+                if (what, pattern) not in used:
+                    raise ValueError(f"{what} pattern {pattern!r} matches no layer of the model")
 
-    for name, module in candidates:
-        if name == first:
-            continue
-        if inc is not None and not any(_matches(name, p) for p in inc):
-            continue
-        if exc is not None and any(_matches(name, p) for p in exc):
-            continue
-        if isinstance(module, DropITLayer):
-            module.set_dropit(gamma, strategy, chunk)
-            continue
-        new = table[type(module)].make(module, gamma=gamma, strategy=strategy, chunk=chunk)
-        if new is not module:
-            if not name:
-                raise ValueError("model itself would be replaced; wrap it in a container first")
-            _set_child(model, name, new)
+    detach(model)
+    masked = [(name, MaskedReLU.from_module(module)) for name, module in relus if selected(name)]
+    conversion = attach(model, layers, masked, skip_first)
+    if not any(layer.settings is not None for layer in layers):
+        warnings.warn("dropit_cuda.convert: the model has no weight to convert (no linear/conv weight "
+                      "of two or more dimensions selected); it is unchanged", UserWarning, stacklevel=2)
+    if example_inputs is not None:
+        _probe(model, conversion, example_inputs)
     return model
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Turns every DropIT module of ``model`` back into its plain ``torch.nn`` class, in place.
-
-    Any module whose class defines ``to_plain()`` is reverted by it (the result replaces the module
-    when it is a different object); parameters are shared, not copied. Returns ``model``.
-    """
+    """Removes DropIT from ``model`` in place: the conversion's hooks and records, ``MaskedReLU``
+    back to ``nn.ReLU``, and DropIT modules (``DropITLinear`` ...) back to their ``torch.nn``
+    classes, parameters shared, not copied. Returns ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    for name, module in list(model.named_modules()):
+    detach(model)
+    for module in list(model.modules()):
         to_plain = getattr(type(module), "to_plain", None)
-        if to_plain is None:
-            continue
-        new = to_plain(module)
-        if new is not module:
-            if not name:
-                return new
-            _set_child(model, name, new)
+        if to_plain is not None:
+            to_plain(module)
     return model
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerReport:
+    """One covered weight: its settings and what the last training forward did with it."""
+
+    name: str
+    op: Optional[str]
+    gamma: Optional[float]
+    strategy: Optional[str]
+    chunk: Optional[int]
+    dense_reason: Optional[str]
+    calls: int
+    dense_bytes: int
+    cached_bytes: int
+
+
+@dataclass
+class Report:
+    """What :func:`report` returns; ``str(report)`` is a table, ``to_dict()`` plain data."""
+
+    layers: list[LayerReport]
+    relus: dict[str, str]
+    forwards: int
+    recorded: bool
+    first: Optional[str]
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(r.dense_bytes for r in self.layers)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(r.cached_bytes for r in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [asdict(r) for r in self.layers], "relus": dict(self.relus), "forwards": self.forwards,
+                "recorded": self.recorded, "first": self.first,
+                "dense_bytes": self.dense_bytes, "cached_bytes": self.cached_bytes}
+
+    def __str__(self) -> str:
+        from .memory import format_bytes
+
+        if not self.forwards:
+            state = "no training forward yet"
+        elif not self.recorded:
+            state = "the last training forward was compiled: calls and bytes are not recorded"
+        else:
+            state = "calls and bytes of the last training forward"
+        rows = [("layer", "op", "settings", "calls", "dense", "cached")]
+        for r in self.layers:
+            how = (f"g={r.gamma} {r.strategy} D={r.chunk}" if r.gamma is not None else f"dense ({r.dense_reason})")
+            rows.append((r.name or "(model)", r.op or "-", how, str(r.calls), format_bytes(r.dense_bytes),
+                         format_bytes(r.cached_bytes)))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [f"DropIT report: {state}"]
+        for k, row in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+            if k == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        lines.append(f"total: {format_bytes(self.dense_bytes)} dense inputs cached as "
+                     f"{format_bytes(self.cached_bytes)}")
+        if self.relus:
+            masked = sum(v.startswith("masked") for v in self.relus.values())
+            lines.append(f"ReLUs: {masked} of {len(self.relus)} masked")
+        return "\n".join(lines)
+
+
+def report(model: nn.Module) -> Report:
+    """Per covered weight of a converted ``model``: the op that used it, its settings (or why it is
+    dense), how many times DropIT cached its input in the last training forward, and the bytes of
+    those inputs dense vs cached. Weights of layer types ``convert`` covers are always listed;
+    other weights only if a product used them. Raises ValueError if ``model`` is not converted."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    conversion = conversion_of(model)
+    if conversion is None:
+        raise ValueError("model is not converted (call dropit_cuda.convert(model) first)")
+    rows = []
+    for layer in conversion.layers:
+        if not (layer.claimed or layer.calls or layer.dense_reason == "skip_first"):
+            continue
+        s = layer.settings
+        rows.append(LayerReport(layer.name, layer.op, s and s.gamma, s and s.strategy, s and s.chunk,
+                                layer.dense_reason, layer.calls, layer.dense_bytes, layer.cached_bytes))
+    relus = {name: conversion.relu_decisions.get(name, "masked (undecided: no eager training forward yet)")
+             for name, _ in conversion.relus}
+    return Report(rows, relus, conversion.forwards, conversion.recorded, conversion.first)

@@ -253,11 +253,11 @@ def _sync(device: torch.device) -> None:
 
 
 def converted_layer_names(model: nn.Module) -> list[str]:
-    """Names of the modules of ``model`` that are DropIT layers (what ``dc.convert`` swapped in)."""
-    from .modules import DropITConv1d, DropITConv2d, DropITConv3d, DropITLinear
+    """Names of the layers DropIT covers in a converted ``model`` whose first layer is decided
+    (after a training forward, or converted with ``example_inputs``)."""
+    from .convert import report
 
-    kinds = (DropITLinear, DropITConv1d, DropITConv2d, DropITConv3d)
-    return [name for name, m in model.named_modules() if isinstance(m, kinds)]
+    return [r.name for r in report(model).layers if r.gamma is not None]
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> tuple[int, int]:
@@ -384,7 +384,8 @@ def _run_demo(cfg: DemoConfig, device: torch.device, log: Callable[[str], None])
         s.key: {"name": s.name, "strategy": s.strategy, "gamma": s.gamma, "seeds": {}} for s in specs
     }
     # the layers DropIT converts; the baseline's bytes are counted over the same (dense) layers
-    dropit_names = converted_layer_names(dc.convert(DigitsResNet(cfg.width), chunk=cfg.chunk))
+    dropit_names = converted_layer_names(
+        dc.convert(DigitsResNet(cfg.width), chunk=cfg.chunk, example_inputs=data.x_train[:2].to(device)))
     t_start = time.perf_counter()
     for seed in cfg.seed_list():
         torch.manual_seed(seed)

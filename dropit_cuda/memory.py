@@ -57,13 +57,20 @@ _PASS_THROUGH_NODES = {
 }
 
 
+def _dropit_layers(module: nn.Module) -> dict:
+    """The covered weights ``module`` owns in a conversion (see :mod:`dropit_cuda.routing`)."""
+    return module.__dict__.get("_dropit_layers", {})
+
+
 def is_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a conv or linear layer (plain or DropIT: DropIT layers subclass them)."""
-    return isinstance(module, _LAYER_TYPES)
+    """Whether ``module`` is a conv or linear layer, or owns a weight a DropIT conversion covers
+    (Hugging Face's ``Conv1D``, attention projections)."""
+    return isinstance(module, _LAYER_TYPES) or bool(_dropit_layers(module))
 
 
 def _is_dropit(module: nn.Module) -> bool:
-    return is_layer(module) and type(module).__module__.startswith("dropit_cuda")
+    """Whether a conversion caches the inputs of ``module``'s weights through DropIT."""
+    return any(layer.settings is not None for layer in _dropit_layers(module).values())
 
 
 @dataclass
@@ -157,10 +164,10 @@ class MemoryReport:
             return f"{100.0 * b / total:5.1f}%" if total else "   - "
 
         lines = [
-            f"saved for backward: {_fmt(total)} in {self.num_storages} storages"
-            f" (weight copies {_fmt(self.weight_copy_bytes)}, model inputs {_fmt(self.input_bytes)})",
-            f"held by conv/linear layers alone: {_fmt(self.layer_freeable_bytes)} ({pct(self.layer_freeable_bytes).strip()})"
-            + (f"; by DropIT layers: {_fmt(self.dropit_bytes)} ({pct(self.dropit_bytes).strip()})"
+            f"saved for backward: {format_bytes(total)} in {self.num_storages} storages"
+            f" (weight copies {format_bytes(self.weight_copy_bytes)}, model inputs {format_bytes(self.input_bytes)})",
+            f"held by conv/linear layers alone: {format_bytes(self.layer_freeable_bytes)} ({pct(self.layer_freeable_bytes).strip()})"
+            + (f"; by DropIT layers: {format_bytes(self.dropit_bytes)} ({pct(self.dropit_bytes).strip()})"
                if any(m.is_dropit for m in self.modules) else ""),
             "",
         ]
@@ -168,8 +175,8 @@ class MemoryReport:
         lines += [head, "-" * len(head)]
         for t in sorted(self.by_type.values(), key=lambda t: (-t.saved_bytes, t.type)):
             lines.append(
-                f"{t.type[:28]:<28} {t.modules:>5} {_fmt(t.saved_bytes):>11} {pct(t.saved_bytes)}"
-                f" {_fmt(t.exclusive_bytes):>11} {pct(t.exclusive_bytes)}"
+                f"{t.type[:28]:<28} {t.modules:>5} {format_bytes(t.saved_bytes):>11} {pct(t.saved_bytes)}"
+                f" {format_bytes(t.exclusive_bytes):>11} {pct(t.exclusive_bytes)}"
             )
         if top > 0:
             order = {id(m): i for i, m in enumerate(self.modules)}
@@ -179,10 +186,10 @@ class MemoryReport:
             head = f"{'module':<48} {'type':<20} {'saved':>11} {'alone':>11} {'freeable':>11}"
             lines += [head, "-" * len(head)]
             for m in mods:
-                free = _fmt(m.freeable_bytes) if m.is_layer else "-"
+                free = format_bytes(m.freeable_bytes) if m.is_layer else "-"
                 lines.append(
-                    f"{_clip(m.name, 48):<48} {m.type[:20]:<20} {_fmt(m.saved_bytes):>11}"
-                    f" {_fmt(m.exclusive_bytes):>11} {free:>11}"
+                    f"{_clip(m.name, 48):<48} {m.type[:20]:<20} {format_bytes(m.saved_bytes):>11}"
+                    f" {format_bytes(m.exclusive_bytes):>11} {free:>11}"
                 )
         return "\n".join(lines)
 
@@ -190,7 +197,8 @@ class MemoryReport:
         return self.table()
 
 
-def _fmt(nbytes: int) -> str:
+def format_bytes(nbytes: int) -> str:
+    """``nbytes`` in B/KiB/MiB/GiB."""
     if nbytes < 1024:
         return f"{nbytes} B"
     if nbytes < 1024**2:
@@ -320,6 +328,9 @@ def measure(model: nn.Module, *example_inputs: Any, top: int = 10, **kwargs: Any
         names.append(name or ROOT_NAME)
         mods.append(mod)
     calls = [0] * len(mods)
+    # the classes as the forward pass met them (a conversion may turn a MaskedReLU back into a
+    # ReLU once its first training forward is over)
+    types = [type(m).__name__ for m in mods]
 
     own_keys = set()
     params: set[int] = set()
@@ -407,12 +418,12 @@ def measure(model: nn.Module, *example_inputs: Any, top: int = 10, **kwargs: Any
                 records.append(_Record(lambda t=t: t, key, nbytes, owner, _param_copy_of(t, params)))
 
     live = [r for r in records if r.ref() is not None]
-    report = _build_report(live, names, mods, calls, input_keys, top)
+    report = _build_report(live, names, mods, types, calls, input_keys, top)
     del output
     return report
 
 
-def _build_report(live: list[_Record], names: list[str], mods: list[nn.Module], calls: list[int],
+def _build_report(live: list[_Record], names: list[str], mods: list[nn.Module], types: list[str], calls: list[int],
                   input_keys: set, top: int) -> MemoryReport:
     size: dict[tuple, int] = {}
     holders: dict[tuple, set[int]] = defaultdict(set)
@@ -432,7 +443,7 @@ def _build_report(live: list[_Record], names: list[str], mods: list[nn.Module], 
         alone = [k for k in keys if len(holders[k]) == 1]
         rows.append(ModuleMemory(
             name=names[i],
-            type=type(mods[i]).__name__,
+            type=types[i],
             is_layer=is_layer(mods[i]),
             is_dropit=_is_dropit(mods[i]),
             calls=calls[i],

@@ -9,33 +9,12 @@ from typing import Optional
 import torch
 
 from . import _native
+from .settings import DEFAULT_CHUNK, DEFAULT_GAMMA, MAX_CHUNK, check_chunk, check_gamma, keep_count
 
 _native.load()
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_KINDS = ("auto", "bitmap", "offsets")
-MAX_CHUNK = 65536
-
-
-def check_gamma(gamma: float, name: str = "gamma") -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(gamma).__name__}")
-    if not 0.0 <= gamma < 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1), got {gamma}")
-    return float(gamma)
-
-
-def check_chunk(chunk: int, name: str = "chunk") -> int:
-    if isinstance(chunk, bool) or not isinstance(chunk, int):
-        raise TypeError(f"{name} must be an int in [1, {MAX_CHUNK}], got {type(chunk).__name__}")
-    if not 1 <= chunk <= MAX_CHUNK:
-        raise ValueError(f"{name} must be in [1, {MAX_CHUNK}], got {chunk}")
-    return chunk
-
-
-def keep_count(length: int, gamma: float) -> int:
-    """Elements a chunk of ``length`` keeps: ``length - floor(gamma * length)``."""
-    return length - math.floor(gamma * length)
 
 
 @dataclass(frozen=True)
@@ -189,8 +168,8 @@ class Packed:
 
 def pack(
     x: torch.Tensor,
-    gamma: float = 0.9,
-    chunk: int = 16384,
+    gamma: float = DEFAULT_GAMMA,
+    chunk: int = DEFAULT_CHUNK,
     index: str = "auto",
     *,
     random_seed: Optional[int] = None,

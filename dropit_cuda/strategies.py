@@ -41,30 +41,32 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import ops
-from .ops import Packed, check_chunk, check_gamma, keep_count
+from .ops import Packed, SUPPORTED_DTYPES
+from .settings import (
+    DEFAULT_CHUNK,
+    DEFAULT_GAMMA,
+    DEFAULT_STRATEGY,
+    STRATEGY_NAMES,
+    Settings,
+    check_strategy,
+    keep_count,
+)
 
 __all__ = [
     "STRATEGIES",
     "Cached",
+    "Strategy",
     "check_strategy",
     "compress",
+    "get",
 ]
-
-
-def check_strategy(strategy: str, name: str = "strategy") -> str:
-    """Returns ``strategy`` if it names a known strategy; raises TypeError/ValueError otherwise."""
-    if not isinstance(strategy, str):
-        raise TypeError(f"{name} must be a str, one of {sorted(STRATEGIES)}, got {type(strategy).__name__}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{name} must be one of {sorted(STRATEGIES)}, got {strategy!r}")
-    return strategy
 
 
 @dataclass(frozen=True)
 class Cached:
     """A compressed tensor: ``tensors`` (saved for backward) and the metadata to rebuild it."""
 
-    strategy: str
+    strategy: "Strategy"
     tensors: tuple
     meta: Any
 
@@ -79,7 +81,44 @@ class Cached:
 
     def unpack(self) -> torch.Tensor:
         """The dense tensor: the input's shape, dtype, device and layout, dropped elements 0."""
-        return _UNPACK[self.strategy](self.tensors, self.meta)
+        return self.strategy.unpack(self.tensors, self.meta)
+
+
+class Strategy:
+    """How a layer's input is compressed for backward. Subclasses implement ``pack``/``unpack``
+    and ``nbytes``; ``compress`` and the autograd functions call :meth:`cache`."""
+
+    name: str
+    #: whether ``channel_dim`` matters (the channel strategies)
+    uses_channels: bool = False
+
+    def pack(self, x: torch.Tensor, gamma: float, chunk: int, channel_dim: int) -> tuple[tuple, Any]:
+        raise NotImplementedError
+
+    def unpack(self, tensors: tuple, meta: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nbytes(self, shape, dtype: torch.dtype, gamma: float, chunk: int, channel_dim: int = 1) -> int:
+        """Bytes the cache of a tensor of ``shape`` and ``dtype`` holds at these settings."""
+        raise NotImplementedError
+
+    def cache(self, x: torch.Tensor, settings: Settings, channel_dim: int) -> Cached:
+        tensors, meta = self.pack(x.detach(), settings.gamma, settings.chunk, channel_dim)
+        return Cached(self, tuple(tensors), meta)
+
+    def __repr__(self) -> str:
+        return f"<strategy {self.name!r}>"
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 # --- parallel_min_k and random: the chunked kernels -------------------------------------------
@@ -88,8 +127,7 @@ class Cached:
 def _eager(fn):
     # Random draws run eagerly under torch.compile: compiled random ops use their own generator,
     # and the draws of a compiled model must be those of the eager one.
-    disable = getattr(getattr(torch, "_dynamo", None), "disable", None)
-    return disable(fn) if disable is not None else fn
+    return torch._dynamo.disable(fn)
 
 
 @_eager
@@ -98,21 +136,37 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
-def _pack_chunked(x: torch.Tensor, gamma: float, chunk: int, channel_dim: int, seed: Optional[int]):
-    p = ops.pack(x, gamma, chunk, random_seed=seed)
-    return p.tensors(), p.with_tensors(None, None)
+class _Chunked(Strategy):
+    """Per chunk of ``chunk`` elements in memory order, the kept values plus their index
+    (:func:`dropit_cuda.pack`)."""
+
+    def seed(self) -> Optional[int]:
+        return None
+
+    def pack(self, x, gamma, chunk, channel_dim):
+        p = ops.pack(x, gamma, chunk, random_seed=self.seed())
+        return p.tensors(), p.with_tensors(None, None)
+
+    def unpack(self, tensors, meta: Packed):
+        return ops.unpack(meta.with_tensors(*tensors))
+
+    def nbytes(self, shape, dtype, gamma, chunk, channel_dim=1):
+        g = ops.Geometry(_numel(shape), chunk, gamma)
+        values = g.total_kept * _itemsize(dtype)
+        if g.resolve_index("auto") == "bitmap":
+            return values + 4 * g.bitmap_words
+        return values + 2 * g.total_kept
 
 
-def _unpack_chunked(tensors, meta: Packed) -> torch.Tensor:
-    return ops.unpack(meta.with_tensors(*tensors))
+class ParallelMinK(_Chunked):
+    name = "parallel_min_k"
 
 
-def _pack_parallel_min_k(x, gamma, chunk, channel_dim):
-    return _pack_chunked(x, gamma, chunk, channel_dim, None)
+class Random(_Chunked):
+    name = "random"
 
-
-def _pack_random(x, gamma, chunk, channel_dim):
-    return _pack_chunked(x, gamma, chunk, channel_dim, draw_seed())
+    def seed(self) -> Optional[int]:
+        return draw_seed()
 
 
 # --- min_k: exact over the whole tensor -------------------------------------------------------
@@ -166,30 +220,39 @@ def min_k_mask(flat: torch.Tensor, keep: int) -> torch.Tensor:
     return above | (tied & (torch.cumsum(tied, 0) <= room))
 
 
-def _pack_min_k(x, gamma, chunk, channel_dim):
-    flat, memory_format = ops._memory_order(x.detach())
-    n = flat.numel()
-    keep = keep_count(n, gamma)
-    mask = min_k_mask(flat, keep)
-    # the kept values in order, with static shapes (no boolean indexing, so torch.compile traces
-    # it): dropped elements are scattered to a spare slot past the end
-    slot = torch.where(mask, torch.cumsum(mask, 0) - 1, keep)
-    values = flat.new_zeros(keep + 1).scatter_(0, slot, flat)[:keep]
-    padded = torch.nn.functional.pad(mask, (0, (-n) % 8)).view(-1, 8).to(torch.uint8)
-    bitmap = (padded << _bit_shifts(x.device)).sum(dim=1, dtype=torch.uint8)
-    return (values, bitmap), _FlatMeta(x.shape, x.dtype, memory_format, n)
+class MinK(Strategy):
+    """The ``keep(numel)`` largest-magnitude elements of the whole tensor: the kept values in
+    memory order plus a one-bit-per-element ``uint8`` bitmap."""
 
+    name = "min_k"
 
-def _unpack_min_k(tensors, meta: _FlatMeta) -> torch.Tensor:
-    values, bitmap = tensors
-    bits = (bitmap.unsqueeze(1) >> _bit_shifts(bitmap.device)) & 1
-    mask = bits.view(-1)[: meta.numel].bool()
-    if values.numel() == 0:
-        flat = values.new_zeros(meta.numel)
-    else:
-        slot = (torch.cumsum(mask, 0) - 1).clamp_(min=0)
-        flat = torch.where(mask, values[slot], values.new_zeros(()))
-    return ops.from_memory_order(flat, meta.shape, meta.memory_format)
+    def pack(self, x, gamma, chunk, channel_dim):
+        flat, memory_format = ops._memory_order(x)
+        n = flat.numel()
+        keep = keep_count(n, gamma)
+        mask = min_k_mask(flat, keep)
+        # the kept values in order, with static shapes (no boolean indexing, so torch.compile
+        # traces it): dropped elements are scattered to a spare slot past the end
+        slot = torch.where(mask, torch.cumsum(mask, 0) - 1, keep)
+        values = flat.new_zeros(keep + 1).scatter_(0, slot, flat)[:keep]
+        padded = torch.nn.functional.pad(mask, (0, (-n) % 8)).view(-1, 8).to(torch.uint8)
+        bitmap = (padded << _bit_shifts(x.device)).sum(dim=1, dtype=torch.uint8)
+        return (values, bitmap), _FlatMeta(x.shape, x.dtype, memory_format, n)
+
+    def unpack(self, tensors, meta: _FlatMeta):
+        values, bitmap = tensors
+        bits = (bitmap.unsqueeze(1) >> _bit_shifts(bitmap.device)) & 1
+        mask = bits.view(-1)[: meta.numel].bool()
+        if values.numel() == 0:
+            flat = values.new_zeros(meta.numel)
+        else:
+            slot = (torch.cumsum(mask, 0) - 1).clamp_(min=0)
+            flat = torch.where(mask, values[slot], values.new_zeros(()))
+        return ops.from_memory_order(flat, meta.shape, meta.memory_format)
+
+    def nbytes(self, shape, dtype, gamma, chunk, channel_dim=1):
+        n = _numel(shape)
+        return keep_count(n, gamma) * _itemsize(dtype) + (n + 7) // 8
 
 
 # --- channel strategies -----------------------------------------------------------------------
@@ -202,24 +265,51 @@ class _ChannelMeta:
     memory_format: torch.memory_format
 
 
-def _pack_channels(x: torch.Tensor, gamma: float, channel_dim: int, pick: Callable[[torch.Tensor, int, int], torch.Tensor]):
-    x = x.detach()
-    dim = channel_dim % x.dim() if x.dim() > 0 else 0
-    channels = x.shape[dim]
-    keep = keep_count(channels, gamma)
-    idx = pick(x, dim, keep)  # int64, sorted ascending, on x.device
-    kept = x.index_select(dim, idx)
-    return (kept, idx.to(torch.int32)), _ChannelMeta(x.shape, dim, ops.memory_format_of(x))
+class _Channels(Strategy):
+    """Whole channels: ``keep(C)`` of the ``C`` channels (dimension ``channel_dim``) survive,
+    cached as the dense slice of kept channels plus their ``int32`` channel numbers."""
+
+    uses_channels = True
+
+    def pick(self, x: torch.Tensor, dim: int, keep: int) -> torch.Tensor:
+        """The kept channels: int64, sorted ascending, on ``x.device``."""
+        raise NotImplementedError
+
+    def pack(self, x, gamma, chunk, channel_dim):
+        dim = channel_dim % x.dim() if x.dim() > 0 else 0
+        keep = keep_count(x.shape[dim], gamma)
+        idx = self.pick(x, dim, keep)
+        kept = x.index_select(dim, idx)
+        return (kept, idx.to(torch.int32)), _ChannelMeta(x.shape, dim, ops.memory_format_of(x))
+
+    def unpack(self, tensors, meta: _ChannelMeta):
+        kept, idx = tensors
+        out = torch.empty(meta.shape, dtype=kept.dtype, device=kept.device,
+                          memory_format=meta.memory_format).zero_()
+        return out.index_copy_(meta.dim, idx.long(), kept)
+
+    def nbytes(self, shape, dtype, gamma, chunk, channel_dim=1):
+        shape = tuple(shape)
+        if not shape:
+            return keep_count(1, gamma) * (_itemsize(dtype) + 4)
+        channels = shape[channel_dim % len(shape)]
+        keep = keep_count(channels, gamma)
+        per_channel = _numel(shape) // channels if channels else 0
+        return keep * (per_channel * _itemsize(dtype) + 4)
 
 
-def _pick_min_k_channels(x, dim, keep):
-    others = [d for d in range(x.dim()) if d != dim]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    norms = torch.linalg.vector_norm(x, dim=others, dtype=acc) if others else x.to(acc).abs()
-    # NaN norms count as largest, like the element key
-    norms = torch.nan_to_num(norms, nan=float("inf"))
-    idx = torch.topk(norms, keep, sorted=False).indices
-    return torch.sort(idx).values
+class MinKChannel(_Channels):
+    """The channels with the largest L2 norm over the mini-batch (NaN counts as largest)."""
+
+    name = "min_k_channel"
+
+    def pick(self, x, dim, keep):
+        others = [d for d in range(x.dim()) if d != dim]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        norms = torch.linalg.vector_norm(x, dim=others, dtype=acc) if others else x.to(acc).abs()
+        norms = torch.nan_to_num(norms, nan=float("inf"))
+        idx = torch.topk(norms, keep, sorted=False).indices
+        return torch.sort(idx).values
 
 
 @_eager
@@ -228,49 +318,34 @@ def _random_channels(channels: int, keep: int) -> torch.Tensor:
     return torch.sort(perm[:keep]).values
 
 
-def _pick_random_channels(x, dim, keep):
-    return _random_channels(x.shape[dim], keep).to(x.device)
+class RandomChannel(_Channels):
+    """A uniformly random set of channels (``torch.randperm`` on the default CPU generator)."""
 
+    name = "random_channel"
 
-def _pack_min_k_channel(x, gamma, chunk, channel_dim):
-    return _pack_channels(x, gamma, channel_dim, _pick_min_k_channels)
-
-
-def _pack_random_channel(x, gamma, chunk, channel_dim):
-    return _pack_channels(x, gamma, channel_dim, _pick_random_channels)
-
-
-def _unpack_channels(tensors, meta: _ChannelMeta) -> torch.Tensor:
-    kept, idx = tensors
-    out = torch.empty(meta.shape, dtype=kept.dtype, device=kept.device, memory_format=meta.memory_format).zero_()
-    return out.index_copy_(meta.dim, idx.long(), kept)
+    def pick(self, x, dim, keep):
+        return _random_channels(x.shape[dim], keep).to(x.device)
 
 
 # --- registry ---------------------------------------------------------------------------------
 
-_PACK = {
-    "parallel_min_k": _pack_parallel_min_k,
-    "min_k": _pack_min_k,
-    "random": _pack_random,
-    "min_k_channel": _pack_min_k_channel,
-    "random_channel": _pack_random_channel,
+_REGISTRY: dict[str, Strategy] = {
+    s.name: s for s in (ParallelMinK(), MinK(), Random(), MinKChannel(), RandomChannel())
 }
-_UNPACK = {
-    "parallel_min_k": _unpack_chunked,
-    "random": _unpack_chunked,
-    "min_k": _unpack_min_k,
-    "min_k_channel": _unpack_channels,
-    "random_channel": _unpack_channels,
-}
-STRATEGIES = tuple(_PACK)
-_CHANNEL_STRATEGIES = ("min_k_channel", "random_channel")
+assert tuple(_REGISTRY) == STRATEGY_NAMES
+STRATEGIES = STRATEGY_NAMES
+
+
+def get(name: str) -> Strategy:
+    """The strategy object called ``name`` (TypeError/ValueError naming ``strategy`` otherwise)."""
+    return _REGISTRY[check_strategy(name)]
 
 
 def compress(
     x: torch.Tensor,
-    strategy: str = "parallel_min_k",
-    gamma: float = 0.9,
-    chunk: int = 16384,
+    strategy: str = DEFAULT_STRATEGY,
+    gamma: float = DEFAULT_GAMMA,
+    chunk: int = DEFAULT_CHUNK,
     channel_dim: int = 1,
 ) -> Cached:
     """Compresses ``x`` the way a DropIT layer caches its input.
@@ -286,12 +361,10 @@ def compress(
         a :class:`Cached`; ``.unpack()`` gives the dense copy with the dropped elements zero.
     """
     ops.check_float_tensor(x)
-    strategy = check_strategy(strategy)
-    gamma = check_gamma(gamma)
-    chunk = check_chunk(chunk)
+    settings = Settings(gamma, strategy, chunk)
+    impl = get(settings.strategy)
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
         raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
-    if strategy in _CHANNEL_STRATEGIES and not -max(x.dim(), 1) <= channel_dim < max(x.dim(), 1):
+    if impl.uses_channels and not -max(x.dim(), 1) <= channel_dim < max(x.dim(), 1):
         raise ValueError(f"channel_dim {channel_dim} is out of range for a {x.dim()}-D tensor")
-    tensors, meta = _PACK[strategy](x, gamma, chunk, channel_dim)
-    return Cached(strategy, tuple(tensors), meta)
+    return impl.cache(x, settings, channel_dim)

@@ -41,3 +41,55 @@ def saved_tensors(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, saved
+
+
+def grads_after_step(model, x):
+    """One forward/backward of ``model`` on ``x`` with a non-degenerate loss (the mean square of the
+    output): the loss and ``{name: grad}`` of every parameter that got a gradient."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    loss = out.float().square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def weights_changed_by_dropit(make, convert, make_input, seed=0, converted=None):
+    """Names of the parameters whose gradient differs between ``make()`` and its converted copy
+    (``convert(copy)``, or ``converted`` if given) on the same input: the weights DropIT covers,
+    since it changes weight gradients only. Asserts that everything else is equal."""
+    import copy
+
+    torch.manual_seed(seed)
+    plain = make()
+    conv = converted if converted is not None else convert(copy.deepcopy(plain))
+    loss_p, gp = grads_after_step(plain, make_input())
+    loss_c, gc = grads_after_step(conv, make_input())
+    assert torch.equal(loss_p, loss_c), "the forward pass must be exact"
+    assert gp.keys() == gc.keys()
+    return {k for k in gp if not torch.equal(gp[k], gc[k])}
+
+
+def saved_bytes(fn, model):
+    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs, the storages
+    of ``model``'s parameters and buffers not counted."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    _, saved = saved_tensors(fn)
+    sizes = {}
+    for t in saved:
+        st = t.untyped_storage()
+        if st.data_ptr() not in own:
+            sizes[st.data_ptr()] = st.nbytes()
+    return sum(sizes.values())
+
+
+def grad_fn_names(out):
+    """Class names of every autograd node behind ``out``."""
+    names, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names

@@ -56,3 +56,15 @@ def test_bench_relu_mask(tmp_path):
 def test_bench_threads_option_rejects_bad_counts():
     assert "--threads counts must be >= 1" in run_script("bench_select.py", "--threads", "0,2", returncode=2)
     assert "--threads takes counts like 1,2" in run_script("bench_relu_mask.py", "--threads", "two", returncode=2)
+
+
+def test_bench_coverage(tmp_path):
+    path = tmp_path / "coverage.json"
+    stdout = run_script("bench_coverage.py", "--models", "vit", "convtranspose1d3d", "--json", str(path))
+    report = json.loads(path.read_text())
+    assert [r["model"] for r in report["rows"]] == ["vit", "convtranspose1d3d"]
+    for r in report["rows"]:
+        assert r["plain_bytes"] > 0 and r["converted_bytes"] > 0
+        assert r["change_pct"] == 100 * (r["converted_bytes"] - r["plain_bytes"]) / r["plain_bytes"]
+    assert [t["target"] for t in report["targets"]][-1].startswith("no model saves more")
+    assert "plain MiB" in stdout

@@ -382,7 +382,7 @@ def test_converted_model_frees_only_exclusive_inputs():
     assert base.total_bytes == nbytes(10, 16) + 2 * nbytes(10, 64)
     assert r.total_bytes == nbytes(10, 16) + nbytes(10, 64) + packed
     row = r.module("2")
-    assert row.is_dropit and row.type == "DropITLinear"
+    assert row.is_dropit and row.type == "Linear"
     assert row.saved_bytes == row.exclusive_bytes == packed
     assert r.dropit_bytes == packed and r.layer_freeable_bytes == nbytes(10, 16)
 

@@ -7,18 +7,7 @@ import torch
 import torch.nn as nn
 
 import dropit_cuda as dc
-
-
-def _grad_fn_names(out):
-    names, stack, seen = [], [out.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
+from cases import grad_fn_names
 
 
 MODULES = [
@@ -27,6 +16,9 @@ MODULES = [
     (dc.DropITConv1d, nn.Conv1d, (3, 4, 3), dict(stride=2, padding=1), (2, 3, 9)),
     (dc.DropITConv2d, nn.Conv2d, (4, 4, 3), dict(padding="same", groups=2, padding_mode="reflect"), (2, 4, 7, 7)),
     (dc.DropITConv3d, nn.Conv3d, (2, 3, (1, 2, 3)), dict(dilation=2, bias=False), (1, 2, 5, 6, 7)),
+    (dc.DropITConvTranspose1d, nn.ConvTranspose1d, (3, 4, 3), dict(stride=2, output_padding=1), (2, 3, 9)),
+    (dc.DropITConvTranspose2d, nn.ConvTranspose2d, (4, 2, 3), dict(groups=2, dilation=2, padding=1), (2, 4, 5, 6)),
+    (dc.DropITConvTranspose3d, nn.ConvTranspose3d, (2, 3, 2), dict(stride=(1, 2, 1), bias=False), (1, 2, 3, 4, 3)),
 ]
 
 
@@ -41,14 +33,14 @@ def test_module_matches_plain(cls, plain, args, kwargs, shape):
     m.load_state_dict(ref.state_dict())
     x = torch.randn(shape, requires_grad=True)
     out = m(x)
-    assert any(n.startswith("_DropIT") for n in _grad_fn_names(out))
+    assert any(n.startswith("_DropIT") for n in grad_fn_names(out))
     want = ref(x)
     assert torch.equal(out, want)
     gout = torch.randn_like(out)
     a = torch.autograd.grad(out, [x, *m.parameters()], gout)
     b = torch.autograd.grad(want, [x, *ref.parameters()], gout)
     for u, v in zip(a, b):
-        torch.testing.assert_close(u, v)
+        assert torch.equal(u, v)
     r = repr(m)
     assert "gamma=0.0" in r and "strategy='min_k'" in r and "chunk=256" in r
 
@@ -56,14 +48,14 @@ def test_module_matches_plain(cls, plain, args, kwargs, shape):
 def test_eval_and_no_grad_use_the_plain_forward():
     m = dc.DropITConv2d(3, 4, 3, gamma=0.9)
     x = torch.randn(1, 3, 6, 6, requires_grad=True)
-    assert any(n.startswith("_DropIT") for n in _grad_fn_names(m(x)))
+    assert any(n.startswith("_DropIT") for n in grad_fn_names(m(x)))
     m.eval()
-    assert not any(n.startswith("_DropIT") for n in _grad_fn_names(m(x)))
+    assert not any(n.startswith("_DropIT") for n in grad_fn_names(m(x)))
     m.train()
     with torch.no_grad():
         assert m(x).grad_fn is None
     lin = dc.DropITLinear(3, 2).eval()
-    assert not any(n.startswith("_DropIT") for n in _grad_fn_names(lin(torch.randn(2, 3, requires_grad=True))))
+    assert not any(n.startswith("_DropIT") for n in grad_fn_names(lin(torch.randn(2, 3, requires_grad=True))))
 
 
 def test_module_defaults_and_bad_arguments():
@@ -82,6 +74,19 @@ def test_module_defaults_and_bad_arguments():
     with pytest.raises(ValueError, match="strategy"):
         m.strategy = "max_k"
     assert (m.gamma, m.strategy) == (0.25, "parallel_min_k")
+
+
+def test_from_module_and_to_plain():
+    lin = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="strategy"):
+        dc.DropITLinear.from_module(lin, gamma=0.5, strategy="bogus")
+    assert type(lin) is nn.Linear and not lin._forward_pre_hooks  # unchanged by the failure
+    with pytest.raises(TypeError, match="module"):
+        dc.DropITConv2d.from_module(lin)
+    m = dc.DropITLinear.from_module(lin, gamma=0.5)
+    assert m is lin and type(m) is dc.DropITLinear and m.gamma == 0.5
+    assert m.to_plain() is lin and type(lin) is nn.Linear and not lin._forward_pre_hooks
+    assert "_dropit_layers" not in vars(lin)
 
 
 def test_module_copy_and_pickle():
@@ -114,7 +119,6 @@ def _mha_pair(kwargs, seed=0):
     ref = nn.MultiheadAttention(8, 2, **kwargs)
     m = copy.deepcopy(ref)
     dc.convert(m, gamma=0.0, skip_first=False)
-    assert type(m) is dc.DropITMultiheadAttention and type(m.out_proj) is dc.DropITLinear
     return ref, m
 
 
@@ -136,16 +140,17 @@ def _mha_inputs(kwargs, self_attention, batched=True):
 def _compare_mha(ref, m, args, **call):
     o1, w1 = ref(*args, **call)
     o2, w2 = m(*args, **call)
-    torch.testing.assert_close(o2, o1)
+    assert "_DropITLinearBackward" in grad_fn_names(o2)
+    assert torch.equal(o2, o1)
     if w1 is None:
         assert w2 is None
     else:
-        torch.testing.assert_close(w2, w1)
+        assert torch.equal(w2, w1)
     gout = torch.randn_like(o1)
     a = torch.autograd.grad(o1, list(ref.parameters()), gout)
     b = torch.autograd.grad(o2, list(m.parameters()), gout)
     for u, v in zip(a, b):
-        torch.testing.assert_close(v, u)
+        assert torch.equal(v, u)
     return o2
 
 
@@ -189,12 +194,12 @@ def test_mha_projections_are_dropit():
     dc.convert(m, gamma=0.9, skip_first=False)
     q = torch.randn(2, 5, 8, requires_grad=True)
     out, _ = m(q, q, q, need_weights=False)
-    names = _grad_fn_names(out)
+    names = grad_fn_names(out)
     assert names.count("_DropITLinearBackward") == 2  # packed in-projection + out-projection
     assert "AddmmBackward0" not in names and "MmBackward0" not in names
     k = torch.randn(2, 4, 8)
     out, _ = m(q, k, k)
-    assert _grad_fn_names(out).count("_DropITLinearBackward") == 3  # q, kv, out
+    assert grad_fn_names(out).count("_DropITLinearBackward") == 3  # q, kv, out
     # the in-projection's input gradient is exact at any gamma
     (gq,) = torch.autograd.grad(m(q, q, q)[0].sum(), [q])
     (rq,) = torch.autograd.grad(ref(q, q, q)[0].sum(), [q])
@@ -206,7 +211,11 @@ def test_mha_projections_are_dropit():
 
 def test_direct_dropit_mha_and_transformer_layer():
     m = dc.DropITMultiheadAttention(8, 2, batch_first=True, gamma=0.5, strategy="min_k")
-    assert type(m.out_proj) is dc.DropITLinear and m.out_proj.strategy == "min_k"
+    q = torch.randn(2, 5, 8)
+    m(q, q, q)
+    rows = {r.name: r for r in dc.report(m).layers}
+    assert rows.keys() == {"in_proj_weight", "out_proj"} and rows["out_proj"].strategy == "min_k"
+    assert all(r.calls == 1 and r.gamma == 0.5 for r in rows.values())
     assert "gamma=0.5" in repr(m)
     torch.manual_seed(2)
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
@@ -214,7 +223,7 @@ def test_direct_dropit_mha_and_transformer_layer():
     dc.convert(layer, gamma=0.0, skip_first=False)
     x = torch.randn(2, 5, 8, requires_grad=True)
     out = layer(x)
-    assert _grad_fn_names(out).count("_DropITLinearBackward") == 4
+    assert grad_fn_names(out).count("_DropITLinearBackward") == 4
     want = ref(x)
     torch.testing.assert_close(out, want)
     gout = torch.randn_like(out)

@@ -1,0 +1,124 @@
+"""Saved-for-backward bytes of third-party models, plain against ``dc.convert`` at gamma = 0.9.
+
+The models are the zoo of ``benchmarks/zoo.py`` (torchvision, timm, Hugging Face transformers and
+peft in small configs, random init) plus GPT-2 in the GPT-2-small config (12 layers, 768 wide) on
+2 x 128 tokens. Each model runs one training step (so ``convert`` has seen a training forward),
+then one forward pass whose saved tensors are counted by ``zoo.saved_bytes``: unique storages held
+by the autograd graph (saved through ``saved_tensors_hooks`` or kept as custom functions' ``ctx``
+attributes), parameters and buffers excluded. Float32, CPU; the bytes do not depend on the values.
+
+Targets (issue 10): GPT-2 (tiny and small config) saves at least 15 % fewer bytes; R3D-18 and
+Swin-T save at least as large a fraction as ResNet-18 and ViT respectively; no model saves more
+after conversion.
+
+Examples::
+
+    python benchmarks/bench_coverage.py                          # every model, a few minutes
+    python benchmarks/bench_coverage.py --models gpt2 swin_t vit --json bench-results/coverage.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import dropit_cuda as dc  # noqa: E402
+from benchmarks.zoo import BENCH_ONLY, ZOO, ZooModel, loss_of, saved_bytes  # noqa: E402
+
+MODELS: dict[str, ZooModel] = {z.name: z for z in (*ZOO, *BENCH_ONLY)}
+MIB = 2**20
+GPT2_TARGET = 15.0  # percent fewer bytes
+
+
+def measure(spec: ZooModel, gamma: float) -> dict[str, Any]:
+    """One row: the model's saved bytes plain and converted."""
+    plain = spec.build()
+    inputs = spec.inputs()
+    converted = dc.convert(copy.deepcopy(plain), gamma=gamma)
+    sizes = {}
+    for label, model in (("plain", plain), ("converted", converted)):
+        loss_of(model(*inputs)).backward()  # the training step convert may need to see
+        model.zero_grad(set_to_none=True)
+        sizes[label] = saved_bytes(model, *inputs)
+    before, after = sizes["plain"], sizes["converted"]
+    return {"model": spec.name, "config": spec.config, "plain_bytes": before, "converted_bytes": after,
+            "change_pct": 100.0 * (after - before) / before}
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets that the measured rows allow to check."""
+    change = {r["model"]: r["change_pct"] for r in rows}
+    out = []
+    for name in ("gpt2", "gpt2_small"):
+        if name in change:
+            out.append({"target": f"{name}: at least {GPT2_TARGET:.0f}% fewer bytes",
+                        "met": change[name] <= -GPT2_TARGET})
+    for model, ref in (("r3d_18", "resnet18"), ("swin_t", "vit")):
+        if model in change and ref in change:
+            out.append({"target": f"{model} falls at least as much as {ref} "
+                                  f"({change[model]:+.1f}% vs {change[ref]:+.1f}%)",
+                        "met": change[model] <= change[ref]})
+    more = [r["model"] for r in rows if r["converted_bytes"] > r["plain_bytes"]]
+    out.append({"target": "no model saves more after conversion" + (f" (more: {', '.join(more)})" if more else ""),
+                "met": not more})
+    return out
+
+
+def table(rows: list[dict[str, Any]], gamma: float) -> str:
+    head = f"{'model':<20} {'plain MiB':>10} {f'γ={gamma} MiB':>11} {'change':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<20} {r['plain_bytes'] / MIB:>10.3f} {r['converted_bytes'] / MIB:>11.3f}"
+                     f" {r['change_pct']:>+7.1f}%")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--gamma", type=float, default=0.9)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (the bytes do not depend on it; one is quickest on a shared machine)")
+    p.add_argument("--json", metavar="PATH", help="write the rows and targets as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    rows = []
+    for name in args.models:
+        rows.append(measure(MODELS[name], args.gamma))
+        print(f"measured {name}", file=sys.stderr, flush=True)
+    checks = targets(rows)
+    print(f"saved for backward, plain vs dc.convert(gamma={args.gamma}), float32, one forward pass")
+    print(table(rows, args.gamma))
+    print()
+    for c in checks:
+        print(f"{'met    ' if c['met'] else 'NOT MET'}  {c['target']}")
+    print()
+    for r in rows:
+        print(f"{r['model']}: {r['config']}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        meta = {"date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started, 1),
+                "load_average": os.getloadavg(), "cpus": os.cpu_count(), "threads": args.threads,
+                "torch": torch.__version__, "platform": platform.platform(), "argv": sys.argv[1:],
+                "gamma": args.gamma}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "targets": checks}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,483 @@
+"""Routing a converted model's weighted products through DropIT.
+
+:func:`dropit_cuda.convert` does not re-implement any module's forward. It records which weights
+DropIT covers (:class:`Layer`, one per weight) and, while a converted model runs a training
+forward pass, keeps a :class:`torch.overrides.TorchFunctionMode` active that sends every product
+against a covered weight (``F.linear``, ``F.conv*d``, ``F.conv_transpose*d``, ``addmm`` / ``mm`` /
+``matmul`` / ``@`` with the weight as the second operand, as Hugging Face's ``Conv1D`` does) to
+:mod:`dropit_cuda.functional`, wherever that product is called from: the layer's own forward,
+another module's forward on its weight (torchvision's Swin), a parametrized weight (weight norm),
+or ``F.multi_head_attention_forward``. Everything else passes through untouched, and in eval mode
+or without autograd the mode is not even entered.
+
+The mode is entered by forward pre-hooks on the converted model and on every module that leads to
+a covered weight (so a block re-run by ``torch.utils.checkpoint`` during backward routes its
+products too) and left by forward hooks; nested entries only count. Weights are looked up when a
+product runs (by identity with the module's current parameter, or the view's base), so parameters
+swapped in during the forward (FSDP2's unsharded parameters) are found too.
+
+The per-layer record also keeps what the last training forward did (op, calls, dense and cached
+bytes) for :func:`dropit_cuda.report`, decides ``skip_first`` on the first training forward, and
+decides which swapped-in ``MaskedReLU`` actually free memory (see :func:`dropit_cuda.convert`).
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from . import functional as DF
+from .relu import MaskedReLU
+from .settings import Settings
+
+__all__ = ["Conversion", "Layer", "attach", "conversion_of", "detach", "in_backward"]
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (a checkpoint recompute).
+    Always False while torch.compile traces (a compiled graph recomputes inside itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+class Layer:
+    """One weight a converted model covers: where it lives, how it caches, what it last did."""
+
+    def __init__(self, name: str, module: nn.Module, attr: str, settings: Optional[Settings],
+                 dense_reason: Optional[str], claimed: bool, parametrized: bool) -> None:
+        self.name = name
+        self.module = module
+        self.attr = attr
+        self.settings = settings
+        #: why ``settings`` is None: "skip_first", "excluded" or "per-layer setting"
+        self.dense_reason = dense_reason
+        #: the owner is a layer ``convert`` promises to cover (linear/conv/attention/Conv1D)
+        self.claimed = claimed
+        self.parametrized = parametrized
+        self.derived: Optional[torch.Tensor] = None  # a parametrized weight's value this forward
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.op: Optional[str] = None
+        self.calls = 0
+        self.dense_bytes = 0
+        self.cached_bytes = 0
+
+    def record(self, op: str, dense_bytes: int, cached_bytes: int) -> None:
+        """Called by the autograd functions when they cache this weight's input."""
+        if in_backward():  # a checkpointed block recomputed: not a new forward
+            return
+        self.op = op
+        self.calls += 1
+        self.dense_bytes += dense_bytes
+        self.cached_bytes += cached_bytes
+
+    def current(self) -> Optional[torch.Tensor]:
+        """The tensor products use as this weight now."""
+        if self.parametrized:
+            return self.derived
+        return self.module._parameters.get(self.attr)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["derived"] = None
+        return state
+
+    def __repr__(self) -> str:
+        how = str(self.settings) if self.settings is not None else f"dense ({self.dense_reason})"
+        return f"Layer({self.name!r}, {how})"
+
+
+# --- routes: from a torch function call to a DropIT function -----------------------------------
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    if i < len(args):
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _route_linear(conv: "Conversion", args, kwargs):
+    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    layer = conv.lookup(w)
+    if layer is None:
+        return NotImplemented
+    return DF.linear_with(x, w, b, layer.settings, layer, "linear")
+
+
+def _route_matmul(op: str) -> Callable:
+    """``x @ W`` (``mm``, ``matmul``, ``@``): ``linear(x, W.t())`` when ``W`` is a covered 2-D weight."""
+
+    def route(conv: "Conversion", args, kwargs):
+        x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other" if op != "mm" else "mat2")
+        if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2 or x.dim() < 1:
+            return NotImplemented
+        layer = conv.lookup(w)
+        if layer is None:
+            return NotImplemented
+        return DF.linear_with(x, w.t(), None, layer.settings, layer, op)
+
+    return route
+
+
+def _route_addmm(conv: "Conversion", args, kwargs):
+    """``addmm(bias, x, W)`` (Hugging Face's ``Conv1D``): ``linear(x, W.t(), bias)``."""
+    b, x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat1"), _arg(args, kwargs, 2, "mat2")
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3 or "out" in kwargs:
+        return NotImplemented
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(x, torch.Tensor) or x.dim() != 2:
+        return NotImplemented
+    layer = conv.lookup(w)
+    if layer is None:
+        return NotImplemented
+    return DF.linear_with(x, w.t(), b, layer.settings, layer, "addmm")
+
+
+def _route_conv(nd: int, transposed: bool) -> Callable:
+    op = f"conv{'_transpose' if transposed else ''}{nd}d"
+    names = (("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+             if transposed else ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
+    defaults = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+
+    def route(conv: "Conversion", args, kwargs):
+        a = {n: _arg(args, kwargs, i, n, defaults.get(n)) for i, n in enumerate(names)}
+        layer = conv.lookup(a["weight"])
+        if layer is None:
+            return NotImplemented
+        return DF.conv_with(a["input"], a["weight"], a["bias"], a["stride"], a["padding"], a["dilation"],
+                            a["groups"], layer.settings, transposed, a.get("output_padding", 0), layer, op)
+
+    return route
+
+
+def _route_pad(conv: "Conversion", args, kwargs):
+    """Reflect/replicate padding keeps only its input's shape (the next conv packs the padded copy)."""
+    x, pads = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "pad")
+    mode = _arg(args, kwargs, 2, "mode", "constant")
+    out = DF.pad_keeping_shape(x, pads, mode) if isinstance(x, torch.Tensor) else None
+    return NotImplemented if out is None else out
+
+
+_ROUTES: dict[Any, Callable] = {
+    F.linear: _route_linear,
+    torch.addmm: _route_addmm,
+    torch.Tensor.addmm: _route_addmm,
+    torch.mm: _route_matmul("mm"),
+    torch.Tensor.mm: _route_matmul("mm"),
+    torch.matmul: _route_matmul("matmul"),
+    torch.Tensor.matmul: _route_matmul("matmul"),
+    torch.Tensor.__matmul__: _route_matmul("matmul"),
+    F.conv1d: _route_conv(1, False),
+    F.conv2d: _route_conv(2, False),
+    F.conv3d: _route_conv(3, False),
+    F.conv_transpose1d: _route_conv(1, True),
+    F.conv_transpose2d: _route_conv(2, True),
+    F.conv_transpose3d: _route_conv(3, True),
+    F.pad: _route_pad,
+}
+
+
+def _never(*args: Any, **kwargs: Any) -> bool:
+    return False
+
+
+def _rebind_functional() -> dict[Any, Callable]:
+    """Copies of ``torch.nn.functional``'s Python functions whose ``has_torch_function`` checks
+    answer False. A mode sees only the outermost call of such a function (its body runs with the
+    mode popped); run through these copies while the mode is active, their inner ops reach the
+    mode too. Only functions that call a weighted product inside are routed this way."""
+    names = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
+    if not all(hasattr(F, n) for n in names):
+        return {}  # a torch whose functional module is laid out differently: nothing to unwrap
+    scope = dict(vars(F))
+    for n in names:
+        scope[n] = _never
+    for n, v in vars(F).items():
+        if isinstance(v, types.FunctionType) and v.__globals__ is vars(F):
+            copy = types.FunctionType(v.__code__, scope, v.__name__, v.__defaults__, v.__closure__)
+            copy.__kwdefaults__ = v.__kwdefaults__
+            scope[n] = copy
+    return {F.multi_head_attention_forward: scope["multi_head_attention_forward"]}
+
+
+_OPAQUE = _rebind_functional()
+
+
+class _Router(TorchFunctionMode):
+    """Sends a converted model's products against covered weights to the DropIT functions."""
+
+    def __init__(self, conversion: "Conversion") -> None:
+        super().__init__()
+        self.conversion = conversion
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.is_grad_enabled():
+            route = _ROUTES.get(func)
+            if route is not None:
+                out = route(self.conversion, args, kwargs)
+                if out is not NotImplemented:
+                    return out
+            else:
+                unwrapped = _OPAQUE.get(func)
+                if unwrapped is not None:
+                    with self:
+                        return unwrapped(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+# --- the conversion: layers, hooks, per-forward bookkeeping -------------------------------------
+
+
+class _Enter:
+    """Forward pre-hook: enter the conversion's mode (outermost training call only)."""
+
+    def __init__(self, conversion: "Conversion") -> None:
+        self.conversion = conversion
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.conversion.enter(module)
+
+
+class _Exit:
+    """Forward hook (``always_call``): leave the conversion's mode."""
+
+    def __init__(self, conversion: "Conversion") -> None:
+        self.conversion = conversion
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.conversion.exit()
+
+
+class _Derived:
+    """Forward hook of a ``ParametrizationList``: the value of a parametrized weight this forward."""
+
+    def __init__(self, layer: Layer) -> None:
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.layer.derived = output
+
+
+HOOK_TYPES = (_Enter, _Exit, _Derived)
+
+
+class Conversion:
+    """What :func:`dropit_cuda.convert` attached to a model (``model._dropit_conversion``)."""
+
+    def __init__(self, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool) -> None:
+        self.layers = layers
+        self.relus = relus  # (name, MaskedReLU) swapped in; decided on the first training forward
+        self.first_pending = skip_first
+        self.first: Optional[str] = None  # the layer skip_first left dense
+        self.relu_pending = bool(relus)
+        self.relu_decisions: dict[str, str] = {}
+        self.forwards = 0  # training forwards seen (eager and compiled)
+        self.recorded = False  # whether the last training forward recorded its stats (eager)
+        self.warned = False
+        self._active: list[bool] = []
+        self._mode = _Router(self)
+        self._probe: Optional[_ReluProbe] = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_mode"]
+        state.update(_active=[], _probe=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._mode = _Router(self)
+
+    # -- lookup ------------------------------------------------------------------------------
+
+    def lookup(self, w: Any) -> Optional[Layer]:
+        """The layer whose weight ``w`` is (or is a view of) if DropIT applies to this product,
+        else None; decides ``skip_first`` on the first product against a trainable weight. A
+        frozen weight is routed too: its product then caches nothing of the input."""
+        if not isinstance(w, torch.Tensor):
+            return None
+        layer = self._find(w)
+        if layer is None and w._base is not None:
+            layer = self._find(w._base)
+        if layer is None:
+            return None
+        if self.first_pending and w.requires_grad:
+            self.first_pending = False
+            self.first = layer.name
+            if layer.settings is not None:
+                layer.settings, layer.dense_reason = None, "skip_first"
+        if layer.settings is None or not layer.module.training:
+            return None
+        return layer
+
+    def _find(self, w: torch.Tensor) -> Optional[Layer]:
+        for layer in self.layers:
+            if layer.current() is w:
+                return layer
+        return None
+
+    # -- forward bookkeeping -----------------------------------------------------------------
+
+    def enter(self, module: nn.Module) -> None:
+        if not self._active:
+            if not (torch.is_grad_enabled() and module.training):
+                self._active.append(False)
+                return
+            self._start_forward()
+        self._active.append(True)
+
+    def exit(self) -> None:
+        if not self._active or not self._active.pop():
+            return
+        if not self._active:
+            self._end_forward()
+
+    def _start_forward(self) -> None:
+        self._mode.__enter__()
+        if in_backward():
+            return
+        self.forwards += 1
+        self.recorded = not torch.compiler.is_compiling()
+        if self.recorded:
+            for layer in self.layers:
+                layer.reset_stats()
+            if self.relu_pending:
+                self._probe = _ReluProbe(self.relus)
+                self._probe.start()
+
+    def _end_forward(self) -> None:
+        self._mode.__exit__(None, None, None)
+        for layer in self.layers:
+            layer.derived = None
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            self.relu_decisions = probe.finish()
+            self.relu_pending = False
+        if self.recorded and not self.warned and not in_backward():
+            self.warned = True
+            self._warn_unused()
+
+    def _warn_unused(self) -> None:
+        unused = []
+        for layer in self.layers:
+            w = layer.current() if not layer.parametrized else None
+            frozen = w is not None and not w.requires_grad
+            if layer.claimed and layer.settings is not None and layer.calls == 0 and not frozen \
+                    and layer.module.training:
+                unused.append(layer.name)
+        if unused:
+            shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+            warnings.warn(
+                f"dropit_cuda: {len(unused)} converted weight(s) took part in no linear/conv product "
+                f"through DropIT in the first training forward: {shown}. They were used some other "
+                "way (or not at all), so their inputs are cached densely; see dropit_cuda.report(model).",
+                UserWarning, stacklevel=2)
+
+
+class _ReluProbe:
+    """On the first training forward: which MaskedReLU outputs something keeps alive anyway.
+
+    Masking a ReLU frees its output only if nothing else keeps that output for backward; where
+    something does (a max-pool, a batch norm, a layer left dense), the mask costs one bit per
+    element more and frees nothing. The probe holds a weak reference to the storage of each
+    MaskedReLU output; when the forward has returned, a storage still alive is kept by the
+    autograd graph (or the model's output), one that expired was freed thanks to the mask. Each
+    MaskedReLU whose masks cost more than the outputs they freed turns back into ``nn.ReLU``.
+    (Weak references change nothing the forward saves, unlike a ``saved_tensors_hooks`` probe,
+    which would hide the saves from the caller's own hooks.)
+    """
+
+    def __init__(self, relus: list[tuple[str, nn.Module]]) -> None:
+        self.relus = relus
+        self.outputs: dict[int, list[tuple[int, int, int]]] = {id(m): [] for _, m in relus}
+        self.handles: list[Any] = []
+
+    def start(self) -> None:
+        for _, m in self.relus:
+            self.handles.append(m.register_forward_hook(self._watch))
+
+    def _watch(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            storage = output.untyped_storage()
+            mask_bytes = (output.numel() + 31) // 32 * 4
+            self.outputs[id(module)].append((storage._weak_ref(), storage.nbytes(), mask_bytes))
+
+    def finish(self) -> dict[str, str]:
+        for h in self.handles:
+            h.remove()
+        decisions = {}
+        for name, m in self.relus:
+            outs = self.outputs[id(m)]
+            if not outs:
+                decisions[name] = "masked (not called in the first training forward)"
+                continue
+            freed = sum(nbytes for ref, nbytes, _ in outs if torch.UntypedStorage._expired(ref))
+            if sum(mask for _, _, mask in outs) >= freed:
+                m.to_plain()
+                decisions[name] = "plain (its output is kept alive by another op anyway)"
+            else:
+                decisions[name] = "masked"
+            for ref, _, _ in outs:
+                torch.UntypedStorage._free_weak_ref(ref)
+        self.outputs.clear()
+        return decisions
+
+
+# --- attaching and detaching a conversion -------------------------------------------------------
+
+
+def _remove_hooks(module: nn.Module) -> None:
+    always = getattr(module, "_forward_hooks_always_called", {})
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, HOOK_TYPES)]:
+            del hooks[key]
+            always.pop(key, None)
+
+
+def detach(model: nn.Module) -> None:
+    """Removes every conversion inside ``model``: hooks, records, and the ReLU swaps it made
+    (DropIT module classes stay)."""
+    for module in model.modules():
+        conversion = module.__dict__.pop("_dropit_conversion", None)
+        for _, relu in conversion.relus if conversion is not None else ():
+            if type(relu) is MaskedReLU:
+                relu.to_plain()
+    for module in model.modules():
+        _remove_hooks(module)
+        module.__dict__.pop("_dropit_layers", None)
+
+
+def attach(root: nn.Module, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool) -> Conversion:
+    """Attaches a conversion of ``layers`` to ``root``: records and hooks (see :mod:`.routing`)."""
+    conversion = Conversion(layers, relus, skip_first)
+    root.__dict__["_dropit_conversion"] = conversion
+    by_name = dict(root.named_modules())
+    for layer in layers:
+        layer.module.__dict__.setdefault("_dropit_layers", {})[layer.attr] = layer
+        if layer.parametrized:
+            layer.module.parametrizations[layer.attr].register_forward_hook(_Derived(layer))
+    # the root, the owners and every module between them
+    hooked: set[str] = {""}
+    for name, m in by_name.items():
+        if "_dropit_layers" in m.__dict__:
+            parts = name.split(".")
+            hooked.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for name in hooked:
+        module = by_name[name]
+        module.register_forward_pre_hook(_Enter(conversion))
+        module.register_forward_hook(_Exit(conversion), always_call=True)
+    return conversion
+
+
+
+def conversion_of(model: nn.Module) -> Optional[Conversion]:
+    """The conversion attached to ``model`` itself, if any."""
+    return model.__dict__.get("_dropit_conversion")
