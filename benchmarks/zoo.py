@@ -104,13 +104,26 @@ def _timm_convnext() -> nn.Module:
 VOCAB = 64
 
 
-def _gpt2(n_layer: int = 2, n_embd: int = 32, n_head: int = 2, vocab_size: int = VOCAB) -> nn.Module:
+def _gpt2(n_layer: int = 2, n_embd: int = 32, n_head: int = 2, vocab_size: int = VOCAB,
+          dropout: float = 0.0) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, use_cache=False,
                         bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config)  # lm_head.weight is transformer.wte.weight (tied)
+
+
+class _LMLoss(nn.Module):
+    """A causal LM whose forward returns its own loss on the input tokens (logits and their
+    log-softmax then count as saved, as in training)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(ids, labels=ids).loss
 
 
 def _bert() -> nn.Module:
@@ -237,6 +250,11 @@ BENCH_ONLY: tuple[ZooModel, ...] = (
              _tokens(50257, 2, 128),
              "transformers GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=128, n_embd=768, "
              "n_layer=12, n_head=12, dropouts 0)); input 2x128 tokens"),
+    ZooModel("gpt2_small_8x128", _train(lambda: _LMLoss(_gpt2(n_layer=12, n_embd=768, n_head=12,
+                                                             vocab_size=50257, dropout=0.1))),
+             _tokens(50257, 8, 128),
+             "transformers GPT2LMHeadModel, GPT-2-small config, default dropout 0.1, its own LM loss "
+             "(labels = input); input 8x128 tokens"),
 )
 
 

@@ -21,6 +21,7 @@ from .modules import (
     DropITMultiheadAttention,
 )
 from .convert import convert, report, revert
+from .fidelity import FidelityMonitor, FidelityReport, Plan, fidelity, tune
 from .relu import MaskedReLU, masked_relu
 from . import memory
 
@@ -33,12 +34,16 @@ __all__ = [
     "DropITConvTranspose3d",
     "DropITLinear",
     "DropITMultiheadAttention",
+    "FidelityMonitor",
+    "FidelityReport",
     "MaskedReLU",
     "Packed",
+    "Plan",
     "STRATEGIES",
     "Settings",
     "convert",
     "extension_info",
+    "fidelity",
     "functional",
     "masked_relu",
     "memory",
@@ -46,6 +51,7 @@ __all__ = [
     "report",
     "revert",
     "strategies",
+    "tune",
     "unpack",
 ]
 __version__ = "0.1.0"

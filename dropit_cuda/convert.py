@@ -3,9 +3,10 @@ what it did."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -95,32 +96,46 @@ def _patterns(value: Patterns, name: str) -> Optional[list[str]]:
 def _check_plain_spec(spec: LayerSpec, what: str) -> None:
     """Validates a one-value spec now, before the model is touched."""
     check_spec(spec, what)
-    if spec is not None and not isinstance(spec, dict) and not (callable(spec) and not isinstance(spec, type)):
+    if spec is not None and not isinstance(spec, Mapping) and not (callable(spec) and not isinstance(spec, type)):
         Settings(**{what: spec})
 
 
-def _probe(model: nn.Module, conversion: Conversion, example_inputs: Any) -> None:
-    """One training forward on ``example_inputs`` to decide ``skip_first`` and the ReLU masks now,
-    with the random state and the buffers (batch-norm statistics) restored afterwards."""
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    kwargs = {}
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), example_inputs
+@contextlib.contextmanager
+def unobserved_forward(model: nn.Module, conversion: Conversion) -> Iterator[None]:
+    """Around a training forward the user did not ask for (``example_inputs``, ``dc.fidelity``):
+    afterwards the random state (CPU and the model's CUDA devices), the buffers (batch-norm
+    statistics), every module's training flag and what :func:`report` says of the last training
+    forward are as they were. Decisions a first training forward takes (``skip_first``, the ReLU
+    masks) stay taken."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = {m: m.training for m in model.modules()}
-    devices = [d for d in {t.device for t in model.parameters()} if d.type == "cuda"]
+    stats = [(layer, layer.op, layer.calls, layer.dense_bytes, layer.cached_bytes) for layer in conversion.layers]
+    forwards, compiled = conversion.forwards, conversion.compiled
+    devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
     try:
-        model.train()
-        with torch.random.fork_rng(devices=[d.index or 0 for d in devices]), torch.enable_grad():
-            model(*args, **kwargs)
+        with torch.random.fork_rng(devices=devices):
+            yield
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
         for m, training in modes.items():
             m.training = training
-    for layer in conversion.layers:
-        layer.reset_stats()
+        for layer, *values in stats:
+            layer.op, layer.calls, layer.dense_bytes, layer.cached_bytes = values
+        conversion.forwards, conversion.compiled = forwards, compiled
+
+
+def _probe(model: nn.Module, conversion: Conversion, example_inputs: Any) -> None:
+    """One training forward on ``example_inputs`` to decide ``skip_first`` and the ReLU masks now
+    (see :func:`unobserved_forward` for what is restored)."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = {}
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
+    with unobserved_forward(model, conversion), torch.enable_grad():
+        model.train()
+        model(*args, **kwargs)
     conversion.warned = False  # the warning speaks of the first real training forward
 
 
@@ -224,7 +239,7 @@ def convert(
             settings, reason = None, "excluded"
         layers.append(Layer(name, module, attr, settings, reason, _claimed(module, attr), parametrized))
     for what, spec in specs.items():
-        if isinstance(spec, dict):
+        if isinstance(spec, Mapping):
             for pattern in spec:
                 if (what, pattern) not in used:
                     raise ValueError(f"{what} pattern {pattern!r} matches no layer of the model")
@@ -271,16 +286,29 @@ class LayerReport:
     dense_bytes: int
     cached_bytes: int
 
+    def settings_text(self) -> str:
+        """``g=0.9 parallel_min_k D=16384``, or ``dense (why)``."""
+        if self.gamma is None:
+            return f"dense ({self.dense_reason})"
+        return f"g={self.gamma:g} {self.strategy} D={self.chunk}"
 
-@dataclass
-class Report:
-    """What :func:`report` returns; ``str(report)`` is a table, ``to_dict()`` plain data."""
 
-    layers: list[LayerReport]
-    relus: dict[str, str]
-    forwards: int
-    recorded: bool
-    first: Optional[str]
+def text_table(rows: list[tuple[str, ...]], align: str) -> list[str]:
+    """The lines of a text table: a header row, a rule, the rows; ``align`` has one letter per
+    column (``l`` left, ``r`` right)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+class ByteTotals:
+    """``dense_bytes`` and ``cached_bytes`` summed over ``self.layers``."""
+
+    layers: Sequence[LayerReport]
 
     @property
     def dense_bytes(self) -> int:
@@ -290,31 +318,39 @@ class Report:
     def cached_bytes(self) -> int:
         return sum(r.cached_bytes for r in self.layers)
 
+
+@dataclass
+class Report(ByteTotals):
+    """What :func:`report` returns; ``str(report)`` is a table, ``to_dict()`` plain data."""
+
+    layers: list[LayerReport]
+    relus: dict[str, str]
+    #: eager training forwards seen (compiled ones record nothing)
+    forwards: int
+    #: whether the last training forward ran compiled (then calls and bytes are those of the
+    #: last eager one, if any)
+    compiled: bool
+    first: Optional[str]
+
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [asdict(r) for r in self.layers], "relus": dict(self.relus), "forwards": self.forwards,
-                "recorded": self.recorded, "first": self.first,
+                "compiled": self.compiled, "first": self.first,
                 "dense_bytes": self.dense_bytes, "cached_bytes": self.cached_bytes}
 
     def __str__(self) -> str:
         from .memory import format_bytes
 
-        if not self.forwards:
+        if self.compiled:
+            state = "the last training forward ran compiled: calls and bytes are not recorded there"
+        elif not self.forwards:
             state = "no training forward yet"
-        elif not self.recorded:
-            state = "the last training forward was compiled: calls and bytes are not recorded"
         else:
             state = "calls and bytes of the last training forward"
         rows = [("layer", "op", "settings", "calls", "dense", "cached")]
         for r in self.layers:
-            how = (f"g={r.gamma} {r.strategy} D={r.chunk}" if r.gamma is not None else f"dense ({r.dense_reason})")
-            rows.append((r.name or "(model)", r.op or "-", how, str(r.calls), format_bytes(r.dense_bytes),
-                         format_bytes(r.cached_bytes)))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [f"DropIT report: {state}"]
-        for k, row in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-            if k == 0:
-                lines.append("  ".join("-" * w for w in widths))
+            rows.append((r.name or "(model)", r.op or "-", r.settings_text(), str(r.calls),
+                         format_bytes(r.dense_bytes), format_bytes(r.cached_bytes)))
+        lines = [f"DropIT report: {state}", *text_table(rows, "lllrrr")]
         lines.append(f"total: {format_bytes(self.dense_bytes)} dense inputs cached as "
                      f"{format_bytes(self.cached_bytes)}")
         if self.relus:
@@ -342,4 +378,4 @@ def report(model: nn.Module) -> Report:
                                 layer.dense_reason, layer.calls, layer.dense_bytes, layer.cached_bytes))
     relus = {name: conversion.relu_decisions.get(name, "masked (undecided: no eager training forward yet)")
              for name, _ in conversion.relus}
-    return Report(rows, relus, conversion.forwards, conversion.recorded, conversion.first)
+    return Report(rows, relus, conversion.forwards, conversion.compiled, conversion.first)

@@ -24,7 +24,7 @@ weight: ``x @ W`` is ``linear(x, W.t())``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,7 @@ def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor, settings: Settings, 
         ctx.cache_meta = None
         ctx.save_for_backward(weight)
     _record(layer, op, x, cached)
+    _keep_exact_input(ctx, x, layer, channel_dim)
 
 
 def _restore(ctx, cast: Optional[torch.dtype]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -105,6 +106,35 @@ def _restore(ctx, cast: Optional[torch.dtype]) -> tuple[torch.Tensor, Optional[t
     weight, *tensors = ctx.saved_tensors
     x_hat = None if ctx.cache_meta is None else ctx.cache_meta.with_tensors(tensors).unpack()
     return (weight if cast is None else weight.to(cast)), x_hat
+
+
+# The hook of dc.fidelity: while it records, ``layer.watch`` is set (see dropit_cuda/fidelity.py),
+# and the functions also keep the dense input to compute the exact weight gradient beside the
+# DropIT one. ``weight_grad(input)`` is the very code that computes the DropIT gradient from the
+# unpacked copy, so at gamma = 0 both are equal bit for bit.
+
+
+def _keep_exact_input(ctx, x: torch.Tensor, layer: Any, channel_dim: int) -> None:
+    watch = getattr(layer, "watch", None)
+    ctx.watch = None
+    if watch is None or not ctx.needs_input_grad[1] or torch.compiler.is_compiling():
+        return
+    # a reference, not a copy (memory as in the plain model); its version tells if it changed
+    ctx.watch, ctx.exact_input, ctx.exact_version = watch, x.detach(), x._version
+    watch.saw(x, channel_dim)
+
+
+def _give_exact_grad(ctx, grad_w: torch.Tensor, weight_grad: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    if ctx.watch is None:
+        return
+    x = ctx.exact_input
+    if x._version != ctx.exact_version:
+        raise RuntimeError(
+            "dropit_cuda.fidelity: the input of a DropIT layer was modified in place after the "
+            "layer used it, so its exact weight gradient cannot be computed (a plain model would "
+            "fail the same way)")
+    ctx.watch.add(grad_w, weight_grad(x))
+    ctx.exact_input = None
 
 
 def _sum_to(grad: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -187,14 +217,16 @@ class _DropITLinear(torch.autograd.Function):
                 grad_x = g2.mm(w)
             grad_x = grad_x.view(plan.x_shape) if len(plan.x_shape) != 2 else grad_x
         if ctx.needs_input_grad[1]:
-            mat1 = x_hat if x_hat.dim() == 2 else x_hat.reshape(plan.mat1_sizes)
-            w_t_sizes, w_t_strides = plan.w_sizes[::-1], plan.w_strides[::-1]
-            if _column_major(w_t_sizes, w_t_strides):
-                grad_w = g2.t().mm(mat1)
-            else:
-                grad_w = mat1.t().mm(g2).t()
-            if ctx.cast is not None:
-                grad_w = grad_w.to(ctx.saved_tensors[0].dtype)
+            def weight_grad(inp: torch.Tensor) -> torch.Tensor:
+                mat1 = inp if inp.dim() == 2 else inp.reshape(plan.mat1_sizes)
+                if _column_major(plan.w_sizes[::-1], plan.w_strides[::-1]):
+                    grad = g2.t().mm(mat1)
+                else:
+                    grad = mat1.t().mm(g2).t()
+                return grad if ctx.cast is None else grad.to(ctx.saved_tensors[0].dtype)
+
+            grad_w = weight_grad(x_hat)
+            _give_exact_grad(ctx, grad_w, weight_grad)
         if plan.bias_shape is not None and ctx.needs_input_grad[2]:
             grad_b = _sum_to(g2 if plan.bias_fused else grad_out, plan.bias_shape)
         return grad_x, grad_w, grad_b, None, None, None, None
@@ -277,10 +309,16 @@ class _DropITConv(torch.autograd.Function):
                 ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
         if x_hat is None:
             x_hat = grad_out.new_empty(1).expand(ctx.x_shape)  # the input gradient needs its shape only
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, x_hat, w, ctx.bias_sizes, *ctx.params.args(), need)
-        if need[1] and ctx.cast is not None:
-            grad_w = grad_w.to(ctx.saved_tensors[0].dtype)
+        def grads(inp: torch.Tensor) -> tuple:
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out, inp, w, ctx.bias_sizes, *ctx.params.args(), need)
+            if need[1] and ctx.cast is not None:
+                grad_w = grad_w.to(ctx.saved_tensors[0].dtype)
+            return grad_x, grad_w, grad_b
+
+        grad_x, grad_w, grad_b = grads(x_hat)
+        if need[1]:  # the same call (same mask), so that gamma = 0 gives the same bits
+            _give_exact_grad(ctx, grad_w, lambda inp: grads(inp)[1])
         return grad_x, grad_w, grad_b if need[2] else None, None, None, None, None, None
 
 

@@ -23,8 +23,10 @@ decides which swapped-in ``MaskedReLU`` actually free memory (see :func:`dropit_
 
 from __future__ import annotations
 
+import itertools
 import types
 import warnings
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -62,6 +64,9 @@ class Layer:
         self.claimed = claimed
         self.parametrized = parametrized
         self.derived: Optional[torch.Tensor] = None  # a parametrized weight's value this forward
+        #: set only while dropit_cuda.fidelity records: the autograd functions then also hand it
+        #: the exact weight gradient (see functional._keep_exact_input)
+        self.watch: Any = None
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -87,7 +92,7 @@ class Layer:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["derived"] = None
+        state["derived"] = state["watch"] = None
         return state
 
     def __repr__(self) -> str:
@@ -268,6 +273,27 @@ class _Derived:
 
 HOOK_TYPES = (_Enter, _Exit, _Derived)
 
+# Conversions by key, for decisions that torch.compile must take as constants (see _skip_first).
+_CONVERSIONS: "weakref.WeakValueDictionary[int, Conversion]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch._dynamo.assume_constant_result
+def _skip_first(key: int, index: int) -> bool:
+    """Leaves layer ``index`` of conversion ``key`` dense if the first layer is still undecided:
+    called on every product against a trainable weight. It runs eagerly even while torch.compile
+    traces (its result is a constant of the graph, with no guard on the state it changes), so the
+    decision taken on the first forward does not make the next call recompile."""
+    conversion = _CONVERSIONS[key]
+    if not conversion.first_pending:
+        return False
+    conversion.first_pending = False
+    layer = conversion.layers[index]
+    conversion.first = layer.name
+    if layer.settings is not None:
+        layer.settings, layer.dense_reason = None, "skip_first"
+    return True
+
 
 class Conversion:
     """What :func:`dropit_cuda.convert` attached to a model (``model._dropit_conversion``)."""
@@ -279,22 +305,28 @@ class Conversion:
         self.first: Optional[str] = None  # the layer skip_first left dense
         self.relu_pending = bool(relus)
         self.relu_decisions: dict[str, str] = {}
-        self.forwards = 0  # training forwards seen (eager and compiled)
-        self.recorded = False  # whether the last training forward recorded its stats (eager)
+        self.forwards = 0  # eager training forwards seen (a compiled forward cannot count)
+        self.compiled = False  # whether the last training forward ran compiled (nothing recorded)
         self.warned = False
         self._active: list[bool] = []
+        self._register()
+
+    def _register(self) -> None:
+        self.key = next(_KEYS)
+        _CONVERSIONS[self.key] = self
         self._mode = _Router(self)
         self._probe: Optional[_ReluProbe] = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["_mode"]
-        state.update(_active=[], _probe=None)
+        for transient in ("key", "_mode", "_probe"):
+            del state[transient]
+        state["_active"] = []
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._mode = _Router(self)
+        self._register()
 
     # -- lookup ------------------------------------------------------------------------------
 
@@ -304,24 +336,22 @@ class Conversion:
         frozen weight is routed too: its product then caches nothing of the input."""
         if not isinstance(w, torch.Tensor):
             return None
-        layer = self._find(w)
-        if layer is None and w._base is not None:
-            layer = self._find(w._base)
-        if layer is None:
+        index = self._find(w)
+        if index is None and w._base is not None:
+            index = self._find(w._base)
+        if index is None:
             return None
-        if self.first_pending and w.requires_grad:
-            self.first_pending = False
-            self.first = layer.name
-            if layer.settings is not None:
-                layer.settings, layer.dense_reason = None, "skip_first"
+        if w.requires_grad:
+            _skip_first(self.key, index)
+        layer = self.layers[index]
         if layer.settings is None or not layer.module.training:
             return None
         return layer
 
-    def _find(self, w: torch.Tensor) -> Optional[Layer]:
-        for layer in self.layers:
+    def _find(self, w: torch.Tensor) -> Optional[int]:
+        for i, layer in enumerate(self.layers):
             if layer.current() is w:
-                return layer
+                return i
         return None
 
     # -- forward bookkeeping -----------------------------------------------------------------
@@ -342,26 +372,30 @@ class Conversion:
 
     def _start_forward(self) -> None:
         self._mode.__enter__()
+        if torch.compiler.is_compiling():
+            self.compiled = True  # a write only: reading mutable state here would add guards
+            return
         if in_backward():
             return
+        self.compiled = False
         self.forwards += 1
-        self.recorded = not torch.compiler.is_compiling()
-        if self.recorded:
-            for layer in self.layers:
-                layer.reset_stats()
-            if self.relu_pending:
-                self._probe = _ReluProbe(self.relus)
-                self._probe.start()
+        for layer in self.layers:
+            layer.reset_stats()
+        if self.relu_pending:
+            self._probe = _ReluProbe(self.relus)
+            self._probe.start()
 
     def _end_forward(self) -> None:
         self._mode.__exit__(None, None, None)
         for layer in self.layers:
             layer.derived = None
+        if torch.compiler.is_compiling() or in_backward():
+            return
         if self._probe is not None:
             probe, self._probe = self._probe, None
             self.relu_decisions = probe.finish()
             self.relu_pending = False
-        if self.recorded and not self.warned and not in_backward():
+        if not self.warned:
             self.warned = True
             self._warn_unused()
 

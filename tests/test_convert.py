@@ -3,6 +3,7 @@ warnings, errors that change nothing, the ReLU swap that never costs memory."""
 
 import copy
 import pickle
+import types
 import warnings
 
 import pytest
@@ -131,6 +132,45 @@ def test_per_layer_settings_patterns_callables_and_none():
     with pytest.warns(UserWarning, match="no weight to convert"):
         dc.convert(_Small(), gamma=lambda name, module: seen.append(name) or None)
     assert seen == ["stem", "body.1", "body.3", "head"]
+
+
+def test_per_layer_settings_govern_each_layers_cache():
+    # reference: each weight gradient recomputed from the layer's input compressed at the settings
+    # meant for that layer and the layer's exact output gradient (DropIT keeps those exact)
+    gamma = {"body.1": 0.5, "*": 0.8}
+    strategy = types.MappingProxyType({"head": "min_k", "body.*": "random", "stem": "parallel_min_k"})
+    chunk = lambda name, module: 32 if name == "stem" else 128  # noqa: E731
+    meant = {"stem": (0.8, "parallel_min_k", 32), "body.1": (0.5, "random", 128),
+             "body.3": (0.8, "random", 128), "head": (0.8, "min_k", 128)}
+    plain = _Small()
+    m = dc.convert(copy.deepcopy(plain), gamma=gamma, strategy=strategy, chunk=chunk, skip_first=False)
+    seen = {}
+    for name, mod in plain.named_modules():
+        if name in meant:
+            mod.register_forward_hook(lambda mod, a, out, name=name: seen.__setitem__(name, [a[0].detach(), out]))
+    torch.manual_seed(5)
+    out = plain(_x())
+    grads_out = torch.autograd.grad(out.square().mean(), [seen[n][1] for n in meant])
+    torch.manual_seed(5)  # the random strategy draws one seed per layer, in forward order
+    _, grads = grads_after_step(m, _x())
+    torch.manual_seed(5)
+    for (name, (g, s, d)), g_out in zip(meant.items(), grads_out):
+        x = seen[name][0]
+        x_hat = dc.strategies.compress(x, s, g, d, channel_dim=-1 if name == "head" else 1).unpack()
+        w = dict(plain.named_modules())[name].weight
+        if name == "head":
+            expected = g_out.t() @ x_hat
+        else:
+            expected = torch.nn.grad.conv2d_weight(x_hat, w.shape, g_out, padding=1)
+        torch.testing.assert_close(grads[f"{name}.weight"], expected, msg=name)
+    # None from a strategy or chunk spec keeps the layer dense too
+    m = dc.convert(_Small(), strategy={"head": None}, chunk=lambda name, module: None if name == "stem" else 64,
+                   skip_first=False)
+    rows = {r.name: r for r in dc.report(m).layers}
+    assert [n for n, r in rows.items() if r.gamma is None] == ["stem", "head"]
+    assert all(rows[n].dense_reason == "per-layer setting" for n in ("stem", "head"))
+    with pytest.raises(ValueError, match="gamma pattern 'missing'"):
+        dc.convert(_Small(), gamma=types.MappingProxyType({"missing": 0.5}))
 
 
 @pytest.mark.parametrize(
