@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import strategies
+from .ops import dense_input
 from .settings import DEFAULT_CHUNK, DEFAULT_GAMMA, DEFAULT_STRATEGY, Settings
 
 __all__ = [
@@ -91,6 +92,7 @@ def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor, settings: Settings, 
     needed, the compressed input."""
     cached = None
     if ctx.needs_input_grad[1]:
+        x = dense_input(x)
         cached = strategies.get(settings.strategy).cache(x, settings, channel_dim)
         ctx.cache_meta = cached.with_tensors(())
         ctx.save_for_backward(weight, *cached.tensors)
@@ -219,6 +221,8 @@ class _DropITLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             def weight_grad(inp: torch.Tensor) -> torch.Tensor:
                 mat1 = inp if inp.dim() == 2 else inp.reshape(plan.mat1_sizes)
+                if _column_major(plan.mat1_sizes, plan.mat1_strides) and mat1.stride() != plan.mat1_strides:
+                    mat1 = mat1.t().contiguous().t()  # read column-major, as ATen's product read x
                 if _column_major(plan.w_sizes[::-1], plan.w_strides[::-1]):
                     grad = g2.t().mm(mat1)
                 else:
@@ -350,7 +354,7 @@ def conv_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     stride = _tuple(stride, nd, "stride")
     dilation = _tuple(dilation, nd, "dilation")
     if x.dim() not in (nd + 1, nd + 2):
-        raise ValueError(
+        raise RuntimeError(  # the type F.conv*d raises
             f"input must be {nd + 1}-D (unbatched) or {nd + 2}-D (batched) for a {nd}-D convolution, "
             f"got {x.dim()}-D"
         )

@@ -34,11 +34,19 @@ class Geometry:
         return keep_count(self.chunk, self.gamma)
 
     @property
+    def last_len(self) -> int:
+        """Length of the last chunk (0 when there are none)."""
+        return self.numel - (self.num_chunks - 1) * self.chunk if self.num_chunks else 0
+
+    @property
+    def keep_last(self) -> int:
+        return keep_count(self.last_len, self.gamma)
+
+    @property
     def total_kept(self) -> int:
         if self.num_chunks == 0:
             return 0
-        last = self.numel - (self.num_chunks - 1) * self.chunk
-        return (self.num_chunks - 1) * self.keep + keep_count(last, self.gamma)
+        return (self.num_chunks - 1) * self.keep + self.keep_last
 
     @property
     def bitmap_words(self) -> int:
@@ -85,11 +93,41 @@ def from_memory_order(flat: torch.Tensor, shape, memory_format: torch.memory_for
 
 
 def check_float_tensor(x, name: str = "x") -> None:
-    """Raises TypeError unless ``x`` is a tensor of a dtype the kernels take."""
+    """Raises TypeError unless ``x`` is a dense (strided) tensor of a dtype the kernels take."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _check_strided(x, name)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_strided(x: torch.Tensor, name: str) -> None:
+    # sparse and nested tensors have no memory order of their elements to chunk
+    if x.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+
+
+def dense_input(x: torch.Tensor, name: str = "input") -> torch.Tensor:
+    """``x`` as the strided tensor a DropIT layer caches: sparse tensors densified (the layers
+    take what ``F.linear`` takes), nested ones refused with a TypeError naming ``name``."""
+    if x.layout != torch.strided and not x.is_nested:
+        return x.to_dense()
+    _check_strided(x, name)
+    return x
+
+
+# The rank each memory format of a Packed needs (None: any).
+_FORMAT_RANK = {torch.contiguous_format: None, torch.channels_last: 4, torch.channels_last_3d: 5}
+
+
+def _popcount32(v: torch.Tensor) -> torch.Tensor:
+    """Set bits of each element of an int64 tensor holding values in [0, 2**32) (SWAR count)."""
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) >> 24) & 0xFF
 
 
 @dataclass(frozen=True)
@@ -141,12 +179,54 @@ class Packed:
         """The same metadata over other tensors (e.g. those from ``ctx.saved_tensors``)."""
         return replace(self, values=values, index=index)
 
-    def validate(self) -> None:
-        """Raises ValueError/TypeError if the tensors don't match the metadata."""
-        check_gamma(self.gamma)
-        check_chunk(self.chunk)
+    def validate(self, full: bool = False) -> None:
+        """Raises ValueError/TypeError, naming the field, where the ``Packed`` is inconsistent.
+
+        Checks every metadata field's type and range (``shape``, ``dtype``, ``device``,
+        ``memory_format`` against the rank of ``shape``, ``chunk``, ``gamma``, ``index_kind``) and
+        the tensors' dtype, length, layout and device against the geometry they imply. With
+        ``full`` it also reads the index: offsets strictly ascending and below the chunk's length
+        in every chunk; a bitmap marking exactly ``keep(L_c)`` elements of chunk ``c``, none past
+        its length. That costs a pass over the index and, on CUDA, one host sync, so it is
+        opt-in; the CPU ``unpack`` makes the same checks itself in its kernel.
+        """
+        self._check_metadata()
+        if full:
+            self._check_index_contents()
+
+    def _check_metadata(self) -> None:
+        for name, t in (("values", self.values), ("index", self.index)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"Packed.{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_gamma(self.gamma, "Packed.gamma")
+        check_chunk(self.chunk, "Packed.chunk")
+        if not isinstance(self.index_kind, str):
+            raise TypeError(f"Packed.index_kind must be a str, got {type(self.index_kind).__name__}")
         if self.index_kind not in ("bitmap", "offsets"):
-            raise ValueError(f"index_kind must be 'bitmap' or 'offsets', got {self.index_kind!r}")
+            raise ValueError(f"Packed.index_kind must be 'bitmap' or 'offsets', got {self.index_kind!r}")
+        if not isinstance(self.shape, tuple) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in self.shape
+        ):
+            raise TypeError(f"Packed.shape must be a torch.Size or a tuple of ints, got {self.shape!r}")
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"Packed.shape must not have negative sizes, got {tuple(self.shape)}")
+        if not isinstance(self.dtype, torch.dtype) or self.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"Packed.dtype must be float16, bfloat16, float32 or float64, got {self.dtype!r}")
+        if not isinstance(self.device, torch.device):
+            raise TypeError(f"Packed.device must be a torch.device, got {type(self.device).__name__}")
+        if not isinstance(self.memory_format, torch.memory_format):
+            raise TypeError(f"Packed.memory_format must be a torch.memory_format, got {self.memory_format!r}")
+        if self.memory_format not in _FORMAT_RANK:
+            raise ValueError(
+                f"Packed.memory_format must be contiguous_format, channels_last or channels_last_3d, "
+                f"got {self.memory_format}"
+            )
+        rank = _FORMAT_RANK[self.memory_format]
+        if rank is not None and len(self.shape) != rank:
+            raise ValueError(
+                f"Packed.memory_format is {self.memory_format}, which needs a {rank}-D shape, "
+                f"got shape {tuple(self.shape)}"
+            )
         g = self.geometry
         if self.values.dtype != self.dtype:
             raise TypeError(f"Packed.values has dtype {self.values.dtype}, metadata says {self.dtype}")
@@ -162,8 +242,49 @@ class Packed:
             raise ValueError(
                 f"Packed.index ({self.index_kind}) has shape {tuple(self.index.shape)}, expected ({want[1]},)"
             )
-        if self.values.device != self.index.device:
-            raise ValueError("Packed.values and Packed.index are on different devices")
+        for name, t in (("values", self.values), ("index", self.index)):
+            if t.layout != torch.strided or not t.is_contiguous():
+                raise ValueError(f"Packed.{name} must be a contiguous strided tensor")
+            if t.device != self.device:
+                raise ValueError(f"Packed.{name} is on {t.device}, metadata says {self.device}")
+
+    def _check_index_contents(self) -> None:
+        """The content checks of ``validate(full=True)``, with torch ops on the index's device."""
+        g = self.geometry
+        if g.num_chunks == 0:
+            return
+        dev = self.index.device
+        last = g.num_chunks - 1
+        if self.index_kind == "offsets":
+            offs = self.index.to(torch.int64)
+            pos = torch.arange(offs.numel(), device=dev)
+            chunk_of = pos // g.keep  # every chunk but the last holds K entries
+            length = torch.where(chunk_of == last, g.last_len, g.chunk)
+            prev = torch.cat([offs.new_full((1,), -1), offs[:-1]])
+            past = offs >= length
+            bad = past | ((pos % g.keep != 0) & (offs <= prev))
+            if not bool(bad.any()):  # the host sync
+                return
+            i = int(bad.int().argmax())
+            c = int(chunk_of[i])
+            why = (f"offset {int(offs[i])} is past the chunk's length {int(length[i])}" if past[i]
+                   else f"offsets must be strictly ascending, got {int(offs[i])} after {int(prev[i])}")
+        else:
+            words = (self.index.to(torch.int64) & 0xFFFFFFFF).view(g.num_chunks, -1)
+            length = torch.full((g.num_chunks, 1), g.chunk, device=dev)
+            length[last] = g.last_len
+            valid_bits = (length - 32 * torch.arange(words.shape[1], device=dev)).clamp(0, 32)
+            past = ((words & ~((1 << valid_bits) - 1)) != 0).any(dim=1)
+            marked = _popcount32(words).sum(dim=1)
+            keep = torch.full((g.num_chunks,), g.keep, device=dev)
+            keep[last] = g.keep_last
+            bad = past | (marked != keep)
+            if not bool(bad.any()):  # the host sync
+                return
+            c = int(bad.int().argmax())
+            why = (f"it marks elements past the chunk's length {int(length[c])}" if past[c]
+                   else f"it marks {int(marked[c])} elements, keep is {int(keep[c])}")
+        raise ValueError(f"Packed.index ({self.index_kind}) is corrupt in chunk {c}: {why}")
 
 
 def pack(
@@ -196,7 +317,14 @@ def pack(
 
 
 def unpack(p: Packed) -> torch.Tensor:
-    """The dense tensor of ``p``: its shape, dtype, device and layout, dropped elements 0."""
+    """The dense tensor of ``p``: its shape, dtype, device and layout, dropped elements 0.
+
+    ``p.validate()`` checks the metadata first (TypeError/ValueError naming the field). On the
+    CPU the kernel then checks the index contents too (offsets strictly ascending and in range,
+    bitmaps marking exactly ``keep`` elements per chunk) and raises ValueError naming the chunk.
+    On CUDA the contents are not checked (that would need a host sync): the kernels stay in
+    bounds whatever the index holds, and ``p.validate(full=True)`` checks the contents on demand.
+    """
     if not isinstance(p, Packed):
         raise TypeError(f"p must be a dropit_cuda.Packed, got {type(p).__name__}")
     p.validate()

@@ -122,13 +122,44 @@ class _MaskedReLUFunction(torch.autograd.Function):
         return _ApplyMask.apply(grad, mask, ctx.strides), None
 
 
+_CreationMeta = torch._C._autograd.CreationMeta
+# Why torch refuses to modify a view in place, by how the view was made (torch's own rules).
+_VIEW_NOT_WRITABLE = {
+    _CreationMeta.MULTI_OUTPUT_NODE: "it is one of several views returned by one op (unbind, split, chunk...)",
+    _CreationMeta.NO_GRAD_MODE: "it was created in no_grad mode and grad mode is now enabled",
+    _CreationMeta.IN_CUSTOM_FUNCTION: "it was created inside a custom autograd.Function's forward",
+    _CreationMeta.INFERENCE_MODE: "it was created in inference mode",
+}
+
+
+def _check_inplace(x: torch.Tensor) -> None:
+    """Raises the RuntimeError torch raises for a recorded in-place op on ``x`` (which requires
+    grad), before anything is written: an autograd.Function with ``mark_dirty`` reports these
+    only after its forward has already overwritten ``x``."""
+    if torch.compiler.is_compiling():  # the tracer applies torch's rules to the graph itself
+        return
+    if x._is_view():
+        reason = _VIEW_NOT_WRITABLE.get(torch._C._autograd._get_creation_meta(x))
+        if reason is not None:
+            raise RuntimeError(
+                f"x is a view that cannot be modified in place: {reason}; use inplace=False "
+                "or clone it first (nn.ReLU(inplace=True) raises here too)"
+            )
+        if x._base.is_leaf:
+            raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
+    if x.is_leaf:
+        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+
+
 def masked_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``torch.relu(x)`` (in place with ``inplace``, like ``F.relu``) whose backward caches a
     1-bit mask instead of the output.
 
-    Gradients equal ``nn.ReLU``'s bit for bit. Where no gradient is needed (``torch.no_grad()``,
-    inputs that don't require grad) and for dtypes other than float16/bfloat16/float32/float64,
-    it is ``torch.relu`` itself. Under ``torch.autocast`` it runs in the input's dtype, as
+    Gradients equal ``nn.ReLU``'s bit for bit. In place on a leaf that requires grad, or on a
+    view torch won't modify in place, it raises a RuntimeError as ``nn.ReLU`` does, before
+    writing anything. Where no gradient is needed (``torch.no_grad()``, inputs that don't
+    require grad) and for dtypes other than float16/bfloat16/float32/float64, it is
+    ``torch.relu`` itself. Under ``torch.autocast`` it runs in the input's dtype, as
     ``nn.ReLU`` does.
     """
     if not isinstance(x, torch.Tensor):
@@ -137,6 +168,8 @@ def masked_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     if not (torch.is_grad_enabled() and x.requires_grad) or x.dtype not in _MASK_DTYPES:
         return torch.relu_(x) if inplace else torch.relu(x)
+    if inplace:
+        _check_inplace(x)
     return _MaskedReLUFunction.apply(x, inplace)
 
 

@@ -365,6 +365,6 @@ def compress(
     impl = get(settings.strategy)
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
         raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
-    if impl.uses_channels and not -max(x.dim(), 1) <= channel_dim < max(x.dim(), 1):
+    if impl.uses_channels and not -x.dim() <= channel_dim < x.dim():
         raise ValueError(f"channel_dim {channel_dim} is out of range for a {x.dim()}-D tensor")
     return impl.cache(x, settings, channel_dim)

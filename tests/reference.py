@@ -15,11 +15,21 @@ UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 MASK64 = (1 << 64) - 1
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the contract reads ``x`` in (and unpack returns): channels_last(_3d) where ``x``
+    is dense in it but not contiguous, else contiguous."""
+    for rank, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == rank and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
 def bit_patterns(x: torch.Tensor) -> np.ndarray:
     """The tensor's elements in memory order, as unsigned integers of the same width."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    fmt = memory_format(x)
+    if fmt == torch.channels_last:
         x = x.permute(0, 2, 3, 1)
-    elif x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+    elif fmt == torch.channels_last_3d:
         x = x.permute(0, 2, 3, 4, 1)
     flat = x.detach().cpu().contiguous().reshape(-1)
     size = flat.element_size()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dropit_cuda as dc
-from cases import adversarial
+from cases import adversarial, randn
 from reference import bit_patterns, reference_pack, reference_unpack, select
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -220,6 +220,16 @@ def test_bad_index_and_x():
         dc.unpack(torch.randn(3))
 
 
+@pytest.mark.parametrize("make", [
+    lambda x: x.to_sparse(), lambda x: x.to_sparse_csr(), lambda x: x.to_sparse_csc(),
+    lambda x: torch.nested.nested_tensor([x[0], x[1, :2]]),
+    lambda x: torch.nested.nested_tensor([x[0], x[1, :2]], layout=torch.jagged),
+], ids=["coo", "csr", "csc", "nested", "nested_jagged"])
+def test_non_strided_x_is_named(make):
+    with pytest.raises(TypeError, match="x must be a dense"):
+        dc.pack(make(torch.randn(3, 4)))
+
+
 def test_mismatched_packed_is_rejected():
     p = dc.pack(torch.randn(1000), 0.9, 100)
     bad = {
@@ -236,6 +246,10 @@ def test_mismatched_packed_is_rejected():
         dc.unpack(p.with_tensors(p.values, p.index.long()))
     with pytest.raises(ValueError, match="index_kind"):
         dc.unpack(dataclass_replace(p, index_kind="dense"))
+    with pytest.raises(ValueError, match="memory_format is torch.channels_last, which needs a 4-D shape"):
+        dc.unpack(dataclass_replace(p, memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match="Packed.values is on meta"):
+        dc.unpack(p.with_tensors(p.values.to("meta"), p.index))
 
 
 def test_corrupt_index_is_rejected_by_the_op():
@@ -249,6 +263,65 @@ def test_corrupt_index_is_rejected_by_the_op():
     offs[3] = 100
     with pytest.raises(ValueError, match="corrupt offsets"):
         dc.unpack(q.with_tensors(q.values, offs))
+
+
+def _offsets_with(p, edit):
+    offs = p.index.to(torch.int64)  # uint16 has no index_put
+    edit(offs)
+    return p.with_tensors(p.values, offs.to(torch.uint16))
+
+
+# In range but not strictly ascending within chunk 1 (entries 10..19 at gamma=0.9, chunk=100).
+OFFSET_TAMPERINGS = {
+    "swapped": lambda o: o.__setitem__([12, 13], o[[13, 12]]),
+    "duplicate": lambda o: o.__setitem__(14, o[13]),
+    "reversed": lambda o: o.__setitem__(slice(10, 20), o[10:20].flip(0)),
+}
+
+
+@pytest.mark.parametrize("how", sorted(OFFSET_TAMPERINGS))
+def test_offsets_out_of_order_are_rejected(how):
+    p = dc.pack(randn(1000, torch.float32, seed=4), 0.9, 100, "offsets")
+    q = _offsets_with(p, OFFSET_TAMPERINGS[how])
+    with pytest.raises(ValueError, match="corrupt offsets in chunk 1: they must be strictly ascending"):
+        dc.unpack(q)
+    q.validate()  # the metadata is fine: only the contents tell
+    with pytest.raises(ValueError, match=r"Packed.index \(offsets\) is corrupt in chunk 1: offsets must be strictly"):
+        q.validate(full=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("index", ["bitmap", "offsets"])
+def test_validate_full_on_cuda_tensors(index):
+    """validate(full=True) is torch ops only: it needs a GPU, not the CUDA kernels."""
+    p = dc.pack(randn(1000, torch.float32, seed=5), 0.9, 100, index)
+    on_gpu = lambda q: dataclass_replace(q, values=q.values.cuda(), index=q.index.cuda(), device=torch.device("cuda", 0))
+    on_gpu(p).validate(full=True)
+    if index == "offsets":
+        bad = _offsets_with(p, OFFSET_TAMPERINGS["swapped"])
+    else:
+        words = p.index.clone()
+        words[4] ^= 1 << 3
+        bad = p.with_tensors(p.values, words)
+    on_gpu(bad).validate()  # the metadata is fine
+    with pytest.raises(ValueError, match="is corrupt in chunk 1"):
+        on_gpu(bad).validate(full=True)
+
+
+def test_validate_full_checks_bitmap_contents():
+    p = dc.pack(randn(990, torch.float32, seed=3), 0.9, 100, "bitmap")
+    p.validate(full=True)
+    words = p.index.clone()
+    words[4 * 2] ^= 1  # chunk 2 (4 words a chunk) marks one element too many or too few
+    with pytest.raises(ValueError, match=r"bitmap\) is corrupt in chunk 2: it marks (9|11) elements, keep is 10"):
+        p.with_tensors(p.values, words).validate(full=True)
+    words = p.index.clone()
+    # one marked element of the last chunk (90 long, words -4..-1) moved past its end, to 127
+    w = next(w for w in (-4, -3, -2) if int(words[w]) & 0x7FFFFFFF)
+    words[w] ^= int(words[w]) & -int(words[w]) & 0x7FFFFFFF  # its lowest marked element
+    words[-1] |= -(2**31)
+    with pytest.raises(ValueError, match="corrupt in chunk 9: it marks elements past the chunk's length 90"):
+        p.with_tensors(p.values, words).validate(full=True)
 
 
 def dataclass_replace(p, **kw):

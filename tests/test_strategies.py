@@ -183,6 +183,20 @@ def test_compress_bad_arguments(kwargs, exc, name):
         compress(torch.randn(2, 3, 4), **{"strategy": "min_k_channel", **kwargs})
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_compress_names_x_when_it_is_not_strided(strategy):
+    for x in (torch.randn(3, 4).to_sparse(), torch.nested.nested_tensor([torch.randn(2), torch.randn(3)])):
+        with pytest.raises(TypeError, match="x must be a dense"):
+            compress(x, strategy)
+
+
+@pytest.mark.parametrize("strategy", ["min_k_channel", "random_channel"])
+@pytest.mark.parametrize("channel_dim", [0, -1])
+def test_channel_strategies_refuse_0d_x(strategy, channel_dim):
+    with pytest.raises(ValueError, match="channel_dim .* out of range for a 0-D tensor"):
+        compress(torch.tensor(2.0), strategy, channel_dim=channel_dim)
+
+
 def test_cosine_similarity_of_weight_grads():
     """On ReLU activations, magnitude selection approximates the weight gradient much better."""
     torch.manual_seed(7)

@@ -317,6 +317,18 @@ void check_bitmap_chunk(const int32_t* words, int64_t nwords, int64_t L, int64_t
                     " elements, keep is ", k);
 }
 
+// Checks that chunk c's k offsets are strictly ascending and below the chunk's length L: the
+// only offsets pack writes, so a tampered index is rejected instead of rebuilding another tensor.
+void check_offsets_chunk(const uint16_t* offs, int64_t k, int64_t L, int64_t c) {
+  for (int64_t r = 0; r < k; ++r) {
+    TORCH_CHECK_VALUE(offs[r] < L, "corrupt offsets in chunk ", c, ": offset ", offs[r],
+                      " at position ", r, " is past the chunk's length ", L);
+    TORCH_CHECK_VALUE(r == 0 || offs[r] > offs[r - 1], "corrupt offsets in chunk ", c,
+                      ": they must be strictly ascending, got ", offs[r], " after ", offs[r - 1],
+                      " at position ", r);
+  }
+}
+
 template <typename Bits>
 void unpack_chunks(const Bits* values, const int32_t* bitmap, const uint16_t* offsets, Bits* out,
                    const ChunkGeometry& g) {
@@ -339,12 +351,9 @@ void unpack_chunks(const Bits* values, const int32_t* bitmap, const uint16_t* of
         }
       } else {
         const uint16_t* offs = offsets + c * g.keep;
+        check_offsets_chunk(offs, k, L, c);
         std::memset(oc, 0, L * sizeof(Bits));
-        for (int64_t r = 0; r < k; ++r) {
-          TORCH_CHECK_VALUE(offs[r] < L, "corrupt offsets in chunk ", c, ": offset ", offs[r],
-                            " is past the chunk's length ", L);
-          oc[offs[r]] = vc[r];
-        }
+        for (int64_t r = 0; r < k; ++r) oc[offs[r]] = vc[r];
       }
     }
   });
