@@ -63,6 +63,40 @@ def measure(cases: Mapping[Hashable, Case], device: torch.device, repeats: int) 
     }
 
 
+def time_ops(fns: Mapping[str, Callable[[], object]], device: torch.device, repeats: int,
+             threads: list[int]) -> dict[int | None, dict[str, float | None]]:
+    """Every op under every thread count, round robin (see ``measure``). Per thread count (on
+    CUDA one entry, None: threads don't apply): ``<op>_ms`` (wall clock) and ``<op>_cpu_ms``."""
+    counts: list[int | None] = list(threads) if device.type == "cpu" else [None]
+    times = measure({(op, t): Case(fn, t) for t in counts for op, fn in fns.items()}, device, repeats)
+    return {
+        t: {f"{op}{suffix}": value for op in fns
+            for suffix, value in (("_ms", times[(op, t)].wall_ms), ("_cpu_ms", times[(op, t)].cpu_ms))}
+        for t in counts
+    }
+
+
+def thread_scaling(rows: list[dict], ops: tuple[str, ...]) -> list[dict]:
+    """How much faster each op ran with each thread count than with the first one measured, per
+    device and dtype: from rows with ``device``, ``dtype``, ``threads`` and ``<op>_ms``."""
+    scaling = []
+    for r in rows:
+        base = next(b for b in rows if (b["device"], b["dtype"]) == (r["device"], r["dtype"]))
+        if base is r or r["threads"] is None:
+            continue
+        for op in ops:
+            scaling.append({"device": r["device"], "dtype": r["dtype"], "op": op,
+                            "from_threads": base["threads"], "to_threads": r["threads"],
+                            "speedup": base[f"{op}_ms"] / r[f"{op}_ms"]})
+    return scaling
+
+
+def print_scaling(scaling: list[dict]) -> None:
+    for s in scaling:
+        print(f"{s['device']} {s['dtype']}: {s['op']} {s['to_threads']} threads vs {s['from_threads']}: "
+              f"{s['speedup']:.2f}x faster (wall clock)")
+
+
 def thread_counts(text: str) -> list[int]:
     """``--threads`` values: a comma-separated list of positive counts, e.g. ``1,2``."""
     try:

@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from dropit_cuda.relu import relu_mask, relu_mask_backward  # noqa: E402
-from _timing import Case, machine_load, measure, thread_counts  # noqa: E402
+from _timing import machine_load, print_scaling, thread_counts, thread_scaling, time_ops  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-OPS = ("fwd", "torch_fwd", "fwd_inplace", "torch_fwd_inplace", "bwd", "torch_bwd")
+SCALED = ("fwd", "fwd_inplace", "bwd")  # the ops whose thread scaling is printed
 
 
 def bench_one(device: torch.device, dtype: torch.dtype, numel: int, repeats: int, threads: list[int]) -> list[dict]:
@@ -50,15 +50,10 @@ def bench_one(device: torch.device, dtype: torch.dtype, numel: int, repeats: int
         "bwd": lambda: relu_mask_backward(grad, mask, strides),
         "torch_bwd": lambda: torch.ops.aten.threshold_backward(grad, y, 0),
     }
-    counts = threads if device.type == "cpu" else [None]
-    times = measure({(op, t): Case(fns[op], t) for t in counts for op in OPS}, device, repeats)
     rows = []
-    for t in counts:
+    for t, figures in time_ops(fns, device, repeats, threads).items():
         r = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "numel": numel, "threads": t,
-             "cached_bytes_per_element": mask.nbytes / numel, "torch_cached_bytes_per_element": s}
-        for op in OPS:
-            r[f"{op}_ms"] = times[(op, t)].wall_ms
-            r[f"{op}_cpu_ms"] = times[(op, t)].cpu_ms
+             "cached_bytes_per_element": mask.nbytes / numel, "torch_cached_bytes_per_element": s, **figures}
         # Bytes each op must move: forward reads x and writes y and the mask; backward reads grad
         # and the mask (torch: y) and writes the gradient.
         r["fwd_gbps"] = (numel * 2 * s + mask.nbytes) / r["fwd_ms"] / 1e6
@@ -79,11 +74,6 @@ def print_table(rows: list[dict]) -> None:
               f"{r['fwd_gbps']:6.1f} {r['torch_fwd_ms']:7.2f} | {r['fwd_inplace_ms']:7.2f} "
               f"{r['torch_fwd_inplace_ms']:7.2f} | {r['bwd_ms']:7.2f} {r['bwd_gbps']:6.1f} {r['torch_bwd_ms']:7.2f} | "
               f"{r['cached_bytes_per_element']:6.3f} {r['torch_cached_bytes_per_element']:5d}")
-    for r in rows:
-        base = next(b for b in rows if (b["device"], b["dtype"]) == (r["device"], r["dtype"]))
-        if base is not r and r["threads"] is not None:
-            print(f"{r['device']} {r['dtype']}: {r['threads']} threads vs {base['threads']}, wall clock: "
-                  + ", ".join(f"{op} {base[f'{op}_ms'] / r[f'{op}_ms']:.2f}x" for op in ("fwd", "fwd_inplace", "bwd")))
 
 
 def main(argv=None) -> list[dict]:
@@ -102,13 +92,15 @@ def main(argv=None) -> list[dict]:
     print(f"wall-clock medians of {args.repeats}, same thread count on both sides; {load_before}")
     rows = [r for d in devices for t in args.dtypes
             for r in bench_one(torch.device(d), DTYPES[t], args.numel, args.repeats, threads)]
+    scaling = thread_scaling(rows, SCALED)
     print_table(rows)
+    print_scaling(scaling)
     load_after = machine_load()
     print(f"after: {load_after}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "load_before": load_before, "load_after": load_after,
-                       "rows": rows}, f, indent=1)
+            json.dump({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "load_before": load_before,
+                       "load_after": load_after, "rows": rows, "scaling": scaling}, f, indent=1)
     return rows
 
 

@@ -23,7 +23,7 @@ import time
 import torch
 
 import dropit_cuda as dc
-from _timing import Case, machine_load, measure, thread_counts
+from _timing import machine_load, print_scaling, thread_counts, thread_scaling, time_ops
 
 OPS = ("pack", "unpack", "topk_chunked", "scatter")
 
@@ -48,51 +48,31 @@ def bench_one(device: torch.device, dtype: torch.dtype, numel: int, chunk: int, 
         "topk_chunked": topk_pack,
         "scatter": lambda: torch.zeros_like(rows).scatter_(1, idx, vals),
     }
-    counts = threads if device.type == "cpu" else [None]
-    times = measure({(op, t): Case(fns[op], t) for t in counts for op in OPS}, device, repeats)
+    times = time_ops(fns, device, repeats, threads)
     if full_topk:  # slow: fewer repeats
         kf = numel - int(gamma * numel)
-        times.update(measure({("topk_full", t): Case(lambda: x.abs().topk(kf, sorted=False), t) for t in counts},
-                             device, max(1, repeats // 3)))
+        full = time_ops({"topk_full": lambda: x.abs().topk(kf, sorted=False)}, device, max(1, repeats // 3), threads)
+        for t, figures in full.items():
+            times[t].update(figures)
     moved = numel * s + packed.nbytes  # bytes an op must move: the input once, the packed buffer once
     results = []
-    for t in counts:
+    for t, figures in times.items():
         r = {
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
             "dtype": str(dtype).replace("torch.", ""), "numel": numel, "chunk": chunk, "gamma": gamma,
-            "threads": t, "index": packed.index_kind,
-        }
-        for op in OPS + (("topk_full",) if full_topk else ()):
-            r[f"{op}_ms"] = times[(op, t)].wall_ms
-            r[f"{op}_cpu_ms"] = times[(op, t)].cpu_ms
-        r.update({
-            "pack_gbps": moved / r["pack_ms"] / 1e6,
-            "unpack_gbps": moved / r["unpack_ms"] / 1e6,
+            "threads": t, "index": packed.index_kind, **figures,
+            "pack_gbps": moved / figures["pack_ms"] / 1e6,
+            "unpack_gbps": moved / figures["unpack_ms"] / 1e6,
             "bytes_per_element_dropit": packed.nbytes / numel,
             "bytes_per_element_topk": (vals.nbytes + idx.nbytes) / numel,
             "bytes_per_element_dense": s,
-            "pack_speedup_vs_topk": r["topk_chunked_ms"] / r["pack_ms"],
-            "unpack_speedup_vs_scatter": r["scatter_ms"] / r["unpack_ms"],
-        })
+            "pack_speedup_vs_topk": figures["topk_chunked_ms"] / figures["pack_ms"],
+            "unpack_speedup_vs_scatter": figures["scatter_ms"] / figures["unpack_ms"],
+        }
         if full_topk:
             r["pack_speedup_vs_full_topk"] = r["topk_full_ms"] / r["pack_ms"]
         results.append(r)
     return results
-
-
-def thread_scaling(results: list[dict]) -> list[dict]:
-    """Per device and dtype: how much faster each op runs with each thread count than with the
-    first one measured (wall clock, same run)."""
-    scaling = []
-    for r in results:
-        base = next(b for b in results if (b["device"], b["dtype"]) == (r["device"], r["dtype"]))
-        if base is r or r["threads"] is None:
-            continue
-        for op in OPS:
-            scaling.append({"device": r["device"], "dtype": r["dtype"], "op": op,
-                            "from_threads": base["threads"], "to_threads": r["threads"],
-                            "speedup": base[f"{op}_ms"] / r[f"{op}_ms"]})
-    return scaling
 
 
 def _cpu(ms: float | None) -> str:
@@ -112,9 +92,7 @@ def print_table(results: list[dict], scaling: list[dict]) -> None:
               f"{r['unpack_ms']:>11.2f}{_cpu(r['unpack_cpu_ms']):>9}{r['unpack_gbps']:>7.1f}{r['scatter_ms']:>12.2f}"
               f"{r['unpack_speedup_vs_scatter']:>8.1f}{r.get('topk_full_ms', float('nan')):>9.1f}"
               f"{r['bytes_per_element_dropit']:>12.3f}{r['bytes_per_element_topk']:>10.3f}")
-    for s in scaling:
-        print(f"{s['device']} {s['dtype']}: {s['op']} {s['to_threads']} threads vs {s['from_threads']}: "
-              f"{s['speedup']:.2f}x faster (wall clock)")
+    print_scaling(scaling)
 
 
 def main(argv=None) -> list[dict]:
@@ -145,7 +123,7 @@ def main(argv=None) -> list[dict]:
         for r in bench_one(torch.device(d), getattr(torch, t), args.numel, args.chunk, args.gamma,
                            args.repeats, not args.no_full_topk, threads)
     ]
-    scaling = thread_scaling(results)
+    scaling = thread_scaling(results, OPS)
     print_table(results, scaling)
     load_after = machine_load()
     print(f"after: {load_after}")

@@ -45,12 +45,15 @@ def test_bench_relu_mask(tmp_path):
     path = tmp_path / "relu.json"
     stdout = run_script("bench_relu_mask.py", "--device", "cpu", "--numel", "65536", "--repeats", "1",
                         "--threads", "1,2", "--json", str(path))
-    rows = json.loads(path.read_text())["rows"]
+    figures = json.loads(path.read_text())
+    rows = figures["rows"]
     assert [(r["dtype"], r["threads"]) for r in rows] == [
         ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
     for r in rows:
         assert r["fwd_ms"] > 0 and r["torch_bwd_ms"] > 0 and r["cached_bytes_per_element"] == 1 / 8
-    assert "2 threads vs 1" in stdout
+    bwd = next(s for s in figures["scaling"] if (s["dtype"], s["op"]) == ("bfloat16", "bwd"))
+    assert bwd["speedup"] == rows[2]["bwd_ms"] / rows[3]["bwd_ms"]
+    assert "bwd 2 threads vs 1" in stdout
 
 
 def test_bench_threads_option_rejects_bad_counts():
