@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compiles the CUDA launchers (csrc/cuda/*.cu) with nvcc for sm_80 and sm_90,
-# with `-Xptxas -v`, and prints each kernel's register and shared-memory usage.
+# with `-Xptxas -v`, and prints each kernel's register and shared-memory usage,
+# then the SASS instruction counts of each kernel's loops (.ci/sass_count.py).
 # Needs nvcc and a CUDA build of torch; no GPU. Usage: .ci/ptxas_report.sh [archs...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,8 @@ for arch in "${ARCHS[@]}"; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$ar
 for src in csrc/cuda/*.cu; do
   log="$TMP/$(basename "$src" .cu).log"
   # One nvcc run for all archs: the host side is compiled once.
-  if ! "$NVCC" -c "$src" -o "$TMP/out.o" -std=c++20 -O3 --expt-relaxed-constexpr "${GENCODE[@]}" \
+  obj="$TMP/$(basename "$src" .cu).o"
+  if ! "$NVCC" -c "$src" -o "$obj" -std=c++20 -O3 -lineinfo --expt-relaxed-constexpr "${GENCODE[@]}" \
       -Xptxas -v -DDROPIT_WITH_CUDA -D_GLIBCXX_USE_CXX11_ABI="$ABI" \
       -Icsrc $TORCH_INC -I"$CUDA_HOME/include" >"$log" 2>&1; then
     echo "nvcc failed for $src:"; cat "$log"; status=1; continue
@@ -36,4 +38,8 @@ for src in csrc/cuda/*.cu; do
     | sed -E 's/dropit::\(anonymous namespace\):://g; s/dropit:://g; s/unsigned long/u64/g; s/unsigned int/u32/g; s/unsigned short/u16/g' \
     | sort
 done
+# SASS instruction counts per kernel and per innermost loop, from the same objects (-lineinfo
+# labels the loops with their source lines). Needs cuobjdump (the toolkit's, or Triton's copy).
+echo "== SASS instructions per kernel and innermost loop (.ci/sass_count.py)"
+if ! "$PY" .ci/sass_count.py "$TMP"/*.o; then echo "sass_count failed"; status=1; fi
 exit $status

@@ -11,6 +11,7 @@ import torch
 
 import dropit_cuda as dc
 from cases import adversarial, randn
+from dropit_cuda.relu import relu_mask, relu_mask_backward
 
 HAVE_GPU = torch.cuda.is_available()
 HAVE_KERNELS = HAVE_GPU and dc.extension_info()["cuda_kernels"]
@@ -144,13 +145,124 @@ def test_more_than_2_31_elements():
 
 
 @pytest.mark.parametrize("dtype,chunk", [
-    (torch.float32, 12288), (torch.float32, 11000), (torch.float16, 24576), (torch.float64, 6144),
-    (torch.float64, 16384), (torch.float32, 56000), (torch.float32, 57344), (torch.bfloat16, 65536),
+    (torch.float32, 7680), (torch.float32, 8192), (torch.float16, 16384), (torch.float64, 6144),
+    (torch.float64, 24576), (torch.float64, 32768), (torch.float32, 53248), (torch.float32, 56000),
+    (torch.bfloat16, 65536),
 ])
 def test_shared_memory_edges(dtype, chunk):
-    # Staged chunks around the 48 KB default limit and the device's opt-in maximum, and the
-    # global-memory path just past it.
+    # Staged chunks around the 48 KB default limit (pack's static shared memory is about 17.5 KB,
+    # so a staged chunk past about 30 KB needs the opt-in) and around the opt-in maximum (227 KB on
+    # an H100/H200: float32 D = 53248 is staged, 56000 reads global memory, float64 24576 / 32768
+    # likewise).
     x = randn(2 * chunk + 77, dtype, chunk)
     for gamma in (0.5, 0.9):
         for bitmap in (True, False):
             check(x, gamma, chunk, bitmap)
+
+
+def crowded_bucket(n: int) -> torch.Tensor:
+    """float32 values whose keys share their top 12 bits: more than pack's candidate buffer, so
+    the select refines over the whole chunk."""
+    low = torch.randperm(1 << 19, generator=torch.Generator().manual_seed(5))[:n].to(torch.int32)
+    return (torch.tensor(1.0).view(torch.int32) + low).view(torch.float32)
+
+
+@pytest.mark.parametrize("chunk", [4096, 16384, 65536])
+def test_select_paths(chunk):
+    # The wide digit's bucket kept whole (small gamma), refined on gathered candidates (normal
+    # data), zeros counted by difference (ReLU-like data, half zeros, at gamma 0.5 the threshold
+    # is often zero itself), and the crowded bucket refined over the whole chunk.
+    n = 3 * chunk + 123
+    normal = randn(n, torch.float32, chunk)
+    cases = {"normal": normal, "relu": normal.clamp_min(0), "crowded": crowded_bucket(n),
+             "relu_bf16": normal.clamp_min(0).to(torch.bfloat16)}
+    for name, x in cases.items():
+        for gamma in (0.01, 0.5, 0.9):
+            for bitmap in (True, False):
+                check(x, gamma, chunk, bitmap)
+
+
+def test_unaligned_input():
+    # A view that starts one element into its storage: no 16-byte loads, the scalar path.
+    base = randn(4 * 16384 + 1, torch.float32, 3).cuda()
+    for chunk in (16384, 1000):
+        check(base[1:], 0.9, chunk, True)
+        check(base[1:], 0.9, chunk, False)
+
+
+def test_threads_packing_different_chunks_at_once():
+    # The shared-memory opt-in is set once per device and kernel, not before each launch: host
+    # threads packing chunks of different sizes at the same time all get the right bytes.
+    import threading
+
+    xs = {D: randn(8 * D, torch.float32, D).cuda() for D in (2048, 16384, 40960)}
+    refs = {D: torch.ops.dropit_cuda.pack(x.cpu(), 0.9, D, True, None) for D, x in xs.items()}
+    errors = []
+
+    def work(D):
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                for _ in range(20):
+                    v, i = torch.ops.dropit_cuda.pack(xs[D], 0.9, D, True, None)
+                    torch.cuda.current_stream().synchronize()
+                    if not (same_bytes(v, refs[D][0]) and same_bytes(i, refs[D][1])):
+                        errors.append(D)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(D,)) for D in xs for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_tampered_index_stays_in_bounds():
+    # What unpack.cuh promises for an index the CPU op would reject: no access out of bounds (a
+    # CUDA error would surface at the synchronize), bitmap chunks filled in index order up to
+    # their keep count, offsets placing each value at an in-range offset.
+    n, chunk, gamma = 3 * 4096 + 100, 4096, 0.9
+    x = randn(n, torch.float32, 8).cuda()
+    values, words = torch.ops.dropit_cuda.pack(x, gamma, chunk, True, None)
+    gen = torch.Generator().manual_seed(1)
+    for bad in (torch.full_like(words, -1), torch.randint(-(2**31), 2**31, words.shape, generator=gen,
+                                                               dtype=torch.int64).to(torch.int32).cuda()):
+        out = torch.ops.dropit_cuda.unpack(values, bad, n, gamma, chunk, True).cpu()
+        torch.cuda.synchronize()
+        w, vals = bad.cpu().view(torch.int32), values.cpu()
+        k_full, per = chunk - math.floor(gamma * chunk), chunk // 32
+        for c in range(-(-n // chunk)):
+            length = min(chunk, n - c * chunk)
+            keep = length - math.floor(gamma * length)
+            marked = [e for e in range(length) if (int(w[c * per + e // 32]) >> (e % 32)) & 1]
+            want = torch.zeros(length)
+            for j, e in enumerate(marked[:keep]):
+                want[e] = vals[c * k_full + j]
+            assert same_bytes(out[c * chunk:c * chunk + length], want)
+    values, offsets = torch.ops.dropit_cuda.pack(x, gamma, chunk, False, None)
+    bad = torch.randint(0, 65536, offsets.shape, generator=gen).to(torch.uint16).cuda()
+    out = torch.ops.dropit_cuda.unpack(values, bad, n, gamma, chunk, False).cpu()
+    torch.cuda.synchronize()
+    o, vals = bad.cpu().to(torch.int64), values.cpu()
+    k_full = chunk - math.floor(gamma * chunk)
+    for c in range(-(-n // chunk)):
+        length = min(chunk, n - c * chunk)
+        keep = length - math.floor(gamma * length)
+        named = {}
+        for r in range(keep):
+            if o[c * k_full + r] < length:
+                named.setdefault(int(o[c * k_full + r]), set()).add(float(vals[c * k_full + r]))
+        for e in range(length):
+            assert float(out[c * chunk + e]) in named.get(e, {0.0})
+
+
+def test_relu_mask_word_groups():
+    # Several mask words per warp step: lengths around the group of 4 words, against the CPU op.
+    for n in (1, 127, 128, 129, 32 * 4 * 256 * 3 + 33):
+        x = randn(n, torch.float32, n).cuda()
+        y, mask, _ = relu_mask(x)
+        y_ref, mask_ref, _ = relu_mask(x.cpu())
+        assert same_bytes(y, y_ref) and same_bytes(mask, mask_ref)
+        g = randn(n, torch.float32, n + 1).cuda()
+        assert same_bytes(relu_mask_backward(g, mask), relu_mask_backward(g.cpu(), mask_ref))

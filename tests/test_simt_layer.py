@@ -55,13 +55,12 @@ def test_warp_and_block_scans(simt):
         lane = t % 32
         assert got[t] == sum(l + 2 for l in range(lane + 1))
     for threads in (32, 256, 1024):
+        # Thread t contributes t % 7 + 1: the exclusive prefix in thread order, and the block's sum.
         got = simt.exchange("block_scan", threads, 1)
-        nw = threads // 32
-        total = sum(w + 1 for w in range(nw))
+        total = sum(u % 7 + 1 for u in range(threads))
         for t in range(threads):
-            w = t // 32
             assert got[t] >> 32 == total
-            assert got[t] & 0xFFFFFFFF == sum(u + 1 for u in range(w))
+            assert got[t] & 0xFFFFFFFF == sum(u % 7 + 1 for u in range(t))
 
 
 def test_shared_memory_and_barrier(simt):
@@ -85,9 +84,32 @@ def test_indices(simt):
     ("divergent_barrier", "barrier"),
     ("divergent_warp_op", "different warp intrinsics"),
     ("partial_warp", "deadlock"),
+    ("global_past_end", "global load of 4 bytes .* outside every buffer"),
+    ("global_before_start", "global load of 4 bytes .* outside every buffer"),
+    ("store_to_read_only", "global store .* read-only buffer in"),
+    ("shared_past_end", "shared load of 4 bytes .* outside the block's shared memory"),
+    ("misaligned_vector", "global load of 16 bytes .* misaligned"),
 ])
 def test_misuse_is_reported(simt, what, message):
     with pytest.raises(RuntimeError, match=message):
         simt.misuse(what)
     # The layer still works afterwards.
     assert simt.exchange("ballot", 32, 0)[0] == sum(1 << l for l in range(32) if l % 3 == 0 or l == 0)
+
+
+@pytest.mark.parametrize("what,expect", [
+    ("coalesced", {"global_store_instr": 1, "global_store_sectors": 4, "global_store_distinct_bytes": 128}),
+    ("strided", {"global_store_instr": 1, "global_store_sectors": 32, "global_store_distinct_bytes": 128}),
+    ("vector", {"global_store_instr": 1, "global_store_sectors": 16, "shared_load_instr": 1,
+                "shared_load_wavefronts": 4, "shared_conflict_passes": 0}),
+    ("bank_conflict", {"shared_load_instr": 1, "shared_load_wavefronts": 32, "shared_conflict_passes": 31}),
+    ("broadcast", {"shared_load_instr": 1, "shared_load_wavefronts": 1, "shared_conflict_passes": 0}),
+    ("two_way", {"shared_load_instr": 1, "shared_load_wavefronts": 2, "shared_conflict_passes": 1}),
+    ("atomic_same", {"shared_atomic_instr": 1, "shared_atomic_wavefronts": 32, "shared_conflict_passes": 31}),
+    ("atomic_spread", {"shared_atomic_instr": 1, "shared_atomic_wavefronts": 1, "shared_conflict_passes": 0}),
+])
+def test_profile_groups_lanes_into_warp_instructions(simt, what, expect):
+    # One warp, one memory instruction of a known pattern: sectors and bank-conflict passes as the
+    # hardware's rules give them (32-byte sectors; 32 banks of 4 bytes, 128 bytes a pass).
+    stats = simt.profile_case(what)
+    assert {k: stats[k] for k in expect} == expect

@@ -1,4 +1,4 @@
-// Warp-ballot bitmap helpers shared by the kernels (pack/unpack, masks).
+// Warp and block helpers shared by the kernels (pack/unpack, masks).
 //
 // A bitmap word is the ballot of one warp: bit j is lane j's predicate. With
 // element e = 32*w + j handled by lane j of the warp that handles word w, the
@@ -31,36 +31,36 @@ DROPIT_DEVICE uint32_t ballot_word(bool pred) { return simt::ballot(pred); }
 DROPIT_DEVICE int rank_in_word(uint32_t word) { return simt::popc(word & lanemask_lt()); }
 
 // Inclusive prefix sum over the lanes of a warp. All lanes call it.
-DROPIT_DEVICE uint32_t warp_inclusive_scan(uint32_t v) {
+template <typename T>
+DROPIT_DEVICE T warp_inclusive_scan(T v) {
   const int lane = lane_id();
   for (int d = 1; d < kWarp; d <<= 1) {
-    uint32_t u = simt::shfl_up(v, d);
+    const T u = simt::shfl_up(v, d);
     if (lane >= d) v += u;
   }
   return v;
 }
 
-// Block-wide exclusive scan of one count per warp (e.g. the popcount of its
-// ballot words). Every thread of the block calls it; `warp_count` must be the
-// same in all lanes of a warp. Returns the sum of the counts of the warps
+// Block-wide exclusive scan of one value per thread, in thread order. Every
+// thread of the block calls it. Returns the sum of the values of the threads
 // before this one; `*total` receives the sum over the block.
 //
-// `slots` is shared memory of at least 32 uint32. It contains one barrier;
-// the slots are read after it, so a second call must use other slots (keep
-// two buffers and alternate) unless a barrier separates the calls.
-// Block sizes up to 1024 threads (32 warps).
-DROPIT_DEVICE uint32_t block_exclusive_scan_warp_counts(uint32_t warp_count, uint32_t* slots,
-                                                        uint32_t* total) {
+// `slots`: 32 T of shared memory. `barrier()` is called once, between the
+// warps' totals landing in `slots` and their reads; the slots are read after
+// it, so the next call needs another barrier in between. Up to 1024 threads.
+template <typename T, typename Barrier>
+DROPIT_DEVICE T block_exclusive_scan(T v, simt::sptr<T> slots, T* total, Barrier barrier) {
   const int lane = lane_id();
   const int warp = warp_id();
   const int nwarps = num_warps();
-  if (lane == 0) slots[warp] = warp_count;
-  simt::sync();
-  uint32_t c = lane < nwarps ? slots[lane] : 0u;
-  uint32_t inc = warp_inclusive_scan(c);
-  uint32_t before = simt::shfl(inc, warp == 0 ? 0 : warp - 1);
-  *total = simt::shfl(inc, nwarps - 1);
-  return warp == 0 ? 0u : before;
+  const T inc = warp_inclusive_scan(v);
+  if (lane == kWarp - 1) slots[warp] = inc;
+  barrier();
+  const T w = lane < nwarps ? static_cast<T>(slots[lane]) : T(0);
+  const T warps_inc = warp_inclusive_scan(w);
+  const T warps_before = simt::shfl(warps_inc, warp == 0 ? 0 : warp - 1);
+  *total = simt::shfl(warps_inc, nwarps - 1);
+  return (warp == 0 ? T(0) : warps_before) + inc - v;
 }
 
 // Number of 32-bit words of a bitmap over n elements.
@@ -69,6 +69,17 @@ DROPIT_DEVICE int64_t words_for(int64_t n) { return (n + kWarp - 1) / kWarp; }
 // The word of the first n elements all set (n clamped to [0, 32]).
 DROPIT_DEVICE uint32_t low_bits(int64_t n) {
   return n >= kWarp ? 0xffffffffu : (n <= 0 ? 0u : ((1u << n) - 1u));
+}
+
+// The lowest `m` set bits of `word` (m >= 0).
+DROPIT_DEVICE uint32_t lowest_set_bits(uint32_t word, int m) {
+  uint32_t kept = 0;
+  for (; m > 0 && word != 0; --m) {
+    const uint32_t low = word & (0u - word);
+    kept |= low;
+    word ^= low;
+  }
+  return kept;
 }
 
 }  // namespace bitmap

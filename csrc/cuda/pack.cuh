@@ -1,335 +1,399 @@
 // Kernel body of pack: one thread block per chunk (grid-stride over chunks).
 //
-//  1. Radix select of the keep-th largest key with 8-bit digits, most
-//     significant first: a shared histogram of the digit among the keys that
-//     match the prefix found so far, then a block scan over the 256 bins picks
-//     the digit. It stops early once the selected bucket is kept whole.
-//  2. One ordered compaction in tiles of 32*kPackItems elements per warp:
-//     warp ballots of "key above the threshold" and "key equal to it" give the
-//     bitmap words, popcounts and a block-wide scan give each kept value's
-//     position and each tie's rank (ties go to the lower index).
+//  1. One wide digit: a 4096-bin histogram of each key's top 12 bits, with plain shared atomics
+//     (zeros and other digit-0 keys are counted by difference, not by atomics). The chunk is read
+//     from global memory 16 bytes a lane where it is aligned, and staged in shared memory when it
+//     fits. One block scan over the bins picks the bucket of the keep-th largest key.
+//  2. Unless that bucket is kept whole, its keys (a few percent of the chunk for real data) are
+//     gathered into shared memory, and narrower digits (select.cuh) finish the select on them
+//     alone. A bucket too crowded for the buffer is refined over the whole chunk instead.
+//  3. Compaction: warps ballot "above the bucket" and "in it" into bitmap words (warp w a run of
+//     consecutive words), one block scan over per-thread counts orders them, and each thread
+//     writes the bitmap words it owns and their kept values (ties go to the lower index).
 //
-// The keys are bit patterns (uint16/32/64): the magnitude key of the value or
-// the random key of its global index, so one body serves every floating dtype.
-// Only the portability layer (simt.cuh) is used: the host SIMT layer runs this
-// very source in the tests.
+// The keys are bit patterns (uint16/32/64): the magnitude key of the value or the random key of
+// its global index, so one body serves every floating dtype. Only the portability layer
+// (simt.cuh) is used: the host SIMT layer runs this very source in the tests.
 #pragma once
 
 #include <cstdint>
 
 #include "../dropit.h"
 #include "bitmap.cuh"
+#include "launch_plan.h"
+#include "select.cuh"
 #include "simt.cuh"
-
-// The test-only variants compile this header again in their own namespace with
-// one barrier left out (1: after the histogram, 2: in the digit scan).
-#ifndef DROPIT_KERNEL_NS
-#define DROPIT_KERNEL_NS kernels
-#endif
-#ifndef DROPIT_TEST_DROP_BARRIER
-#define DROPIT_TEST_DROP_BARRIER 0
-#endif
 
 namespace dropit {
 
-#ifndef DROPIT_PACK_COMMON_DEFINED
-#define DROPIT_PACK_COMMON_DEFINED
-
-// Where the radix passes take the keys from.
+// Where the keys come from.
 enum class KeySource : int {
-  kSharedBits = 0,  // the chunk's bit patterns are loaded into shared memory once
-  kGlobalBits = 1,  // chunks too big for shared memory: every pass re-reads global memory
-  kRandom = 2,      // random keys, computed from the global index (no reads at all)
+  kSharedBits = 0,  // the chunk's bit patterns, staged in shared memory by the first pass
+  kGlobalBits = 1,  // chunks too big for shared memory: each pass reads global memory again
+  kRandom = 2,      // random keys, computed from the global index (no reads for the select)
 };
 
-constexpr int kPackItems = 4;   // bitmap words per warp per compaction tile
-constexpr int kHistCopies = 4;  // histogram copies (spread the shared atomics of a bin)
-constexpr int kLoadAhead = 4;   // global loads in flight per thread in the first radix pass
-constexpr int kRadixBins = 256;
-constexpr int kMinThreads = 256;  // the digit scan uses one thread per bin
-constexpr int kMaxThreads = 1024;
+constexpr int kWideBits = 12;
+constexpr int kWideBins = 1 << kWideBits;
+constexpr int kPackMaxThreads = 512;  // the launch bound: the plan uses 256 or 512
+constexpr int kPackLoadAhead = 2;     // 16-byte loads in flight per thread in the wide pass
+
+// The wide histogram's memory is reused: first the candidates, then two words per bitmap word.
+// After the bins come 32 spare counters, one per lane, that take the keys of digit 0.
+constexpr size_t kPackWideBytes = sizeof(uint32_t) * kWideBins;
+static_assert(kPackWideBytes >= 2 * sizeof(uint32_t) * (kMaxChunk / 32), "masks of the largest chunk fit");
+// Static shared memory of the body (bytes): wide bins and spares, narrow bins, scan slots, the
+// chosen bin, the candidates' counts.
+constexpr size_t kPackStaticSmem = kPackWideBytes + sizeof(uint32_t) * (32 + kNarrowBins) + sizeof(uint64_t) * 32 +
+                                   sizeof(uint32_t) * (4 + 32);
 
 // Everything a pack launch needs; int64 where a product can pass 2^31.
 template <typename Bits>
 struct PackParams : KernelGeometry {
-  const Bits* x;
-  Bits* values;
-  int32_t* bitmap;    // ceil(D/32) words per chunk, or null
-  uint16_t* offsets;  // aligned with values, or null
-  uint64_t seed;      // random keys only
+  simt::gptr<const Bits> x;
+  simt::gptr<Bits> values;
+  simt::gptr<int32_t> bitmap;    // ceil(D/32) words per chunk, or null
+  simt::gptr<uint16_t> offsets;  // aligned with values, or null
+  uint64_t seed;                 // random keys only
 };
 
 template <typename Bits>
-inline PackParams<Bits> make_pack_params(const ChunkGeometry& g, const Bits* x, Bits* values,
-                                         int32_t* bitmap, uint16_t* offsets, uint64_t seed) {
+inline PackParams<Bits> make_pack_params(const ChunkGeometry& g, const Bits* x, Bits* values, int32_t* bitmap,
+                                         uint16_t* offsets, uint64_t seed) {
   PackParams<Bits> p;
   static_cast<KernelGeometry&>(p) = kernel_geometry(g);
-  p.x = x;
-  p.values = values;
-  p.bitmap = bitmap;
-  p.offsets = offsets;
+  p.x = simt::gptr<const Bits>(x);
+  p.values = simt::gptr<Bits>(values);
+  p.bitmap = simt::gptr<int32_t>(bitmap);
+  p.offsets = simt::gptr<uint16_t>(offsets);
   p.seed = seed;
   return p;
 }
 
-// Static shared memory of the pack body (bytes), for the launch plan.
-constexpr size_t kPackStaticSmem = sizeof(uint32_t) * (kHistCopies * kRadixBins + 2 * 32 + 8 + 4);
-
-// Threads per block for chunks of D. At ~56 registers a thread, 1024-thread
-// blocks would fill an SM's register file alone; two 512-thread blocks per SM
-// let one block's barriers and scans overlap the other's loads.
+// Threads per block for chunks of D.
 inline int pack_threads(int64_t D) { return D <= 4096 ? 256 : 512; }
 
-struct PackPlan {
-  int threads;
-  KeySource source;
-  size_t dynamic_smem;  // bytes
-  int64_t grid;
+struct PackPlan : LaunchPlan {
+  KeySource source = KeySource::kSharedBits;
 };
 
-// `smem_limit`: the most shared memory (static + dynamic) a block may use on
-// the device (its opt-in maximum). Magnitude keys are staged in shared memory
-// when the chunk fits, else read from global memory on every pass.
-inline PackPlan plan_pack(const ChunkGeometry& g, int elem_bytes, bool random, size_t smem_limit,
-                          int threads = 0) {
-  PackPlan plan;
-  plan.threads = threads > 0 ? threads : pack_threads(g.chunk);
+// `smem_limit`: the most shared memory (static + dynamic) a block may use on the device (its
+// opt-in maximum); `static_smem`: the staged kernel's static shared memory as compiled.
+// Magnitude keys are staged in shared memory when the chunk fits.
+inline PackPlan plan_pack(const ChunkGeometry& g, int elem_bytes, bool random, size_t smem_limit, int threads = 0,
+                          size_t static_smem = kPackStaticSmem) {
   const size_t staged = static_cast<size_t>(g.chunk) * static_cast<size_t>(elem_bytes);
-  if (random) {
-    plan.source = KeySource::kRandom;
-    plan.dynamic_smem = 0;
-  } else if (staged + kPackStaticSmem <= smem_limit) {
-    plan.source = KeySource::kSharedBits;
-    plan.dynamic_smem = staged;
-  } else {
-    plan.source = KeySource::kGlobalBits;
-    plan.dynamic_smem = 0;
-  }
-  const int64_t max_grid = 2147483647;
-  plan.grid = g.num_chunks < max_grid ? g.num_chunks : max_grid;
+  PackPlan plan;
+  plan.source = random ? KeySource::kRandom
+                       : (staged + static_smem <= smem_limit ? KeySource::kSharedBits : KeySource::kGlobalBits);
+  static_cast<LaunchPlan&>(plan) =
+      launch_plan(g.num_chunks, 1, threads > 0 ? threads : pack_threads(g.chunk),
+                  plan.source == KeySource::kSharedBits ? staged : 0);
   return plan;
 }
 
-#endif  // DROPIT_PACK_COMMON_DEFINED
+namespace kernels {
 
-namespace DROPIT_KERNEL_NS {
+template <typename Bits>
+struct ChunkOutputs {
+  simt::gptr<Bits> values;
+  simt::gptr<uint16_t> offsets;  // or null
+  simt::gptr<int32_t> bitmap;    // or null
+};
 
+// The keys and values of one chunk, wherever they are read from.
 template <typename Bits, typename Key, KeySource Src>
-DROPIT_DEVICE Key pack_key(Bits bits, uint64_t seed, int64_t global_index) {
-  if constexpr (Src == KeySource::kRandom) {
-    return random_key(seed, static_cast<uint64_t>(global_index));
-  } else {
-    return magnitude_key<Bits>(bits);
+struct ChunkKeys {
+  simt::gptr<const Bits> x;  // the chunk in global memory
+  simt::sptr<Bits> staged;   // kSharedBits: the chunk in shared memory
+  uint64_t seed;
+  int64_t base;  // global index of the chunk's first element
+
+  DROPIT_DEVICE Bits value(int e) const {
+    if constexpr (Src == KeySource::kSharedBits) {
+      return staged[e];
+    } else {
+      return x[e];
+    }
+  }
+  DROPIT_DEVICE Key operator()(int e) const {
+    if constexpr (Src == KeySource::kRandom) {
+      return random_key(seed, static_cast<uint64_t>(base + e));
+    } else {
+      return magnitude_key<Bits>(value(e));
+    }
+  }
+};
+
+// Calls f(v) for the elements of the chunk, v a Vec of 16 bytes of them at a time (kLoadAhead
+// loads in flight per thread) where `src` is 16-byte aligned, a Vec of one element otherwise and
+// for the tail. With `stage`, the bits are also stored to the same place of `staged`.
+template <int kLoadAhead, typename Bits, typename Src, typename F>
+DROPIT_DEVICE void for_each_element(Src src, int L, bool stage, simt::sptr<Bits> staged, const F& f) {
+  constexpr int V = simt::kVec16<Bits>;
+  const int tid = simt::thread_idx();
+  const int nthreads = simt::block_dim();
+  const int nvec = simt::address(src) % 16 == 0 ? L / V : 0;
+  const int step = nthreads * V;  // elements between a thread's consecutive vectors
+  int i = tid;
+  Src from = src + tid * V;
+  simt::sptr<Bits> to = staged + tid * V;
+  for (; i + (kLoadAhead - 1) * nthreads < nvec; i += kLoadAhead * nthreads) {
+    simt::Vec<Bits, V> v[kLoadAhead];
+DROPIT_UNROLL
+    for (int u = 0; u < kLoadAhead; ++u) v[u] = simt::load_vec<V>(from + u * step);
+DROPIT_UNROLL
+    for (int u = 0; u < kLoadAhead; ++u) {
+      if (stage) simt::store_vec(to + u * step, v[u]);
+      f(v[u]);
+    }
+    from += kLoadAhead * step;
+    to += kLoadAhead * step;
+  }
+  if constexpr (kLoadAhead > 1) {
+    for (; i < nvec; i += nthreads) {
+      const simt::Vec<Bits, V> v = simt::load_vec<V>(from);
+      if (stage) simt::store_vec(to, v);
+      f(v);
+      from += step;
+      to += step;
+    }
+  }
+  for (int e = nvec * V + tid; e < L; e += nthreads) {
+    const Bits bits = src[e];
+    if (stage) staged[e] = bits;
+    f(simt::Vec<Bits, 1>{{bits}});
   }
 }
 
-// The body of the pack kernel. Key is Bits for magnitude keys, uint32_t for
-// random keys. Needs blockDim.x a multiple of 32 in [256, 1024] and, for
-// kSharedBits, chunk * sizeof(Bits) bytes of dynamic shared memory.
-template <typename Bits, typename Key, KeySource Src>
-DROPIT_DEVICE void pack_block(const PackParams<Bits>& p) {
-  // Significant key bits: a magnitude key's top bit (the sign) is always 0, so
-  // its first digit starts below it: for float32 the first digit is the whole
-  // exponent. The last digit may overlap the one before (e.g. 31 = 8+8+8+7
-  // bits); the overlapping bit is already fixed by the prefix, which is harmless.
+// Calls f(keys) for the keys of the chunk (in no particular order), keys a Vec of up to 16 bytes
+// of them, reading them as cheaply as their source allows (random keys are computed, one element
+// per thread at a time).
+template <typename Bits, typename Key, KeySource Src, typename F>
+DROPIT_DEVICE void for_each_key(const ChunkKeys<Bits, Key, Src>& keys, int L, bool from_global, bool stage,
+                                const F& f) {
+  if constexpr (Src == KeySource::kRandom) {
+    for (int e = simt::thread_idx(); e < L; e += simt::block_dim()) f(simt::Vec<Key, 1>{{keys(e)}});
+  } else {
+    auto g = [&](const auto& v) {
+      constexpr int N = static_cast<int>(sizeof(v.v) / sizeof(v.v[0]));
+      simt::Vec<Key, N> k;
+DROPIT_UNROLL
+      for (int j = 0; j < N; ++j) k.v[j] = magnitude_key<Bits>(v.v[j]);
+      f(k);
+    };
+    if (from_global) {
+      for_each_element<kPackLoadAhead>(keys.x, L, stage, keys.staged, g);
+    } else {
+      for_each_element<1>(keys.staged, L, false, keys.staged, g);
+    }
+  }
+}
+
+// The body of the pack kernel. Key is Bits for magnitude keys, uint32_t for random keys. Needs
+// blockDim.x a multiple of 32 up to kPackMaxThreads and, for kSharedBits, chunk * sizeof(Bits)
+// bytes of dynamic shared memory. `sync` is the barrier policy (simt::BlockSync in production).
+template <typename Bits, typename Key, KeySource Src, typename Sync = simt::BlockSync>
+DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
+  // Significant key bits: a magnitude key's top bit (the sign) is always 0.
   constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);
-  constexpr int kPasses = (kKeyBits + 7) / 8;
-  DROPIT_SHARED(uint32_t, hist, kHistCopies * kRadixBins);
-  DROPIT_SHARED(uint32_t, scan_slots, 2 * 32);  // two alternating buffers
-  DROPIT_SHARED(uint32_t, bin_sums, 8);         // per-warp sums of the digit scan
-  DROPIT_SHARED(uint32_t, sel, 4);              // digit, count above it, its bucket's count
-  Bits* staged = nullptr;
-  if constexpr (Src == KeySource::kSharedBits) staged = simt::dynamic_shared<Bits>();
+  constexpr int kWideShift = kKeyBits - kWideBits;
+  // Candidates: lane slot l (lane l of any warp) holds up to kPerLane keys, its i-th at i*32 + l,
+  // so lanes storing or reading their own slots touch distinct banks, and nobody contends for a
+  // counter (an atomic on one address, nvcc aggregates across the warp at some cost).
+  constexpr int kPerLane = static_cast<int>(kPackWideBytes / sizeof(Key) / 32);
+  constexpr bool kStaged = Src == KeySource::kSharedBits;
+  DROPIT_SHARED(uint32_t, wide, kWideBins + 32);  // wide bins (then candidates, then bitmap words), spares
+  DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // narrow bins
+  DROPIT_SHARED(uint64_t, slots, 32);             // block scans; warp 0's selection
+  DROPIT_SHARED(uint32_t, sel, 4);                // chosen bin, keys above it, keys in it
+  DROPIT_SHARED(uint32_t, gathered, 32);          // candidates per lane slot
+  const simt::sptr<uint32_t> slots32 = simt::ptr_cast<uint32_t>(slots);
+  static_assert(kMaxChunk < (1 << 20), "need and count of a selection fit 20 bits");
+  const simt::sptr<Key> candidates = simt::ptr_cast<Key>(wide);
+  const simt::sptr<uint32_t> masks = wide;  // per bitmap word: keys above the bucket, keys >= its lowest
+  simt::sptr<Bits> staged = nullptr;
+  if constexpr (kStaged) staged = simt::dynamic_shared<Bits>();
 
   const int tid = simt::thread_idx();
   const int nthreads = simt::block_dim();
   const int lane = bitmap::lane_id();
   const int warp = bitmap::warp_id();
-  const uint32_t lt = bitmap::lanemask_lt();
-  const int tile = nthreads * kPackItems;
-  int parity = 0;
+  const int nwarps = bitmap::num_warps();
 
   for (int64_t c = simt::block_idx(); c < p.num_chunks; c += simt::grid_dim()) {
     const int L = p.chunk_len(c);
     const int k = p.chunk_keep(c);
     const int64_t xbase = c * static_cast<int64_t>(p.chunk);
-    const Bits* xc = p.x + xbase;
-    Bits* vc = p.values + c * static_cast<int64_t>(p.keep);
-    uint16_t* oc = p.offsets ? p.offsets + c * static_cast<int64_t>(p.keep) : nullptr;
-    int32_t* wc = p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr;
+    const simt::gptr<const Bits> xc = p.x + xbase;
+    const ChunkKeys<Bits, Key, Src> keys{xc, staged, p.seed, xbase};
+    // The chunk's outputs, formed where they are written (fewer registers live across the select).
+    auto outputs = [&] {
+      const int64_t kept0 = c * static_cast<int64_t>(p.keep);
+      return ChunkOutputs<Bits>{p.values + kept0, p.offsets ? p.offsets + kept0 : nullptr,
+                                p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr};
+    };
 
-    if (k == L) {  // everything is kept (gamma small or the chunk tiny)
+    if (k == L) {  // everything is kept (gamma small or the chunk tiny): no shared memory used
+      const auto [vc, oc, wc] = outputs();
       for (int e = tid; e < L; e += nthreads) {
-        vc[e] = xc[e];
+        vc[e] = static_cast<Bits>(xc[e]);
         if (oc) oc[e] = static_cast<uint16_t>(e);
       }
       if (wc) {
         for (int w = tid; w < p.words; w += nthreads)
           wc[w] = static_cast<int32_t>(bitmap::low_bits(static_cast<int64_t>(L) - 32 * w));
       }
-      simt::sync();
       continue;
     }
 
-    // ---- 1. radix select: the keep-th largest key, 8 bits at a time ----
-    Key prefix = 0;  // digits found so far, in place
-    int shift = kKeyBits;  // low bit of the current digit
-    int need = k;  // how many to keep among the keys that match the prefix
-    for (int pass = 0; pass < kPasses; ++pass) {
-      const int high = shift;  // bits from `high` up are fixed by the prefix
-      shift = shift > 8 ? shift - 8 : 0;
-      for (int i = tid; i < kHistCopies * kRadixBins; i += nthreads) hist[i] = 0u;
-      simt::sync();
-      uint32_t* h = hist + (warp % kHistCopies) * kRadixBins;
-      if (pass == 0) {
-        // Every key counts. Magnitude keys crowd into a few top digits (the
-        // exponent), so the lanes of a warp that share a bin add once
-        // (match_any). Loads are issued kLoadAhead at a time, in warp-uniform
-        // steps.
-        for (int i0 = tid - lane; i0 < L; i0 += nthreads * kLoadAhead) {
-          Bits b[kLoadAhead];
-#pragma unroll
-          for (int u = 0; u < kLoadAhead; ++u) {
-            const int i = i0 + u * nthreads + lane;
-            b[u] = 0;
-            if constexpr (Src != KeySource::kRandom) {
-              if (i < L) b[u] = xc[i];
+    // ---- 1. the wide digit ----
+    for (int i = tid; i < kWideBins / 4; i += nthreads) simt::store_vec(wide + 4 * i, simt::Vec<uint32_t, 4>{});
+    if (tid < 32) gathered[tid] = 0u;
+    sync(kWideCleared);
+    // Digit 0 (zeros among them, half of a ReLU output) goes to the lane's spare counter: no
+    // branch, no atomics piling on one bin; choose_bin counts bin 0 by difference.
+    const simt::sptr<uint32_t> spare = wide + (kWideBins + lane);
+    for_each_key(keys, L, /*from_global=*/true, kStaged, [&](const auto& ks) {
+DROPIT_UNROLL
+      for (const Key key : ks.v) {
+        const uint32_t d = static_cast<uint32_t>(key >> kWideShift);
+        simt::atomic_add_shared(d != 0 ? wide + d : spare, 1u);
+      }
+    });
+    sync(kWideCounted);
+    choose_bin<kWideBins>(BlockTeam(), wide, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots32, sel, sync,
+                          kWideScanned, kWideChosen);
+    Selection<Key> s{0, kKeyBits, k, L};
+    take_bin(s, sel, kWideShift);
+
+    // ---- 2. the bucket's keys, then narrower digits ----
+    if (!s.whole()) {
+      // Gather the bucket's keys but its lowest (they count in bin 0 by number) into the lane's
+      // slot: one atomic per 16 bytes of keys holding any.
+      const Key fixed = static_cast<Key>(s.prefix >> kWideShift);
+      for_each_key(keys, L, /*from_global=*/!kStaged, false, [&](const auto& ks) {
+        uint32_t match = 0;
+        int j = 0;
+DROPIT_UNROLL
+        for (const Key key : ks.v) {
+          match |= static_cast<uint32_t>(static_cast<Key>(key >> kWideShift) == fixed && key != s.prefix) << j;
+          ++j;
+        }
+        if (match != 0) {
+          uint32_t slot = simt::atomic_add_shared(gathered + lane, static_cast<uint32_t>(simt::popc(match)));
+          j = 0;
+DROPIT_UNROLL
+          for (const Key key : ks.v) {
+            if ((match >> j) & 1u) {
+              if (slot < static_cast<uint32_t>(kPerLane)) candidates[slot * 32 + lane] = key;
+              ++slot;
             }
-          }
-#pragma unroll
-          for (int u = 0; u < kLoadAhead; ++u) {
-            const int i = i0 + u * nthreads + lane;
-            const bool in = i < L;
-            if constexpr (Src == KeySource::kSharedBits) {
-              if (in) staged[i] = b[u];
-            }
-            const uint32_t bin =
-                static_cast<uint32_t>(pack_key<Bits, Key, Src>(b[u], p.seed, xbase + i) >> shift) & 0xffu;
-            if constexpr (Src == KeySource::kRandom) {
-              if (in) simt::atomic_add_shared(&h[bin], 1u);
-            } else {
-              const uint32_t peers = simt::match_any(in ? bin : 0x100u);
-              if (in && lane == simt::ffs(peers) - 1)
-                simt::atomic_add_shared(&h[bin], static_cast<uint32_t>(simt::popc(peers)));
-            }
+            ++j;
           }
         }
-      } else {
-        // Only the keys that match the prefix count: few, spread over the bins.
-        for (int i = tid; i < L; i += nthreads) {
-          Bits bits = 0;
-          if constexpr (Src == KeySource::kSharedBits) {
-            bits = staged[i];
-          } else if constexpr (Src == KeySource::kGlobalBits) {
-            bits = xc[i];
+      });
+      sync(kCandidatesGathered);
+      const uint32_t mine = gathered[lane];  // every warp takes the same decision
+      if (simt::ballot(mine > static_cast<uint32_t>(kPerLane)) == 0) {
+        // Warp 0 alone, lane l on slot l; then it shares the selection through `slots`.
+        if (warp == 0) {
+          auto own_candidates = [&](const auto& f) {
+            for (uint32_t i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
+          };
+          narrow_selection(WarpTeam(), s, own_candidates, narrow, slots32, sel, sync);
+          if (lane == 0) {
+            slots[0] = static_cast<uint64_t>(s.prefix);
+            slots[1] = (static_cast<uint64_t>(s.shift) << 40) | (static_cast<uint64_t>(s.need) << 20) |
+                       static_cast<uint64_t>(s.count);
           }
-          const Key key = pack_key<Bits, Key, Src>(bits, p.seed, xbase + i);
-          if (static_cast<Key>(key >> high) == static_cast<Key>(prefix >> high))
-            simt::atomic_add_shared(&h[(key >> shift) & 0xff], 1u);
         }
+        sync(kSelectionShared);
+        const uint64_t packed = slots[1];
+        s = {static_cast<Key>(static_cast<uint64_t>(slots[0])), static_cast<int>(packed >> 40),
+             static_cast<int>((packed >> 20) & 0xfffff), static_cast<int>(packed & 0xfffff)};
+      } else {  // too crowded a bucket: every pass reads the whole chunk
+        auto chunk_keys = [&](const auto& f) {
+          for (int e = tid; e < L; e += nthreads) f(keys(e));
+        };
+        narrow_selection(BlockTeam(), s, chunk_keys, narrow, slots32, sel, sync);
       }
-#if DROPIT_TEST_DROP_BARRIER != 1
-      simt::sync();
-#endif
-      // Suffix sums over the bins (thread t holds bin 255 - t): the digit is
-      // the bin whose suffix sum first reaches `need`.
-      uint32_t cnt = 0, inc = 0;
-      if (tid < kRadixBins) {
-        const int b = kRadixBins - 1 - tid;
-        for (int cp = 0; cp < kHistCopies; ++cp) cnt += hist[cp * kRadixBins + b];
-        inc = bitmap::warp_inclusive_scan(cnt);
-        if (lane == 31) bin_sums[warp] = inc;
-      }
-#if DROPIT_TEST_DROP_BARRIER != 2
-      simt::sync();
-#endif
-      if (tid < kRadixBins) {
-        for (int w = 0; w < warp; ++w) inc += bin_sums[w];
-        const uint32_t want = static_cast<uint32_t>(need);
-        if (inc >= want && inc - cnt < want) {
-          sel[0] = static_cast<uint32_t>(kRadixBins - 1 - tid);
-          sel[1] = inc - cnt;
-          sel[2] = cnt;
-        }
-      }
-      simt::sync();
-      need -= static_cast<int>(sel[1]);
-      prefix = static_cast<Key>(prefix | (static_cast<Key>(sel[0]) << shift));
-      if (static_cast<int>(sel[2]) == need) break;  // the whole bucket is kept
     }
 
-    // ---- 2. ordered compaction ----
-    // Key k is kept if k >> shift > thi, or == thi and fewer than `need`
-    // equal keys come before it.
-    const Key thi = static_cast<Key>(prefix >> shift);
+    // ---- 3. compaction ----
+    // Word w: bit j of masks[2w] is set if key 32w+j is above the bucket, of masks[2w+1] if it
+    // is at least the bucket's lowest key. Warp `warp` ballots a run of consecutive words, two at
+    // a time where both are full (lane 0 stores their four masks at once).
+    const Key lowest = s.prefix;
+    const Key highest = s.highest();
     const int used_words = (L + 31) >> 5;
-    int run_above = 0, run_ties = 0;  // over the tiles before this one
-    for (int base = 0; base < L; base += tile) {
-      Bits v[kPackItems];
-      uint32_t above_w[kPackItems], tie_w[kPackItems];
-      uint32_t n_above = 0, n_ties = 0;
-#pragma unroll
-      for (int j = 0; j < kPackItems; ++j) {
-        const int e = base + (warp * kPackItems + j) * 32 + lane;
-        const bool in = e < L;
-        Bits bits = 0;
-        Key hi = 0;
-        if (in) {
-          if constexpr (Src == KeySource::kSharedBits) {
-            bits = staged[e];
-          } else {
-            bits = xc[e];
-          }
-          hi = static_cast<Key>(pack_key<Bits, Key, Src>(bits, p.seed, xbase + e) >> shift);
+    const int full_words = L >> 5;  // words whose 32 elements all exist
+    const int warp_words = ((used_words + nwarps - 1) / nwarps + 1) & ~1;  // even: pairs stay 16-byte aligned
+    const int w_begin = warp * warp_words < used_words ? warp * warp_words : used_words;
+    const int w_end = w_begin + warp_words < used_words ? w_begin + warp_words : used_words;
+    int cw = w_begin;
+    for (; cw + 2 <= w_end && cw + 2 <= full_words; cw += 2) {
+      const Key k0 = keys(32 * cw + lane);
+      const Key k1 = keys(32 * cw + 32 + lane);
+      const uint32_t above0 = simt::ballot(k0 > highest);
+      const uint32_t from0 = simt::ballot(k0 >= lowest);
+      const uint32_t above1 = simt::ballot(k1 > highest);
+      const uint32_t from1 = simt::ballot(k1 >= lowest);
+      if (lane == 0) simt::store_vec(masks + 2 * cw, simt::Vec<uint32_t, 4>{{above0, from0, above1, from1}});
+    }
+    for (; cw < w_end; ++cw) {
+      const bool in = 32 * cw + lane < L;
+      const Key key = in ? keys(32 * cw + lane) : Key(0);
+      const uint32_t above = simt::ballot(in && key > highest);
+      const uint32_t from = simt::ballot(in && key >= lowest);
+      if (lane == 0) simt::store_vec(masks + 2 * cw, simt::Vec<uint32_t, 2>{{above, from}});
+    }
+    sync(kMasksWritten);
+    // Thread t owns words [t*R, t*R + R): counts, one scan, then its words and values.
+    const auto [vc, oc, wc] = outputs();
+    const int per_thread = (used_words + nthreads - 1) / nthreads;
+    const int t_begin = tid * per_thread < used_words ? tid * per_thread : used_words;
+    const int t_end = t_begin + per_thread < used_words ? t_begin + per_thread : used_words;
+    uint32_t n_above = 0, n_ties = 0;
+    for (int w = t_begin; w < t_end; ++w) {
+      const simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
+      n_above += static_cast<uint32_t>(simt::popc(m.v[0]));
+      n_ties += static_cast<uint32_t>(simt::popc(m.v[1] & ~m.v[0]));
+    }
+    uint64_t total = 0;
+    const uint64_t before = bitmap::block_exclusive_scan<uint64_t>(
+        (static_cast<uint64_t>(n_above) << 32) | n_ties, slots, &total, [&] { sync(kCompactionScanned); });
+    const int ties_before = static_cast<int>(before & 0xffffffffu);
+    int ties_left = s.need - ties_before;  // ties this thread may still keep
+    // Where this thread's first kept value goes: the keys above the bucket and the kept ties
+    // before it (so at most k - 1: every position stays inside the chunk's values).
+    const int pos = static_cast<int>(before >> 32) + (ties_before < s.need ? ties_before : s.need);
+    simt::gptr<Bits> vp = vc + pos;
+    simt::gptr<uint16_t> op = oc ? oc + pos : nullptr;
+    for (int w = t_begin; w < t_end; ++w) {
+      const simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
+      const uint32_t ties = m.v[1] & ~m.v[0];
+      const int n_tie = simt::popc(ties);
+      const uint32_t kept_ties = ties_left <= 0 ? 0u : (n_tie <= ties_left ? ties : bitmap::lowest_set_bits(ties, ties_left));
+      ties_left -= n_tie;
+      const uint32_t kept = m.v[0] | kept_ties;
+      if (wc) wc[w] = static_cast<int32_t>(kept);
+      for (uint32_t rest = kept; rest != 0; rest &= rest - 1) {
+        const int e = 32 * w + simt::ffs(rest) - 1;
+        *vp = keys.value(e);
+        vp += 1;
+        if (oc) {
+          *op = static_cast<uint16_t>(e);
+          op += 1;
         }
-        v[j] = bits;
-        above_w[j] = simt::ballot(in && hi > thi);
-        tie_w[j] = simt::ballot(in && hi == thi);
-        n_above += static_cast<uint32_t>(simt::popc(above_w[j]));
-        n_ties += static_cast<uint32_t>(simt::popc(tie_w[j]));
       }
-      // Both counts in one word: a tile holds at most 4096 elements.
-      uint32_t total = 0;
-      const uint32_t before = bitmap::block_exclusive_scan_warp_counts(
-          (n_above << 16) | n_ties, scan_slots + 32 * parity, &total);
-      parity ^= 1;
-      int above_before = run_above + static_cast<int>(before >> 16);
-      int ties_before = run_ties + static_cast<int>(before & 0xffffu);
-#pragma unroll
-      for (int j = 0; j < kPackItems; ++j) {
-        const int word = (base >> 5) + warp * kPackItems + j;
-        const int n_tie = simt::popc(tie_w[j]);
-        const int m = need - ties_before;  // ties still to keep (warp-uniform)
-        uint32_t kept_ties;
-        if (m <= 0) {
-          kept_ties = 0u;
-        } else if (m >= n_tie) {
-          kept_ties = tie_w[j];
-        } else {
-          kept_ties = simt::ballot(((tie_w[j] >> lane) & 1u) && bitmap::rank_in_word(tie_w[j]) < m);
-        }
-        const uint32_t kept = above_w[j] | kept_ties;
-        if (wc && lane == 0 && word < used_words) wc[word] = static_cast<int32_t>(kept);
-        if ((kept >> lane) & 1u) {
-          const int pos = above_before + (ties_before < need ? ties_before : need) +
-                          bitmap::rank_in_word(kept);
-          if (static_cast<unsigned>(pos) < static_cast<unsigned>(k)) {  // guards a corrupt state
-            vc[pos] = v[j];
-            if (oc) oc[pos] = static_cast<uint16_t>(word * 32 + lane);
-          }
-        }
-        above_before += simt::popc(above_w[j]);
-        ties_before += n_tie;
-      }
-      run_above += static_cast<int>(total >> 16);
-      run_ties += static_cast<int>(total & 0xffffu);
     }
     if (wc) {
       for (int w = used_words + tid; w < p.words; w += nthreads) wc[w] = 0;
     }
-    simt::sync();  // shared memory is reused by the next chunk
+    sync(kChunkDone);
   }
 }
 
-}  // namespace DROPIT_KERNEL_NS
+}  // namespace kernels
 }  // namespace dropit

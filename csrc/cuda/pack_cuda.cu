@@ -21,7 +21,7 @@ namespace dropit {
 namespace {
 
 template <typename Bits, typename Key, KeySource Src>
-__global__ void __launch_bounds__(kMaxThreads) pack_kernel(PackParams<Bits> p) {
+__global__ void __launch_bounds__(kPackMaxThreads, 2) pack_kernel(PackParams<Bits> p) {
   kernels::pack_block<Bits, Key, Src>(p);
 }
 
@@ -35,38 +35,48 @@ __global__ void __launch_bounds__(1024) unpack_offsets_kernel(UnpackParams<Bits>
   kernels::unpack_offsets_block<Bits>(p);
 }
 
-// The device's opt-in maximum of shared memory per block, cached per device.
-size_t smem_optin(int device) {
+// Shared memory of the staged pack kernel on a device: the opt-in maximum per block and the
+// kernel's static part.
+struct StagedSmem {
+  size_t optin = 0;
+  size_t static_bytes = 0;
+};
+
+// The first call per device raises the staged pack kernel's dynamic shared-memory limit to all
+// the device allows (a per-device function attribute: setting it once, to one value, leaves no
+// race between host threads packing chunks of different sizes); later calls read the cache.
+template <typename Bits>
+StagedSmem staged_smem(int device) {
   static std::mutex mu;
-  static std::vector<int> cache;
+  static std::vector<StagedSmem> cache;
   std::lock_guard<std::mutex> lock(mu);
-  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, -1);
-  if (cache[device] < 0) {
-    int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    cache[device] = v;
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1);
+  StagedSmem& s = cache[device];
+  if (s.optin == 0) {
+    auto kernel = pack_kernel<Bits, Bits, KeySource::kSharedBits>;
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        optin - static_cast<int>(attr.sharedSizeBytes)));
+    s.static_bytes = attr.sharedSizeBytes;
+    s.optin = static_cast<size_t>(optin);
   }
-  return static_cast<size_t>(cache[device]);
+  return s;
 }
 
 template <typename Bits, typename Key, KeySource Src>
 void launch_pack(const PackParams<Bits>& p, const PackPlan& plan, cudaStream_t stream) {
-  auto kernel = pack_kernel<Bits, Key, Src>;
-  // Static + dynamic shared memory above 48 KB needs the opt-in; static memory
-  // counts too (a 48 KB chunk plus the histograms), so set it for any staged chunk.
-  if (plan.dynamic_smem > 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(plan.dynamic_smem)));
-  }
-  kernel<<<static_cast<unsigned>(plan.grid), plan.threads, plan.dynamic_smem, stream>>>(p);
+  pack_kernel<Bits, Key, Src><<<static_cast<unsigned>(plan.grid), plan.threads, plan.dynamic_smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename Bits>
 void pack_typed(const at::Tensor& x, at::Tensor& values, at::Tensor& index, const ChunkGeometry& g,
                 bool bitmap, std::optional<int64_t> seed, cudaStream_t stream) {
-  const PackPlan plan =
-      plan_pack(g, sizeof(Bits), seed.has_value(), smem_optin(x.device().index()));
+  const StagedSmem smem = staged_smem<Bits>(x.device().index());
+  const PackPlan plan = plan_pack(g, sizeof(Bits), seed.has_value(), smem.optin, 0, smem.static_bytes);
   const PackParams<Bits> p = make_pack_params<Bits>(
       g, static_cast<const Bits*>(x.const_data_ptr()), static_cast<Bits*>(values.data_ptr()),
       bitmap ? static_cast<int32_t*>(index.data_ptr()) : nullptr,
@@ -106,6 +116,7 @@ at::Tensor unpack_cuda(const at::Tensor& values, const at::Tensor& index, int64_
   at::Tensor out = at::empty({numel}, values.options());
   if (numel == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(values.device().index()).stream();
+  const LaunchPlan plan = plan_unpack(g);
   dispatch_bits(values.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     const UnpackParams<Bits> p = make_unpack_params<Bits>(
@@ -113,12 +124,11 @@ at::Tensor unpack_cuda(const at::Tensor& values, const at::Tensor& index, int64_
         bitmap ? static_cast<const int32_t*>(index.const_data_ptr()) : nullptr,
         bitmap ? nullptr : static_cast<const uint16_t*>(index.const_data_ptr()),
         static_cast<Bits*>(out.data_ptr()));
-    const int threads = unpack_threads(g.chunk);
-    const unsigned grid = static_cast<unsigned>(g.num_chunks < 2147483647 ? g.num_chunks : 2147483647);
+    const unsigned grid = static_cast<unsigned>(plan.grid);
     if (bitmap) {
-      unpack_bitmap_kernel<Bits><<<grid, threads, 0, stream>>>(p);
+      unpack_bitmap_kernel<Bits><<<grid, plan.threads, 0, stream>>>(p);
     } else {
-      unpack_offsets_kernel<Bits><<<grid, threads, 0, stream>>>(p);
+      unpack_offsets_kernel<Bits><<<grid, plan.threads, 0, stream>>>(p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -13,20 +13,21 @@ namespace dropit {
 namespace {
 
 using relu_kernels::kThreads;
+using relu_kernels::plan_relu_mask;
 
 template <typename Bits>
 __global__ void __launch_bounds__(kThreads)
 relu_mask_forward_kernel(const Bits* x, Bits* y, uint32_t* mask, int64_t n, Bits sign, Bits inf) {
-  relu_kernels::relu_mask_forward_body<Bits>(x, y, mask, n, sign, inf);
+  relu_kernels::relu_mask_forward_body<Bits>(simt::gptr<const Bits>(x), simt::gptr<Bits>(y),
+                                             simt::gptr<uint32_t>(mask), n, sign, inf);
 }
 
 template <typename Bits>
 __global__ void __launch_bounds__(kThreads)
 relu_mask_backward_kernel(const Bits* grad, const uint32_t* mask, Bits* out, int64_t n) {
-  relu_kernels::relu_mask_backward_body<Bits>(grad, mask, out, n);
+  relu_kernels::relu_mask_backward_body<Bits>(simt::gptr<const Bits>(grad), simt::gptr<const uint32_t>(mask),
+                                              simt::gptr<Bits>(out), n);
 }
-
-unsigned grid_for(int64_t n) { return static_cast<unsigned>(relu_kernels::grid_for(n)); }
 
 void forward_into(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mask) {
   const int64_t n = x.numel();
@@ -37,7 +38,7 @@ void forward_into(const at::Tensor& x, const at::Tensor& y, const at::Tensor& ma
     using Bits = decltype(tag);
     const Bits sign = static_cast<Bits>(static_cast<Bits>(1) << (sizeof(Bits) * 8 - 1));
     const Bits inf = static_cast<Bits>(float_inf_bits(x.scalar_type()));
-    relu_mask_forward_kernel<Bits><<<grid_for(n), kThreads, 0, stream>>>(
+    relu_mask_forward_kernel<Bits><<<static_cast<unsigned>(plan_relu_mask(n).grid), kThreads, 0, stream>>>(
         static_cast<const Bits*>(x.const_data_ptr()), static_cast<Bits*>(y.data_ptr()),
         static_cast<uint32_t*>(mask.data_ptr()), n, sign, inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -71,7 +72,7 @@ at::Tensor relu_mask_backward_cuda(const at::Tensor& grad_in, const at::Tensor& 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_bits(grad.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
-    relu_mask_backward_kernel<Bits><<<grid_for(n), kThreads, 0, stream>>>(
+    relu_mask_backward_kernel<Bits><<<static_cast<unsigned>(plan_relu_mask(n).grid), kThreads, 0, stream>>>(
         static_cast<const Bits*>(grad.const_data_ptr()),
         static_cast<const uint32_t*>(mask.const_data_ptr()), static_cast<Bits*>(out.data_ptr()), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

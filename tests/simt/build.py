@@ -17,22 +17,27 @@ NAME = "dropit_simt_ext"
 _module = None
 
 
-def load(verbose: bool = False):
-    """The compiled extension module (built once per process, cached on disk by torch)."""
+def load(verbose: bool = False, debug_info: bool = False):
+    """The compiled extension module (built once per process, cached on disk by torch).
+
+    ``debug_info``: a build with line tables (``-g``, named ``dropit_simt_ext_g``), so that the
+    profile's sites resolve to source lines (``benchmarks/bench_kernel_cost.py``). One process
+    loads one of the two builds."""
     global _module
     if _module is None:
         from torch.utils import cpp_extension
 
+        name = NAME + ("_g" if debug_info else "")
         build_dir = None
         base = os.environ.get("TORCH_EXTENSIONS_DIR")
         if base:
-            build_dir = os.path.join(base, NAME)
+            build_dir = os.path.join(base, name)
             os.makedirs(build_dir, exist_ok=True)
         _module = cpp_extension.load(
-            name=NAME,
+            name=name,
             sources=[str(p) for p in sorted(HERE.glob("*.cpp"))],
             extra_include_paths=[str(ROOT / "csrc"), str(HERE)],
-            extra_cflags=["-O2", "-std=c++20"],
+            extra_cflags=["-O2", "-std=c++20"] + (["-g"] if debug_info else []),
             build_directory=build_dir,
             with_cuda=False,
             verbose=verbose,

@@ -1,6 +1,7 @@
 // Python bindings of the test-only extension: the CUDA kernel bodies run on CPU
 // tensors under the host SIMT layer.
 #include <torch/extension.h>
+#include <pybind11/stl.h>
 
 #include <optional>
 #include <string>
@@ -21,9 +22,15 @@ void* shifted(const void* p, int64_t bytes) {
   return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes));
 }
 
-dropit::simt::host::LaunchOptions options(int64_t stack_kb, const std::string& order) {
+// A tensor's memory as a buffer the kernel may touch (writable or not).
+dropit::simt::host::LaunchOptions::Buffer buffer(const at::Tensor& t, bool writable, const char* name) {
+  return {t.numel() > 0 ? t.const_data_ptr() : nullptr, static_cast<size_t>(t.nbytes()), writable, name};
+}
+
+dropit::simt::host::LaunchOptions options(int64_t stack_kb, const std::string& order, bool profile) {
   using Opt = dropit::simt::host::LaunchOptions;
   Opt o;
+  o.profile = profile;
   o.stack_bytes = static_cast<size_t>(stack_kb) * 1024;
   if (order == "forward") {
     o.order = Opt::Order::kForward;
@@ -40,8 +47,8 @@ dropit::simt::host::LaunchOptions options(int64_t stack_kb, const std::string& o
 
 std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64_t chunk, bool bitmap,
                                         std::optional<int64_t> seed, int64_t threads, int64_t source,
-                                        int64_t smem_limit, int64_t grid, std::string variant,
-                                        std::string order, int64_t stack_kb, int64_t start) {
+                                        int64_t smem_limit, int64_t grid, int64_t drop_barrier,
+                                        std::string order, int64_t stack_kb, int64_t start, bool profile) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous() && dropit::is_supported_float(x.scalar_type()),
               "x must be a 1-D contiguous floating CPU tensor");
   TORCH_CHECK(gamma >= 0.0 && gamma < 1.0 && chunk >= 1 && chunk <= dropit::kMaxChunk, "bad gamma/chunk");
@@ -71,23 +78,18 @@ std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& x, double gamma, int64
   j.source = static_cast<int>(source);
   j.smem_limit = static_cast<size_t>(smem_limit);
   j.grid = grid;
-  j.options = options(stack_kb, order);
+  j.options = options(stack_kb, order, profile);
   j.options.first_block = c0;
-  if (variant == "kernels") {
-    dropit::simt_test::pack_kernels(j);
-  } else if (variant == "drop_hist") {
-    dropit::simt_test::pack_drop_hist(j);
-  } else if (variant == "drop_scan") {
-    dropit::simt_test::pack_drop_scan(j);
-  } else {
-    TORCH_CHECK(false, "variant must be kernels, drop_hist or drop_scan, got ", variant);
-  }
+  j.options.buffers = {buffer(x, false, "x"), buffer(values, true, "values"),
+                       buffer(index, true, bitmap ? "bitmap" : "offsets")};
+  j.drop_barrier = static_cast<int>(drop_barrier);
+  dropit::simt_test::pack_kernels(j);
   return {values, index};
 }
 
 at::Tensor unpack(const at::Tensor& values, const at::Tensor& index, int64_t numel, double gamma,
-                  int64_t chunk, bool bitmap, int64_t threads, int64_t grid, std::string order, int64_t stack_kb,
-                  int64_t start) {
+                  int64_t chunk, bool bitmap, int64_t threads, int64_t grid, int64_t drop_barrier, std::string order,
+                  int64_t stack_kb, int64_t start, bool profile) {
   TORCH_CHECK(values.device().is_cpu() && values.dim() == 1 && values.is_contiguous() &&
                   dropit::is_supported_float(values.scalar_type()),
               "values must be a 1-D contiguous floating CPU tensor");
@@ -114,21 +116,77 @@ at::Tensor unpack(const at::Tensor& values, const at::Tensor& index, int64_t num
   j.geometry = g;
   j.threads = static_cast<int>(threads);
   j.grid = grid;
-  j.options = options(stack_kb, order);
+  j.drop_barrier = static_cast<int>(drop_barrier);
+  j.options = options(stack_kb, order, profile);
   j.options.first_block = c0;
+  j.options.buffers = {buffer(values, false, "values"), buffer(index, false, bitmap ? "bitmap" : "offsets"),
+                       buffer(out, true, "out")};
   dropit::simt_test::unpack_kernels(j);
   return out;
 }
 
-py::dict last_stats() {
-  auto s = dropit::simt::host::last_stats();
+// The production launch plan of pack for a tensor of `numel` elements.
+py::dict pack_plan(int64_t numel, double gamma, int64_t chunk, int64_t elem_bytes, bool random, int64_t smem_limit) {
+  PackJob j;
+  j.elem_bytes = static_cast<int>(elem_bytes);
+  j.geometry = ChunkGeometry(numel, chunk, gamma);
+  j.random = random;
+  j.smem_limit = static_cast<size_t>(smem_limit);
+  const auto plan = dropit::simt_test::pack_plan_of(j);
   py::dict d;
-  d["blocks"] = s.blocks;
-  d["switches"] = s.switches;
-  d["barriers"] = s.barriers;
-  d["warp_ops"] = s.warp_ops;
+  d["threads"] = plan.threads;
+  d["source"] = plan.source == 0 ? "shared" : (plan.source == 1 ? "global" : "random");
+  d["dynamic_smem"] = plan.dynamic_smem;
   return d;
 }
+
+py::dict stats_dict(const dropit::simt::host::LaunchStats& s) {
+  py::dict d;
+#define DROPIT_STAT(name) d[#name] = s.name
+  DROPIT_STAT(blocks);
+  DROPIT_STAT(switches);
+  DROPIT_STAT(barriers);
+  DROPIT_STAT(barrier_warps);
+  DROPIT_STAT(warp_ops);
+  DROPIT_STAT(ballots);
+  DROPIT_STAT(shuffles);
+  DROPIT_STAT(matches);
+  DROPIT_STAT(warp_syncs);
+  DROPIT_STAT(global_loads);
+  DROPIT_STAT(global_stores);
+  DROPIT_STAT(global_load_bytes);
+  DROPIT_STAT(global_store_bytes);
+  DROPIT_STAT(shared_loads);
+  DROPIT_STAT(shared_stores);
+  DROPIT_STAT(shared_atomics);
+  DROPIT_STAT(shared_load_bytes);
+  DROPIT_STAT(shared_store_bytes);
+  DROPIT_STAT(global_load_instr);
+  DROPIT_STAT(global_store_instr);
+  DROPIT_STAT(global_load_sectors);
+  DROPIT_STAT(global_store_sectors);
+  DROPIT_STAT(global_load_distinct_bytes);
+  DROPIT_STAT(global_store_distinct_bytes);
+  DROPIT_STAT(shared_load_instr);
+  DROPIT_STAT(shared_store_instr);
+  DROPIT_STAT(shared_atomic_instr);
+  DROPIT_STAT(shared_load_wavefronts);
+  DROPIT_STAT(shared_store_wavefronts);
+  DROPIT_STAT(shared_atomic_wavefronts);
+  DROPIT_STAT(shared_conflict_passes);
+#undef DROPIT_STAT
+  static const char* kKinds[] = {"global load", "global store", "shared load", "shared store", "shared atomic",
+                                 "vote", "shuffle", "match", "warp barrier"};
+  py::list sites;
+  for (const auto& site : s.sites) {
+    sites.append(py::make_tuple(reinterpret_cast<uintptr_t>(site.address), kKinds[static_cast<int>(site.kind)],
+                                site.warp_instructions));
+  }
+  d["sites"] = sites;
+  return d;
+}
+
+py::dict last_stats() { return stats_dict(dropit::simt::host::last_stats()); }
 
 }  // namespace
 
@@ -136,15 +194,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dropit_cuda's CUDA kernel bodies run on CPU tensors by the host SIMT layer (tests only)";
   m.def("pack", &pack, py::arg("x"), py::arg("gamma"), py::arg("chunk"), py::arg("bitmap"),
         py::arg("seed") = py::none(), py::arg("threads") = 0, py::arg("source") = -1,
-        py::arg("smem_limit") = 227 * 1024, py::arg("grid") = 0, py::arg("variant") = "kernels",
+        py::arg("smem_limit") = 227 * 1024, py::arg("grid") = 0, py::arg("drop_barrier") = 0,
         py::arg("order") = "forward", py::arg("stack_kb") = 64,
-        py::arg("start") = 0, py::call_guard<py::gil_scoped_release>());
+        py::arg("start") = 0, py::arg("profile") = false, py::call_guard<py::gil_scoped_release>());
   m.def("unpack", &unpack, py::arg("values"), py::arg("index"), py::arg("numel"), py::arg("gamma"),
         py::arg("chunk"), py::arg("bitmap"), py::arg("threads") = 0, py::arg("grid") = 0,
-        py::arg("order") = "forward", py::arg("stack_kb") = 64, py::arg("start") = 0,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("drop_barrier") = 0, py::arg("order") = "forward", py::arg("stack_kb") = 64, py::arg("start") = 0,
+        py::arg("profile") = false, py::call_guard<py::gil_scoped_release>());
   m.def("last_stats", &last_stats);
+  m.def("last_barrier_ids", &dropit::simt_test::last_barrier_ids,
+        "the barrier ids the last pack or unpack run called, sorted");
+  m.def("pack_plan", &pack_plan, py::arg("numel"), py::arg("gamma"), py::arg("chunk"), py::arg("elem_bytes"),
+        py::arg("random") = false, py::arg("smem_limit") = 227 * 1024);
   m.def("exchange", &dropit::simt_test::exchange, py::arg("op"), py::arg("threads"), py::arg("arg") = 0,
         py::arg("grid") = 1);
   m.def("misuse", &dropit::simt_test::misuse, py::arg("what"));
+  m.def("profile_case", [](const std::string& what) { return stats_dict(dropit::simt_test::profile_case(what)); },
+        py::arg("what"));
 }

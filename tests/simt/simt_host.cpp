@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <algorithm>
+#include <unordered_map>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -66,6 +67,15 @@ dropit_simt_switch:
 )");
 #endif
 
+// One access of a lane, recorded for the profile.
+struct AccessRecord {
+  uint32_t site;
+  uint8_t space;
+  uint8_t kind;
+  uint16_t bytes;
+  uintptr_t addr;
+};
+
 struct Fiber {
 #if defined(__x86_64__)
   void* sp = nullptr;
@@ -78,6 +88,8 @@ struct Fiber {
   WarpOp op = WarpOp::kBallot;
   uint64_t in = 0, out = 0;
   int arg = 0;
+  const void* op_site = nullptr;  // profile: where this lane called the warp intrinsic
+  std::vector<AccessRecord> log;  // profile only
 };
 
 struct AlignedBuffer {
@@ -116,8 +128,10 @@ struct Machine {
   int done = 0;
   std::vector<int> warp_arrived;
   std::vector<AlignedBuffer> slots;
-  std::vector<size_t> slot_bytes;
+  std::vector<size_t> slot_bytes;      // capacity
+  std::vector<size_t> slot_declared;   // bytes declared in this block
   size_t slots_used = 0;
+  std::unordered_map<const void*, uint32_t> sites;  // profile: site -> index in stats.sites
   AlignedBuffer dyn;
   size_t dyn_bytes = 0;
   std::string error;
@@ -208,6 +222,13 @@ void init_fiber(Machine& m, Fiber& f, char* stack, size_t bytes) {
 #endif
 }
 
+// The index of a site in the launch's stats (added on first use).
+uint32_t site_index(Machine& m, const void* address, LaunchStats::SiteKind kind) {
+  auto [it, added] = m.sites.try_emplace(address, static_cast<uint32_t>(m.stats.sites.size()));
+  if (added) m.stats.sites.push_back({address, kind, 0});
+  return it->second;
+}
+
 void complete_warp(Machine& m, int w) {
   Fiber* lanes = &m.fibers[static_cast<size_t>(w) * kWarp];
   const WarpOp op = lanes[0].op;
@@ -246,12 +267,31 @@ void complete_warp(Machine& m, int w) {
     case WarpOp::kShflXor:
       for (int l = 0; l < kWarp; ++l) lanes[l].out = lanes[(l ^ lanes[l].arg) & (kWarp - 1)].in;
       break;
+    case WarpOp::kSync:
+      break;
     default:
       fail(m, "unknown warp intrinsic");
   }
   for (int l = 0; l < kWarp; ++l) lanes[l].state = State::kRunnable;
   m.warp_arrived[w] = 0;
   ++m.stats.warp_ops;
+  if (m.opt.profile) {
+    using K = LaunchStats::SiteKind;
+    const K kind = op == WarpOp::kBallot ? K::kBallot
+                   : op == WarpOp::kMatchAny ? K::kMatch
+                   : op == WarpOp::kSync     ? K::kWarpSync
+                                             : K::kShuffle;
+    ++m.stats.sites[site_index(m, lanes[0].op_site, kind)].warp_instructions;
+  }
+  if (op == WarpOp::kBallot) {
+    ++m.stats.ballots;
+  } else if (op == WarpOp::kMatchAny) {
+    ++m.stats.matches;
+  } else if (op == WarpOp::kSync) {
+    ++m.stats.warp_syncs;
+  } else {
+    ++m.stats.shuffles;
+  }
 }
 
 std::string describe_states(const Machine& m) {
@@ -270,6 +310,94 @@ std::string describe_states(const Machine& m) {
   return os.str();
 }
 
+// Warp instructions of one site's n-th execution by the lanes of a warp: how many passes
+// (sectors, wavefronts) it takes.
+void account_instruction(LaunchStats& st, const AccessRecord* recs, size_t n) {
+  const auto space = static_cast<Space>(recs[0].space);
+  const auto kind = static_cast<Access>(recs[0].kind);
+  ++st.sites[recs[0].site].warp_instructions;
+  if (space == Space::kGlobal) {
+    std::vector<uintptr_t> sectors, bytes;
+    for (size_t i = 0; i < n; ++i) {
+      for (uintptr_t s = recs[i].addr >> 5; s <= (recs[i].addr + recs[i].bytes - 1) >> 5; ++s) sectors.push_back(s);
+      for (uintptr_t b = recs[i].addr; b < recs[i].addr + recs[i].bytes; ++b) bytes.push_back(b);
+    }
+    std::sort(sectors.begin(), sectors.end());
+    std::sort(bytes.begin(), bytes.end());
+    const uint64_t distinct = std::unique(sectors.begin(), sectors.end()) - sectors.begin();
+    const uint64_t distinct_bytes = std::unique(bytes.begin(), bytes.end()) - bytes.begin();
+    if (kind == Access::kLoad) {
+      ++st.global_load_instr;
+      st.global_load_sectors += distinct;
+      st.global_load_distinct_bytes += distinct_bytes;
+    } else {
+      ++st.global_store_instr;
+      st.global_store_sectors += distinct;
+      st.global_store_distinct_bytes += distinct_bytes;
+    }
+    return;
+  }
+  // Shared memory: 32 banks of 4-byte words.
+  std::vector<uintptr_t> words;
+  for (size_t i = 0; i < n; ++i)
+    for (uintptr_t w = recs[i].addr >> 2; w <= (recs[i].addr + recs[i].bytes - 1) >> 2; ++w) words.push_back(w);
+  uint64_t per_bank[32] = {};
+  uint64_t passes = 0;
+  if (kind == Access::kAtomic) {
+    for (uintptr_t w : words) passes = std::max(passes, ++per_bank[w % 32]);
+    ++st.shared_atomic_instr;
+    st.shared_atomic_wavefronts += passes;
+    st.shared_conflict_passes += passes - 1;
+    return;
+  }
+  std::sort(words.begin(), words.end());
+  const size_t distinct = std::unique(words.begin(), words.end()) - words.begin();
+  for (size_t i = 0; i < distinct; ++i) passes = std::max(passes, ++per_bank[words[i] % 32]);
+  const uint64_t ideal = std::max<uint64_t>(1, (distinct + 31) / 32);  // 128 bytes a pass
+  passes = std::max(passes, ideal);
+  st.shared_conflict_passes += passes - ideal;
+  if (kind == Access::kLoad) {
+    ++st.shared_load_instr;
+    st.shared_load_wavefronts += passes;
+  } else {
+    ++st.shared_store_instr;
+    st.shared_store_wavefronts += passes;
+  }
+}
+
+// Groups the block's recorded accesses into warp instructions: per warp, the n-th execution of a
+// site by each lane is one instruction (lockstep).
+void account_block_profile(Machine& m) {
+  struct Tagged {
+    uint32_t site;
+    uint32_t occurrence;
+    AccessRecord rec;
+  };
+  std::vector<Tagged> all;
+  std::vector<uint32_t> seen;
+  for (int w = 0; w < m.nthreads / kWarp; ++w) {
+    all.clear();
+    for (int l = 0; l < kWarp; ++l) {
+      Fiber& f = m.fibers[static_cast<size_t>(w) * kWarp + l];
+      seen.assign(m.sites.size(), 0);
+      for (const AccessRecord& r : f.log) all.push_back({r.site, seen[r.site]++, r});
+      f.log.clear();
+    }
+    std::sort(all.begin(), all.end(), [](const Tagged& a, const Tagged& b) {
+      return a.site != b.site ? a.site < b.site : a.occurrence < b.occurrence;
+    });
+    std::vector<AccessRecord> group;
+    for (size_t i = 0; i < all.size();) {
+      size_t j = i;
+      group.clear();
+      for (; j < all.size() && all[j].site == all[i].site && all[j].occurrence == all[i].occurrence; ++j)
+        group.push_back(all[j].rec);
+      account_instruction(m.stats, group.data(), group.size());
+      i = j;
+    }
+  }
+}
+
 void run_block(Machine& m) {
   const int n = m.nthreads;
   if (m.fibers.size() != static_cast<size_t>(n)) m.fibers = std::vector<Fiber>(n);
@@ -282,7 +410,10 @@ void run_block(Machine& m) {
   m.at_barrier = 0;
   m.done = 0;
   m.slots_used = 0;
-  for (size_t i = 0; i < m.slots.size(); ++i) std::memset(m.slots[i].data, m.opt.poison, m.slot_bytes[i]);
+  for (size_t i = 0; i < m.slots.size(); ++i) {
+    std::memset(m.slots[i].data, m.opt.poison, m.slot_bytes[i]);
+    m.slot_declared[i] = 0;
+  }
   m.dyn.reset(m.dyn_bytes > 0 ? m.dyn_bytes : 1, m.opt.poison);
   for (int t = 0; t < n; ++t) {
     Fiber& f = m.fibers[t];
@@ -290,6 +421,7 @@ void run_block(Machine& m) {
     f.tid = t;
     f.next_slot = 0;
     f.op = WarpOp::kBallot;
+    f.log.clear();
     init_fiber(m, f, m.stacks[t].get(), m.opt.stack_bytes);
   }
   std::vector<int> order(n);
@@ -315,6 +447,7 @@ void run_block(Machine& m) {
       throw std::runtime_error(os.str());
     }
   }
+  if (m.opt.profile) account_block_profile(m);
 }
 
 }  // namespace
@@ -331,6 +464,7 @@ void sync() {
     for (Fiber& f : m.fibers) f.state = State::kRunnable;
     m.at_barrier = 0;
     ++m.stats.barriers;
+    m.stats.barrier_warps += static_cast<uint64_t>(m.nthreads / kWarp);
   } else if (m.done > 0) {
     fail(m, "barrier reached after some threads exited");
   }
@@ -344,6 +478,7 @@ uint64_t warp_op(WarpOp op, uint64_t value, int arg) {
   f->op = op;
   f->in = value;
   f->arg = arg;
+  if (m.opt.profile) f->op_site = __builtin_return_address(0);
   const int w = f->tid / kWarp;
   if (++m.warp_arrived[w] == kWarp) complete_warp(m, w);
   yield(m);
@@ -358,11 +493,13 @@ void* static_shared(size_t bytes, size_t align) {
     if (slot == m.slots.size()) {
       m.slots.emplace_back();
       m.slot_bytes.push_back(0);
+      m.slot_declared.push_back(0);
     }
     if (m.slot_bytes[slot] < bytes || m.slots[slot].data == nullptr) {
       m.slots[slot].reset(bytes, m.opt.poison);
       m.slot_bytes[slot] = bytes;
     }
+    m.slot_declared[slot] = bytes;
     ++m.slots_used;
   } else if (slot > m.slots_used) {
     fail(m, "static shared arrays declared in a different order by different threads");
@@ -373,6 +510,75 @@ void* static_shared(size_t bytes, size_t align) {
 void* dynamic_shared() {
   Machine& m = machine();
   return m.dyn_bytes > 0 ? m.dyn.data : nullptr;
+}
+
+namespace {
+
+const char* access_name(Space space, Access kind) {
+  if (space == Space::kGlobal) return kind == Access::kLoad ? "global load" : "global store";
+  return kind == Access::kLoad ? "shared load" : (kind == Access::kStore ? "shared store" : "shared atomic");
+}
+
+[[noreturn]] void fail_access(Machine& m, Space space, Access kind, uintptr_t a, size_t bytes, const char* why) {
+  std::ostringstream os;
+  os << access_name(space, kind) << " of " << bytes << " bytes at 0x" << std::hex << a << std::dec << " " << why;
+  fail(m, os.str());
+}
+
+bool inside(uintptr_t a, size_t bytes, const void* data, size_t size) {
+  const uintptr_t b = reinterpret_cast<uintptr_t>(data);
+  return data != nullptr && a >= b && a - b <= size && bytes <= size - (a - b);
+}
+
+}  // namespace
+
+void access(Space space, Access kind, const void* p, size_t bytes, size_t align) {
+  Machine& m = machine();
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (align > 1 && a % align != 0) fail_access(m, space, kind, a, bytes, "is misaligned");
+  LaunchStats& st = m.stats;
+  if (space == Space::kGlobal) {
+    const LaunchOptions::Buffer* buf = nullptr;
+    for (const auto& b : m.opt.buffers) {
+      if (inside(a, bytes, b.data, b.bytes)) {
+        buf = &b;
+        break;
+      }
+    }
+    if (buf == nullptr) fail_access(m, space, kind, a, bytes, "is outside every buffer of the launch");
+    if (kind != Access::kLoad && !buf->writable) {
+      fail_access(m, space, kind, a, bytes, (std::string("writes the read-only buffer ") + buf->name).c_str());
+    }
+    if (kind == Access::kLoad) {
+      ++st.global_loads;
+      st.global_load_bytes += bytes;
+    } else {
+      ++st.global_stores;
+      st.global_store_bytes += bytes;
+    }
+  } else {
+    bool ok = inside(a, bytes, m.dyn.data, m.dyn_bytes);
+    for (size_t i = 0; !ok && i < m.slots_used; ++i) ok = inside(a, bytes, m.slots[i].data, m.slot_declared[i]);
+    if (!ok) fail_access(m, space, kind, a, bytes, "is outside the block's shared memory");
+    if (kind == Access::kLoad) {
+      ++st.shared_loads;
+      st.shared_load_bytes += bytes;
+    } else if (kind == Access::kStore) {
+      ++st.shared_stores;
+      st.shared_store_bytes += bytes;
+    } else {
+      ++st.shared_atomics;
+    }
+  }
+  if (m.opt.profile) {
+    using K = LaunchStats::SiteKind;
+    const K site_kind = space == Space::kGlobal ? (kind == Access::kLoad ? K::kGlobalLoad : K::kGlobalStore)
+                        : kind == Access::kLoad  ? K::kSharedLoad
+                        : kind == Access::kStore ? K::kSharedStore
+                                                 : K::kSharedAtomic;
+    m.cur->log.push_back({site_index(m, __builtin_return_address(0), site_kind), static_cast<uint8_t>(space),
+                          static_cast<uint8_t>(kind), static_cast<uint16_t>(bytes), a});
+  }
 }
 
 void launch(int64_t grid, int block_threads, size_t dynamic_smem, const std::function<void()>& body,
@@ -391,6 +597,7 @@ void launch(int64_t grid, int block_threads, size_t dynamic_smem, const std::fun
   m.stats = LaunchStats();
   m.dyn_bytes = dynamic_smem;
   m.error.clear();
+  m.sites.clear();
   g_machine = &m;
   try {
     for (int64_t b = options.first_block; b < grid; ++b) {

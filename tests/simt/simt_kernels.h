@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "dropit.h"
 #include "simt_host.h"
@@ -22,7 +23,8 @@ struct PackJob {
   int threads = 0;              // 0: the launcher's choice
   int source = -1;              // -1: the launcher's choice, 0: shared memory, 1: global memory
   size_t smem_limit = 227 * 1024;  // the device's opt-in shared memory per block
-  int64_t grid = 0;             // 0: one block per chunk
+  int64_t grid = 0;             // 0: the launcher's choice
+  int drop_barrier = 0;         // > 0: leave out the barrier with this id (PackBarrier)
   simt::host::LaunchOptions options;
 };
 
@@ -35,16 +37,24 @@ struct UnpackJob {
   ChunkGeometry geometry;
   int threads = 0;
   int64_t grid = 0;
+  int drop_barrier = 0;         // > 0: leave out the barrier with this id (UnpackBarrier)
   simt::host::LaunchOptions options;
 };
 
-// The kernels as compiled for production.
+// The launch plan of pack for a job: threads, key source (0 shared, 1 global, 2 random).
+struct PackPlanInfo {
+  int threads;
+  int source;
+  size_t dynamic_smem;
+};
+PackPlanInfo pack_plan_of(const PackJob& job);
+
+// The kernel bodies, with every barrier unless the job drops one.
 void pack_kernels(const PackJob& job);
 void unpack_kernels(const UnpackJob& job);
-// Test-only variants of pack with one barrier left out: after the histogram
-// (drop_hist) or in the digit scan (drop_scan).
-void pack_drop_hist(const PackJob& job);
-void pack_drop_scan(const PackJob& job);
+
+// The barrier ids the bodies called during the last run on this thread, sorted.
+std::vector<int> last_barrier_ids();
 
 }  // namespace simt_test
 }  // namespace dropit

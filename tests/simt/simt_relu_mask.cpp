@@ -27,7 +27,7 @@ Shape launch_shape(int64_t n, int64_t threads, int64_t grid, int64_t order, int6
   Shape s;
   s.threads = threads > 0 ? static_cast<int>(threads) : dropit::relu_kernels::kThreads;
   TORCH_CHECK(s.threads % 32 == 0 && s.threads <= 1024, "threads must be a multiple of 32 up to 1024");
-  s.grid = grid > 0 ? grid : dropit::relu_kernels::grid_for(n, s.threads);
+  s.grid = grid > 0 ? grid : dropit::relu_kernels::plan_relu_mask(n, s.threads).grid;
   TORCH_CHECK(order >= 0 && order <= 2, "order must be 0 (forward), 1 (reverse) or 2 (shuffled)");
   s.options.order = order == 0 ? LaunchOptions::Order::kForward
                                : (order == 1 ? LaunchOptions::Order::kReverse : LaunchOptions::Order::kShuffled);
@@ -54,12 +54,17 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, bool inplace, in
     using Bits = decltype(tag);
     const Bits sign = static_cast<Bits>(static_cast<Bits>(1) << (sizeof(Bits) * 8 - 1));
     const Bits inf = static_cast<Bits>(dropit::float_inf_bits(x.scalar_type()));
-    const Bits* xp = static_cast<const Bits*>(inplace ? y.const_data_ptr() : x.const_data_ptr());
-    Bits* yp = static_cast<Bits*>(y.data_ptr());
-    uint32_t* mp = static_cast<uint32_t*>(mask.data_ptr());
+    using dropit::simt::gptr;
+    const gptr<const Bits> xp(static_cast<const Bits*>(inplace ? y.const_data_ptr() : x.const_data_ptr()));
+    const gptr<Bits> yp(static_cast<Bits*>(y.data_ptr()));
+    const gptr<uint32_t> mp(static_cast<uint32_t*>(mask.data_ptr()));
+    LaunchOptions o = s.options;
+    o.buffers = {{x.const_data_ptr(), static_cast<size_t>(x.nbytes()), false, "x"},
+                 {y.data_ptr(), static_cast<size_t>(y.nbytes()), true, "y"},
+                 {mask.data_ptr(), static_cast<size_t>(mask.nbytes()), true, "mask"}};
     dropit::simt::host::launch(
         s.grid, s.threads, 0,
-        [&] { dropit::relu_kernels::relu_mask_forward_body<Bits>(xp, yp, mp, n, sign, inf); }, s.options);
+        [&] { dropit::relu_kernels::relu_mask_forward_body<Bits>(xp, yp, mp, n, sign, inf); }, o);
   });
   return {y, mask};
 }
@@ -79,12 +84,16 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& mask, int64_t thre
   const Shape s = launch_shape(n, threads, grid, order, seed);
   dropit::dispatch_bits(grad.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
-    const Bits* gp = static_cast<const Bits*>(grad.const_data_ptr());
-    const uint32_t* mp = static_cast<const uint32_t*>(mask.const_data_ptr());
-    Bits* op = static_cast<Bits*>(out.data_ptr());
+    using dropit::simt::gptr;
+    const gptr<const Bits> gp(static_cast<const Bits*>(grad.const_data_ptr()));
+    const gptr<const uint32_t> mp(static_cast<const uint32_t*>(mask.const_data_ptr()));
+    const gptr<Bits> op(static_cast<Bits*>(out.data_ptr()));
+    LaunchOptions o = s.options;
+    o.buffers = {{grad.const_data_ptr(), static_cast<size_t>(grad.nbytes()), false, "grad"},
+                 {mask.const_data_ptr(), static_cast<size_t>(mask.nbytes()), false, "mask"},
+                 {out.data_ptr(), static_cast<size_t>(out.nbytes()), true, "out"}};
     dropit::simt::host::launch(
-        s.grid, s.threads, 0, [&] { dropit::relu_kernels::relu_mask_backward_body<Bits>(gp, mp, op, n); },
-        s.options);
+        s.grid, s.threads, 0, [&] { dropit::relu_kernels::relu_mask_backward_body<Bits>(gp, mp, op, n); }, o);
   });
   return out;
 }

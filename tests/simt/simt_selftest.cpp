@@ -3,6 +3,9 @@
 #define DROPIT_SIMT_HOST 1
 #include "simt_selftest.h"
 
+#include <memory>
+#include <vector>
+
 #include "cuda/bitmap.cuh"
 #include "cuda/simt.cuh"
 
@@ -32,8 +35,8 @@ std::vector<uint64_t> exchange(const std::string& op, int threads, int arg, int6
     } else if (op == "block_scan") {
       DROPIT_SHARED(uint32_t, slots, 32);
       uint32_t total = 0;
-      const uint32_t before = bitmap::block_exclusive_scan_warp_counts(
-          static_cast<uint32_t>(bitmap::warp_id() + arg), slots, &total);
+      const uint32_t before = bitmap::block_exclusive_scan<uint32_t>(
+          static_cast<uint32_t>(t % 7 + arg), slots, &total, [] { simt::sync(); });
       r = (static_cast<uint64_t>(total) << 32) | before;
     } else if (op == "shared") {
       // Each thread writes its slot, a barrier, then reads its neighbour's.
@@ -51,9 +54,29 @@ std::vector<uint64_t> exchange(const std::string& op, int threads, int arg, int6
 }
 
 void misuse(const std::string& what) {
+  // A global buffer of 64 floats the kernels may read, and one they may write.
+  std::vector<float> in(64, 1.0f), out(64, 0.0f);
+  simt::host::LaunchOptions opt;
+  opt.buffers = {{in.data(), in.size() * sizeof(float), false, "in"}, {out.data(), out.size() * sizeof(float), true, "out"}};
+  const simt::gptr<const float> src(in.data());
+  const simt::gptr<float> dst(out.data());
   simt::host::launch(1, 64, 0, [&] {
     const int t = simt::thread_idx();
-    if (what == "divergent_barrier") {
+    if (what == "global_past_end") {
+      dst[t] = src[t + 1];  // thread 63 reads in[64]
+    } else if (what == "global_before_start") {
+      dst[t] = src[t - 1];
+    } else if (what == "store_to_read_only") {
+      simt::gptr<float>(in.data())[t] = 2.0f;
+    } else if (what == "shared_past_end") {
+      DROPIT_SHARED(float, cells, 64);
+      cells[t] = 1.0f;
+      simt::sync();
+      dst[t] = cells[t + 1];
+    } else if (what == "misaligned_vector") {
+      const simt::Vec<float, 4> v = simt::load_vec<4>(src + (t % 8 == 0 ? 1 : 0));
+      dst[t] = v.v[0];
+    } else if (what == "divergent_barrier") {
       if (t < 32) simt::sync();  // the second warp never arrives
     } else if (what == "divergent_warp_op") {
       if (t % 32 < 16) {
@@ -64,7 +87,43 @@ void misuse(const std::string& what) {
     } else if (what == "partial_warp") {
       if (t % 32 != 5) simt::ballot(true);  // lane 5 never joins
     }
-  });
+  }, opt);
+}
+
+simt::host::LaunchStats profile_case(const std::string& what) {
+  // 32 lanes (one warp) touch memory in one instruction each; the profile groups them. The buffer
+  // starts on a 128-byte line, as allocations on a GPU do.
+  struct alignas(128) Buffer {
+    float v[32 * 64];
+  };
+  auto in = std::make_unique<Buffer>();
+  simt::host::LaunchOptions opt;
+  opt.profile = true;
+  opt.buffers = {{in->v, sizeof(Buffer), true, "in"}};
+  const simt::gptr<float> g(in->v);
+  simt::host::launch(1, 32, 0, [&] {
+    const int lane = simt::thread_idx();
+    DROPIT_SHARED(uint32_t, cells, 32 * 32);
+    if (what == "coalesced") {
+      g[lane] = 2.0f;  // 128 bytes: 4 sectors
+    } else if (what == "strided") {
+      g[8 * lane] = 2.0f;  // a 32-byte sector each
+    } else if (what == "vector") {
+      simt::store_vec(g + 4 * lane, simt::Vec<float, 4>{});  // 512 bytes: 16 sectors
+      (void)simt::load_vec<4>(cells + 4 * lane);  // 512 bytes: 4 passes, no conflict
+    } else if (what == "bank_conflict") {
+      (void)static_cast<uint32_t>(cells[32 * lane]);  // one bank, 32 words: 32 passes
+    } else if (what == "broadcast") {
+      (void)static_cast<uint32_t>(cells[7]);  // one word for all: 1 pass
+    } else if (what == "two_way") {
+      (void)static_cast<uint32_t>(cells[2 * lane]);  // 16 banks, 2 words each: 2 passes
+    } else if (what == "atomic_same") {
+      simt::atomic_add_shared(cells + 3, 1u);  // one address: 32 passes
+    } else if (what == "atomic_spread") {
+      simt::atomic_add_shared(cells + lane, 1u);  // 32 banks: 1 pass
+    }
+  }, opt);
+  return simt::host::last_stats();
 }
 
 }  // namespace simt_test

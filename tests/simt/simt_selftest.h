@@ -15,6 +15,8 @@ namespace simt_test {
 std::vector<uint64_t> exchange(const std::string& op, int threads, int arg, int64_t grid);
 // Runs a kernel that misuses the layer; throws std::runtime_error.
 void misuse(const std::string& what);
+// Runs a one-warp kernel with one memory instruction of a known pattern, profiled.
+simt::host::LaunchStats profile_case(const std::string& what);
 
 }  // namespace simt_test
 }  // namespace dropit

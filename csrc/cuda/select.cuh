@@ -1,0 +1,155 @@
+// Radix select of pack's kernel body: finding the keep-th largest key of a chunk digit by digit.
+//
+// A selection is a bucket of keys (those whose bits from `shift` up equal `prefix`'s) and how many
+// of them are still to keep; every key above the bucket is kept. Each step counts a digit of the
+// keys in the bucket, then one scan over the bins picks the bin the keep-th largest key falls in.
+// Only the portability layer (simt.cuh) is used: the host SIMT layer runs this very source.
+#pragma once
+
+#include <cstdint>
+
+#include "bitmap.cuh"
+#include "simt.cuh"
+
+namespace dropit {
+
+// The barriers of the pack body, each named after what it orders. The body calls its barrier
+// policy with these (simt::BlockSync syncs at all of them; the tests leave one out at a time).
+enum PackBarrier : int {
+  kWideCleared = 1,       // the wide histogram's zeros, before the counts
+  kWideCounted,           // every count and the staged chunk, before the bins are read
+  kWideScanned,           // inside the bin scan: the warps' sums, before they are read
+  kWideChosen,            // the chosen bin, before it is read; every bin read, before candidates land there
+  kCandidatesGathered,    // the candidates and their number, before the narrow passes read them
+  kNarrowCleared,         // a narrow histogram's zeros, before its counts (a warp barrier on candidates)
+  kNarrowCounted,         // its counts, before they are read (warp barrier on candidates)
+  kNarrowScanned,         // inside its bin scan (whole chunk only: a warp scans by shuffles)
+  kNarrowChosen,          // its chosen bin, before it is read; its bins read, before the next pass clears them
+  kSelectionShared,       // warp 0's selection among the candidates, before the block reads it
+  kMasksWritten,          // the compaction's bitmap words, before the threads that own them read them
+  kCompactionScanned,     // inside the compaction's scan
+  kChunkDone,             // every read of the chunk's shared memory, before the next chunk writes it
+};
+
+// The narrow digits' width: a 256-bin histogram, which one warp scans with 8 bins a lane.
+constexpr int kNarrowBits = 8;
+constexpr int kNarrowBins = 1 << kNarrowBits;
+
+// The threads that run a select step together: the whole block, or warp 0 alone (on the few
+// candidates the wide digit leaves: no block barriers, scans by shuffles only).
+struct BlockTeam {
+  DROPIT_DEVICE int rank() const { return simt::thread_idx(); }
+  DROPIT_DEVICE int size() const { return simt::block_dim(); }
+  template <typename Sync>
+  DROPIT_DEVICE void sync(const Sync& s, int id) const { s(id); }
+  // Exclusive scan over the team in rank order; `id` names the barrier inside it.
+  template <typename T, typename Sync>
+  DROPIT_DEVICE T exclusive_scan(T v, simt::sptr<T> slots, T* total, const Sync& s, int id) const {
+    return bitmap::block_exclusive_scan<T>(v, slots, total, [&] { s(id); });
+  }
+};
+
+struct WarpTeam {
+  DROPIT_DEVICE int rank() const { return bitmap::lane_id(); }
+  DROPIT_DEVICE int size() const { return bitmap::kWarp; }
+  template <typename Sync>
+  DROPIT_DEVICE void sync(const Sync& s, int id) const { s.warp(id); }
+  template <typename T, typename Sync>
+  DROPIT_DEVICE T exclusive_scan(T v, simt::sptr<T>, T* total, const Sync&, int) const {
+    const T inc = bitmap::warp_inclusive_scan(v);
+    *total = simt::shfl(inc, bitmap::kWarp - 1);
+    return inc - v;
+  }
+};
+
+template <typename Key>
+struct Selection {
+  Key prefix;  // the bucket's lowest key: its bits below `shift` are 0
+  int shift;   // low bit of the bucket's fixed bits
+  int need;    // keys of the bucket still to keep, the first ones in index order (1..count)
+  int count;   // keys in the bucket
+
+  DROPIT_DEVICE Key highest() const { return prefix | static_cast<Key>((Key(1) << shift) - 1); }
+  DROPIT_DEVICE bool whole() const { return need == count; }
+};
+
+// Chooses the bin of the `need`-th largest key from a histogram of `kBins` bins, in which bin 0 was
+// left uncounted: it holds the `keys` counted keys less the other bins. (Not counting digit 0
+// spares the atomics of the most crowded bin, zeros, and lets keys known only by their number
+// count there.) Writes sel[0] = the bin, sel[1] = keys in the bins above it, sel[2] = keys in it.
+// Every thread of the team calls it; thread t sums a run of bins from the top, one scan orders
+// the runs, and the thread whose run holds the bin writes it.
+template <int kBins, typename Team, typename Sync>
+DROPIT_DEVICE void choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_t keys, uint32_t need,
+                              simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync, int scanned,
+                              int chosen) {
+  const int tid = team.rank();
+  const int per = (kBins + team.size() - 1) / team.size();
+  const int top = kBins - tid * per;  // this thread's bins: [bottom, top)
+  const int bottom = top - per > 0 ? top - per : 0;
+  uint32_t sum = 0;  // (bin 0 holds 0: it is cleared and never counted)
+  if (per % 4 == 0 && top - per >= 0) {
+    for (int b = bottom; b < top; b += 4) {
+      const simt::Vec<uint32_t, 4> v = simt::load_vec<4>(hist + b);
+      sum += v.v[0] + v.v[1] + v.v[2] + v.v[3];
+    }
+  } else {
+    for (int b = bottom; b < top; ++b) sum += hist[b];
+  }
+  uint32_t counted = 0;
+  uint32_t above = team.exclusive_scan(sum, slots, &counted, sync, scanned);
+  const uint32_t in_bin0 = keys - counted;
+  if (above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need) {
+    for (int b = top - 1; b >= bottom; --b) {
+      const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
+      if (above + c >= need) {
+        sel[0] = static_cast<uint32_t>(b);
+        sel[1] = above;
+        sel[2] = c;
+        break;
+      }
+      above += c;
+    }
+  }
+  team.sync(sync, chosen);
+}
+
+// Applies the choice of choose_bin to a selection narrowed by a digit of `bits` bits at `shift`.
+template <typename Key>
+DROPIT_DEVICE void take_bin(Selection<Key>& s, simt::sptr<uint32_t> sel, int shift) {
+  const uint32_t bin = sel[0];
+  s.need -= static_cast<int>(static_cast<uint32_t>(sel[1]));
+  s.count = static_cast<int>(static_cast<uint32_t>(sel[2]));
+  s.prefix = static_cast<Key>(s.prefix | (static_cast<Key>(bin) << shift));
+  s.shift = shift;
+}
+
+// Narrows a selection to a single key (or until its bucket is kept whole), kNarrowBits a step.
+// `visit(f)`, called by each thread of the team, calls f(key) for that thread's share of keys
+// that hold the bucket's keys (other keys are skipped); keys whose digit is 0 are not counted but
+// fall in bin 0 by number, so the keys may leave out those equal to the bucket's lowest key (their
+// digits are 0 at every step). Every thread of the team calls it.
+template <typename Team, typename Key, typename Visit, typename Sync>
+DROPIT_DEVICE void narrow_selection(Team team, Selection<Key>& s, const Visit& visit, simt::sptr<uint32_t> hist,
+                                    simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync) {
+  const int tid = team.rank();
+  const int nthreads = team.size();
+  while (s.shift > 0 && !s.whole()) {
+    const int high = s.shift;
+    const int shift = high > kNarrowBits ? high - kNarrowBits : 0;
+    const Key digit_mask = static_cast<Key>((Key(1) << (high - shift)) - 1);
+    const Key fixed = static_cast<Key>(s.prefix >> high);
+    for (int i = tid; i < kNarrowBins; i += nthreads) hist[i] = 0u;
+    team.sync(sync, kNarrowCleared);
+    visit([&](Key key) {
+      const uint32_t d = static_cast<uint32_t>((key >> shift) & digit_mask);
+      if (static_cast<Key>(key >> high) == fixed && d != 0) simt::atomic_add_shared(hist + d, 1u);
+    });
+    team.sync(sync, kNarrowCounted);
+    choose_bin<kNarrowBins>(team, hist, static_cast<uint32_t>(s.count), static_cast<uint32_t>(s.need), slots, sel,
+                            sync, kNarrowScanned, kNarrowChosen);
+    take_bin(s, sel, shift);
+  }
+}
+
+}  // namespace dropit
