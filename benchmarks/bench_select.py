@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 
-import dropit_cuda as dc
-from _timing import machine_load, print_scaling, thread_counts, thread_scaling, time_ops
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the checkout
+import dropit_cuda as dc  # noqa: E402
+from _timing import machine_load, print_scaling, thread_counts, thread_scaling, time_ops  # noqa: E402
 
 OPS = ("pack", "unpack", "topk_chunked", "scatter")
 

@@ -91,7 +91,7 @@ ARCH=$(timeout 30 "$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_
 export DROPIT_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_ext}"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's dropit_cuda
 
 # The just-in-time build; a later step resumes it (ninja keeps what was compiled) if it ran out
 # of time, but after a compile error nothing else can run.
