@@ -81,9 +81,10 @@ static std::string build_info() {
 
 TORCH_LIBRARY(dropit_cuda, m) {
   // x: 1-D, in the memory order of the user's tensor. seed selects the
-  // "random" strategy's hashed key instead of the magnitude key.
+  // "random" strategy's hashed key instead of the magnitude key. numel is a SymInt so that
+  // torch.compile(dynamic=True) keeps it symbolic (an int would specialise the batch size).
   m.def("pack(Tensor x, float gamma, int chunk, bool bitmap, int? seed=None) -> (Tensor, Tensor)");
-  m.def("unpack(Tensor values, Tensor index, int numel, float gamma, int chunk, bool bitmap) -> Tensor");
+  m.def("unpack(Tensor values, Tensor index, SymInt numel, float gamma, int chunk, bool bitmap) -> Tensor");
   m.def("build_info", &dropit::build_info);
 }
 

@@ -1,7 +1,7 @@
 """Command line: ``python -m dropit_cuda <command>`` (also installed as ``dropit-cuda``).
 
 Commands:
-  demo   train a small ResNet on scikit-learn's digits, baseline against DropIT
+  demo   train a small ResNet on digits and a small GPT on Python source, baseline against DropIT
   info   print how the native code was built (``dropit_cuda.extension_info()``)
 """
 
@@ -11,7 +11,7 @@ import sys
 from typing import Optional, Sequence
 
 COMMANDS = {
-    "demo": "train a small ResNet on scikit-learn's digits, baseline against DropIT",
+    "demo": "train a small ResNet on digits and a small GPT on Python source, baseline against DropIT",
     "info": "print how the native code was built",
 }
 

@@ -22,6 +22,12 @@ def _jit_build() -> str:
             sys.modules["torch.utils.cpp_extension"].CUDA_HOME = _build.find_cuda_home()
     from torch.utils import cpp_extension
 
+    if not cpp_extension.is_ninja_available():
+        raise ImportError(
+            "dropit_cuda's compiled module _C is missing, and building it just in time needs ninja "
+            "(and a C++ compiler): `python -m pip install ninja` (the package's [jit] extra), or "
+            "build ahead of time with `pip install .`"
+        )
     args = _build.compile_args(with_cuda)
     cpp_extension.load(
         name="dropit_cuda_jit" + ("_cuda" if with_cuda else "_cpu"),

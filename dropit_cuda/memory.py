@@ -63,14 +63,17 @@ def _dropit_layers(module: nn.Module) -> dict:
 
 
 def is_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a conv or linear layer, or owns a weight a DropIT conversion covers
-    (Hugging Face's ``Conv1D``, attention projections)."""
-    return isinstance(module, _LAYER_TYPES) or bool(_dropit_layers(module))
+    """Whether ``module`` is a conv or linear layer, or owns a weight of a layer type a DropIT
+    conversion covers (Hugging Face's ``Conv1D``, attention projections)."""
+    return isinstance(module, _LAYER_TYPES) or any(layer.claimed for layer in _dropit_layers(module).values())
 
 
 def _is_dropit(module: nn.Module) -> bool:
-    """Whether a conversion caches the inputs of ``module``'s weights through DropIT."""
-    return any(layer.settings is not None for layer in _dropit_layers(module).values())
+    """Whether a conversion caches the inputs of ``module``'s weights through DropIT: a covered
+    layer type, or a weight that a product used in the last training forward (an embedding
+    table, used by no product, is not)."""
+    return any(layer.settings is not None and (layer.claimed or layer.calls)
+               for layer in _dropit_layers(module).values())
 
 
 @dataclass

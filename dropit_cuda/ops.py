@@ -334,6 +334,9 @@ def unpack(p: Packed) -> torch.Tensor:
     return from_memory_order(flat, p.shape, p.memory_format)
 
 
+# The fakes compute their sizes from symbolic ints under torch.compile(dynamic=True): the pack
+# sizes follow from x.numel(), and unpack's ``numel`` is a SymInt in the schema, so one graph
+# serves every batch size and sequence length.
 @torch.library.register_fake("dropit_cuda::pack")
 def _pack_fake(x, gamma, chunk, bitmap, seed=None):
     g = Geometry(x.numel(), chunk, gamma)

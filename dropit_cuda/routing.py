@@ -111,10 +111,10 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> A
 
 def _route_linear(conv: "Conversion", args, kwargs):
     x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
-    layer = conv.lookup(w)
-    if layer is None:
+    found = conv.lookup(w)
+    if found is None:
         return NotImplemented
-    return DF.linear_with(x, w, b, layer.settings, layer, "linear")
+    return DF.linear_with(x, w, b, found[1], found[0], "linear")
 
 
 def _route_matmul(op: str) -> Callable:
@@ -124,10 +124,10 @@ def _route_matmul(op: str) -> Callable:
         x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other" if op != "mm" else "mat2")
         if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2 or x.dim() < 1:
             return NotImplemented
-        layer = conv.lookup(w)
-        if layer is None:
+        found = conv.lookup(w)
+        if found is None:
             return NotImplemented
-        return DF.linear_with(x, w.t(), None, layer.settings, layer, op)
+        return DF.linear_with(x, w.t(), None, found[1], found[0], op)
 
     return route
 
@@ -139,10 +139,10 @@ def _route_addmm(conv: "Conversion", args, kwargs):
         return NotImplemented
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(x, torch.Tensor) or x.dim() != 2:
         return NotImplemented
-    layer = conv.lookup(w)
-    if layer is None:
+    found = conv.lookup(w)
+    if found is None:
         return NotImplemented
-    return DF.linear_with(x, w.t(), b, layer.settings, layer, "addmm")
+    return DF.linear_with(x, w.t(), b, found[1], found[0], "addmm")
 
 
 def _route_conv(nd: int, transposed: bool) -> Callable:
@@ -153,11 +153,11 @@ def _route_conv(nd: int, transposed: bool) -> Callable:
 
     def route(conv: "Conversion", args, kwargs):
         a = {n: _arg(args, kwargs, i, n, defaults.get(n)) for i, n in enumerate(names)}
-        layer = conv.lookup(a["weight"])
-        if layer is None:
+        found = conv.lookup(a["weight"])
+        if found is None:
             return NotImplemented
         return DF.conv_with(a["input"], a["weight"], a["bias"], a["stride"], a["padding"], a["dilation"],
-                            a["groups"], layer.settings, transposed, a.get("output_padding", 0), layer, op)
+                            a["groups"], found[1], transposed, a.get("output_padding", 0), found[0], op)
 
     return route
 
@@ -295,6 +295,15 @@ def _skip_first(key: int, index: int) -> bool:
     return True
 
 
+@torch._dynamo.assume_constant_result
+def _settings_of(key: int, index: int) -> Optional[Settings]:
+    """The settings of layer ``index`` of conversion ``key``, as a constant for torch.compile:
+    read from the layer as an attribute, a dynamic-shape compile would turn gamma into a symbolic
+    float, which cannot size the min_k and channel caches. (A new conversion has a new key, which
+    the graph does guard on.)"""
+    return _CONVERSIONS[key].layers[index].settings
+
+
 class Conversion:
     """What :func:`dropit_cuda.convert` attached to a model (``model._dropit_conversion``)."""
 
@@ -330,10 +339,10 @@ class Conversion:
 
     # -- lookup ------------------------------------------------------------------------------
 
-    def lookup(self, w: Any) -> Optional[Layer]:
-        """The layer whose weight ``w`` is (or is a view of) if DropIT applies to this product,
-        else None; decides ``skip_first`` on the first product against a trainable weight. A
-        frozen weight is routed too: its product then caches nothing of the input."""
+    def lookup(self, w: Any) -> Optional[tuple[Layer, Settings]]:
+        """The layer whose weight ``w`` is (or is a view of), and its settings, if DropIT applies to
+        this product, else None; decides ``skip_first`` on the first product against a trainable
+        weight. A frozen weight is routed too: its product then caches nothing of the input."""
         if not isinstance(w, torch.Tensor):
             return None
         index = self._find(w)
@@ -343,10 +352,10 @@ class Conversion:
             return None
         if w.requires_grad:
             _skip_first(self.key, index)
-        layer = self.layers[index]
-        if layer.settings is None or not layer.module.training:
+        layer, settings = self.layers[index], _settings_of(self.key, index)
+        if settings is None or not layer.module.training:
             return None
-        return layer
+        return layer, settings
 
     def _find(self, w: torch.Tensor) -> Optional[int]:
         for i, layer in enumerate(self.layers):

@@ -71,3 +71,65 @@ def test_bench_coverage(tmp_path):
         assert r["change_pct"] == 100 * (r["converted_bytes"] - r["plain_bytes"]) / r["plain_bytes"]
     assert [t["target"] for t in report["targets"]][-1].startswith("no model saves more")
     assert "plain MiB" in stdout
+
+
+def test_bench_tradeoff(tmp_path):
+    path, png = tmp_path / "tradeoff.json", tmp_path / "tradeoff.png"
+    stdout = run_script("bench_tradeoff.py", "--resnet-batch", "2", "--gpt-batch", "2", "--gpt-width", "64",
+                        "--gpt-layers", "2", "--gammas", "0.5", "0.9", "--warmup", "0", "--repeats", "2",
+                        "--json", str(path), "--plot", str(png))
+    rows = json.loads(path.read_text())["rows"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "Pareto" in stdout
+    for model in ("resnet18_cifar", "gpt"):
+        got = {r["variant"]: r for r in rows if r["model"] == model}
+        assert list(got) == ["baseline", "dropit g=0.5", "dropit g=0.9", "checkpoint", "checkpoint/2 + dropit g=0.9"]
+        saved = {k: r["saved_bytes"] for k, r in got.items()}
+        # more dropping saves less; checkpointing every block saves least; the mix lies between
+        assert saved["baseline"] > saved["dropit g=0.5"] > saved["dropit g=0.9"] > saved["checkpoint"]
+        assert saved["checkpoint"] < saved["checkpoint/2 + dropit g=0.9"] < saved["dropit g=0.9"]
+        for r in got.values():
+            assert len(r["step_ms_samples"]) == 2 and r["step_ms"] > 0
+        assert got["baseline"]["time_vs_baseline"] == 1.0
+        # the Pareto flags, restated: a row is on the front iff no other row is as good on both and
+        # better on one
+        for r in got.values():
+            beaten = any((o["time_vs_baseline"] <= r["time_vs_baseline"] and o["saved_bytes"] <= r["saved_bytes"])
+                         and (o["time_vs_baseline"], o["saved_bytes"]) != (r["time_vs_baseline"], r["saved_bytes"])
+                         for o in got.values())
+            assert r["pareto"] == (not beaten)
+        assert got["checkpoint"]["pareto"]  # the fewest bytes is never beaten
+
+
+def _bench_tradeoff_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_tradeoff
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_tradeoff
+
+
+def test_bench_tradeoff_saved_bytes_counts_storages_once():
+    import torch
+    from torch import nn
+
+    bt = _bench_tradeoff_module()
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.ReLU()))
+    # Linear 1 keeps x (4x8 floats), ReLU 1 its output (4x16), which Linear 2 keeps too (counted
+    # once), ReLU 2 its output (4x16); the weights are parameters and not counted
+    assert bt.saved_bytes(model, x) == 4 * (4 * 8 + 4 * 16 + 4 * 16)
+    # checkpointed, the inner block keeps only its input: ReLU 1's output again
+    bt.with_checkpoints(model, ["2"])
+    assert isinstance(model[2], bt.Checkpointed)
+    assert bt.saved_bytes(model, x) == 4 * (4 * 8 + 4 * 16)
+
+
+def test_bench_tradeoff_counts_what_dc_memory_counts():
+    bt = _bench_tradeoff_module()
+    import dropit_cuda as dc
+
+    work = bt.gpt(batch=2, width=64, layers=2, context=32)
+    for label, model in bt.variants(work, [0.8], 0.8):
+        assert bt.saved_bytes(model, work.inputs) == dc.memory.measure(model.train(), work.inputs).total_bytes, label

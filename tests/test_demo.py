@@ -1,37 +1,48 @@
-"""The digits demo: CLI, outputs, shared initialisation and data order, the --check acceptance."""
+"""The demo: CLI, outputs, shared initialisation and data order, both tasks, the --check acceptance."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import sys
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
 from dropit_cuda import __main__ as cli
 from dropit_cuda import demo
+from dropit_cuda.demo import digits, runner, text
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+QUIET = lambda _: None  # noqa: E731
 
 
-def test_cli_tiny_run_writes_json_png_and_prints_table(tmp_path, capsys):
+def _table_rows(stdout: str) -> tuple[str, set[str]]:
+    lines = stdout.splitlines()
+    header = next(line for line in lines if line.startswith("run "))
+    return header, {line.split("  ")[0].strip() for line in lines}
+
+
+def test_cli_tiny_digits_run_writes_json_png_and_prints_table(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = cli.main(["demo", "--epochs", "1", "--seeds", "1", "--gammas", "0.8", "--contrast", "random:0.5",
-                   "--out", str(out), "--no-progress"])
+    rc = cli.main(["demo", "--task", "digits", "--epochs", "1", "--seeds", "1", "--gammas", "0.8",
+                   "--contrast", "random:0.5", "--out", str(out), "--no-progress"])
     assert rc == 0
-    text = capsys.readouterr().out
-    header = next(line for line in text.splitlines() if line.startswith("run "))
+    header, rows = _table_rows(capsys.readouterr().out)
     for column in ("test acc %", "train loss", "saved (model)", "saved (DropIT layers)", "ms/step"):
         assert column in header
-    rows = {line.split("  ")[0].strip() for line in text.splitlines()}
     assert {"baseline", "parallel_min_k γ=0.8", "random γ=0.5"} <= rows
 
-    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
-    results = json.loads((out / "results.json").read_text())
+    assert (out / "digits" / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    results = json.loads((out / "digits" / "results.json").read_text())
     assert list(results["runs"]) == ["baseline", "parallel_min_k@0.8", "random@0.5"]
     assert results["dropit_layers"], "the converted layers are listed"
     assert "stem.0" not in results["dropit_layers"]  # the first layer stays dense
     n_test = results["dataset"]["test"]
-    for key, run in results["runs"].items():
+    for run in results["runs"].values():
         r = run["seeds"]["0"]
         assert len(r["train_loss"]) == len(r["test_acc"]) == 1
         # an accuracy is a whole number of test images
@@ -42,11 +53,35 @@ def test_cli_tiny_run_writes_json_png_and_prints_table(tmp_path, capsys):
     assert packed["layer_bytes"] < 0.5 * base["layer_bytes"]
 
 
+def test_cli_tiny_text_run(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = demo.main(["--task", "text", "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--gammas", "0.8",
+                    "--contrast", "random:0.5", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    header, rows = _table_rows(capsys.readouterr().out)
+    for column in ("val loss", "val ppl", "train loss", "saved (model)", "saved (DropIT layers)", "ms/step"):
+        assert column in header
+    assert {"baseline", "parallel_min_k γ=0.8", "random γ=0.5"} <= rows
+    assert (out / "text" / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    results = json.loads((out / "text" / "results.json").read_text())
+    assert results["round"] == {"label": "step", "size": 2}
+    layers = results["dropit_layers"]
+    # every block's qkv, fc1 and fc2 and the head, less the first layer; not the attention output
+    assert set(layers) == {"blocks.0.fc1", "blocks.0.fc2", "blocks.1.qkv", "blocks.1.fc1", "blocks.1.fc2", "head"}
+    for run in results["runs"].values():
+        r = run["seeds"]["0"]
+        assert len(r["train_loss"]) == len(r["val_loss"]) == len(r["val_ppl"]) == 2
+        assert r["final_val_ppl"] == pytest.approx(math.exp(r["final_val_loss"]))
+        assert 0 < r["final_val_loss"] < math.log(256) + 0.5  # near or below a uniform guess over bytes
+    base, packed = results["runs"]["baseline"], results["runs"]["parallel_min_k@0.8"]
+    assert packed["layer_bytes"] < 0.5 * base["layer_bytes"]
+    assert packed["saved_bytes"] < base["saved_bytes"]
+
+
 def test_runs_share_initial_weights_and_batches(tmp_path):
     """γ = 0 keeps every element, so its run must follow the baseline's: same start, same batches."""
-    cfg = demo.DemoConfig(gammas=(0.0,), contrast=("random", 0.9), epochs=1, seeds=1, out=str(tmp_path),
-                          progress=False)
-    runs = demo.run_demo(cfg, log=lambda _: None)["runs"]
+    cfg = digits.DigitsConfig(gammas=(0.0,), contrast=("random", 0.9), epochs=1, out=str(tmp_path), progress=False)
+    runs = runner.run_task(digits.DigitsTask(), cfg, log=QUIET)["runs"]
     base = runs["baseline"]["seeds"]["0"]
     same = runs["parallel_min_k@0"]["seeds"]["0"]
     rand = runs["random@0.9"]["seeds"]["0"]
@@ -55,10 +90,32 @@ def test_runs_share_initial_weights_and_batches(tmp_path):
     assert rand["train_loss"][0] != pytest.approx(base["train_loss"][0], rel=1e-3)
 
 
+def test_text_runs_share_initial_weights_and_batches(tmp_path):
+    cfg = text.TextConfig(gammas=(0.0,), contrast=("random", 0.9), steps=3, eval_every=3, batch_size=2,
+                          out=str(tmp_path), progress=False)
+    runs = runner.run_task(text.TextTask(), cfg, log=QUIET)["runs"]
+    base, same, rand = (runs[k]["seeds"]["0"] for k in ("baseline", "parallel_min_k@0", "random@0.9"))
+    assert same["train_loss"][0] == pytest.approx(base["train_loss"][0], rel=1e-5)
+    assert same["val_loss"][0] == pytest.approx(base["val_loss"][0], rel=1e-5)
+    assert rand["val_loss"][0] != pytest.approx(base["val_loss"][0], rel=1e-5)
+
+
+def test_text_amp_bf16_caches_bf16(tmp_path):
+    kw = dict(gammas=(0.8,), contrast=None, steps=2, eval_every=2, batch_size=2, progress=False)
+    fp32 = runner.run_task(text.TextTask(), text.TextConfig(out=str(tmp_path / "a"), **kw), log=QUIET)
+    bf16 = runner.run_task(text.TextTask(), text.TextConfig(out=str(tmp_path / "b"), amp="bf16", **kw), log=QUIET)
+    for key in ("baseline", "parallel_min_k@0.8"):
+        # the cached activations are bf16: the DropIT layers' inputs (dense or packed) take about half
+        ratio = bf16["runs"][key]["layer_bytes"] / fp32["runs"][key]["layer_bytes"]
+        assert 0.45 < ratio < 0.7, (key, ratio)
+        assert math.isfinite(bf16["runs"][key]["val_loss_mean"])
+    assert bf16["config"]["amp"] == "bf16"
+
+
 def test_batch_orders_are_seeded_permutations():
-    a = demo.batch_orders(3, 100, epochs=2, batch_size=32)
-    b = demo.batch_orders(3, 100, epochs=2, batch_size=32)
-    c = demo.batch_orders(4, 100, epochs=2, batch_size=32)
+    a = digits.batch_orders(3, 100, epochs=2, batch_size=32)
+    b = digits.batch_orders(3, 100, epochs=2, batch_size=32)
+    c = digits.batch_orders(4, 100, epochs=2, batch_size=32)
     assert len(a) == 2 and all(len(epoch) == 3 for epoch in a)
     for ea, eb in zip(a, b):
         for ba, bb in zip(ea, eb):
@@ -71,16 +128,86 @@ def test_batch_orders_are_seeded_permutations():
 
 
 def test_digits_split():
-    d = demo.load_digits_split(0)
+    d = digits.load_digits_split(0)
     assert d.x_train.shape[1:] == (1, 8, 8) and len(d.x_train) + len(d.x_test) == 1797
     assert abs(len(d.x_test) - 0.25 * 1797) < 1
     assert abs(float(d.x_train.mean())) < 1e-4 and abs(float(d.x_train.std()) - 1) < 1e-3
     assert torch.bincount(d.y_test, minlength=10).min() >= 40  # stratified: every digit is tested
-    again, other = demo.load_digits_split(0), demo.load_digits_split(1)
+    again, other = digits.load_digits_split(0), digits.load_digits_split(1)
     assert torch.equal(d.y_test, again.y_test) and torch.equal(d.x_test, again.x_test)
     assert not torch.equal(d.x_test, other.x_test)
     with pytest.raises(ValueError, match="test_fraction"):
-        demo.load_digits_split(0, test_fraction=1.0)
+        digits.load_digits_split(0, test_fraction=1.0)
+
+
+# ---------------------------------------------------------------------------------- text corpus
+
+
+def _fake_stdlib(root: Path) -> dict[str, bytes]:
+    """A folder shaped like a standard library: top-level modules, a package, build data."""
+    files = {f"mod{i:02d}.py": (f"# module {i}\n" + "x = 1\n" * (300 + i)).encode() for i in range(40)}
+    for name, body in files.items():
+        (root / name).write_bytes(body)
+    (root / "pkg").mkdir()
+    (root / "pkg" / "inner.py").write_bytes(b"left out\n" * 1000)
+    (root / "_sysconfigdata__linux.py").write_bytes(b"build = 'this machine'\n" * 1000)
+    (root / "notes.txt").write_bytes(b"not python\n" * 1000)
+    return files
+
+
+def test_corpus_split_by_file_with_caps(tmp_path):
+    files = _fake_stdlib(tmp_path)
+    corpus = text.load_corpus(tmp_path, train_bytes=20000, val_bytes=8000)
+    # the rule, restated: a file is for validation when the CRC-32 of its name is divisible by 10
+    want_val = [n for n in sorted(files) if zlib.crc32(n.encode()) % 10 == 0]
+    want_train = [n for n in sorted(files) if n not in want_val]
+    assert want_val and corpus.val_files == want_val[: len(corpus.val_files)]
+    assert corpus.train_files == want_train[: len(corpus.train_files)]
+    assert not set(corpus.val_files) & set(corpus.train_files)
+    # the training bytes are the training files in order, cut at the cap
+    expected = b"".join(files[n] for n in want_train)[:20000]
+    assert bytes(corpus.train.numpy()) == expected
+    val_expected = b"".join(files[n] for n in want_val)[:8000]
+    assert bytes(corpus.val.numpy()) == val_expected
+    assert corpus.digest() == text.load_corpus(tmp_path, 20000, 8000).digest()
+
+
+def test_stdlib_corpus_is_the_running_interpreters(tmp_path):
+    import sysconfig
+
+    corpus = text.load_corpus()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert len(corpus.train) == text.TRAIN_BYTES and len(corpus.val) == text.VAL_BYTES
+    first = corpus.train_files[0]
+    assert bytes(corpus.train[:100].numpy()) == (stdlib / first).read_bytes()[:100]
+    assert "os.py" in corpus.train_files + corpus.val_files or len(corpus.train_files) < 120
+    assert not any(n.startswith("_sysconfigdata") for n in corpus.train_files + corpus.val_files)
+
+
+def test_windows_are_shifted_by_one():
+    data = torch.arange(50, dtype=torch.uint8)
+    x, y = text.windows(data, torch.tensor([0, 7, 40]), 9)
+    assert x.dtype == torch.int64 and x.shape == y.shape == (3, 9)
+    assert x[1].tolist() == list(range(7, 16)) and y[1].tolist() == list(range(8, 17))
+    assert y[2].tolist()[-1] == 49
+
+
+def test_tiny_gpt_is_causal():
+    torch.manual_seed(0)
+    model = text.TinyGPT(width=32, layers=2, heads=4, context=16).eval()
+    a = torch.randint(0, 256, (2, 16))
+    b = a.clone()
+    b[:, 10] = (b[:, 10] + 1) % 256
+    with torch.no_grad():
+        la, lb = model(a), model(b)
+    assert la.shape == (2, 16, 256)
+    torch.testing.assert_close(la[:, :10], lb[:, :10])  # the past does not see the future
+    assert not torch.allclose(la[:, 10:], lb[:, 10:])
+    with pytest.raises(ValueError, match="tokens"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------- CLI
 
 
 @pytest.mark.parametrize(
@@ -93,7 +220,12 @@ def test_digits_split():
         (["--strategy", "nope"], "--strategy"),
         (["--device", "tpu:7"], "device"),
         (["--chunk", "70000"], "chunk"),
-        (["--batch-size", "5000"], "batch_size"),
+        (["--task", "digits", "--batch-size", "5000"], "batch_size"),
+        (["--task", "digits", "--amp", "bf16"], "--amp"),
+        (["--task", "text", "--epochs", "3"], "--epochs"),
+        (["--task", "text", "--steps", "30", "--eval-every", "25"], "eval_every"),
+        (["--amp", "fp8"], "--amp"),
+        (["--task", "poetry"], "--task"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(argv, name, capsys):
@@ -104,23 +236,47 @@ def test_bad_flags_exit_2_naming_the_flag(argv, name, capsys):
 
 
 @pytest.mark.parametrize(
-    "field, value, error",
+    "task, field, value, error",
     [
-        ("epochs", 0, ValueError),
-        ("seeds", 1.5, TypeError),
-        ("gammas", (0.5, 1.0), ValueError),
-        ("strategy", "top_k", ValueError),
-        ("contrast", ("random", -0.1), ValueError),
-        ("chunk", 0, ValueError),
-        ("lr", 0.0, ValueError),
+        ("digits", "epochs", 0, ValueError),
+        ("digits", "seeds", 1.5, TypeError),
+        ("digits", "gammas", (0.5, 1.0), ValueError),
+        ("digits", "strategy", "top_k", ValueError),
+        ("digits", "contrast", ("random", -0.1), ValueError),
+        ("digits", "chunk", 0, ValueError),
+        ("digits", "lr", 0.0, ValueError),
+        ("text", "steps", 0, ValueError),
+        ("text", "heads", 3, ValueError),
+        ("text", "amp", "fp16", ValueError),
+        ("text", "context", 2.0, TypeError),
     ],
 )
-def test_config_validation_names_the_field(field, value, error, tmp_path):
-    cfg = demo.DemoConfig(out=str(tmp_path), progress=False)
+def test_config_validation_names_the_field(task, field, value, error, tmp_path):
+    t = demo.TASKS[task]
+    cfg = t.config_class(out=str(tmp_path), progress=False)
     setattr(cfg, field, value)
     with pytest.raises(error, match=field.split("_")[0]):
-        demo.run_demo(cfg, log=lambda _: None)
+        runner.run_task(t, cfg, log=QUIET)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_flags_left_out_take_task_defaults_and_none_is_kept():
+    parse = demo.build_parser().parse_args
+    assert demo.flag_overrides(parse([])) == {}
+    assert demo.flag_overrides(parse(["--contrast", "none", "--no-progress"])) == {"contrast": None, "progress": False}
+    cfg = demo.config_for(demo.TASKS["text"], demo.flag_overrides(parse(["--contrast", "none"])))
+    assert [s.key for s in cfg.runs()] == ["baseline", "parallel_min_k@0.8", "parallel_min_k@0.9"]
+
+
+def test_flags_reach_each_task_and_out_is_per_task():
+    overrides = {"lr": 0.01, "epochs": 3, "steps": 50, "out": "o"}
+    d = demo.config_for(demo.TASKS["digits"], overrides)
+    t = demo.config_for(demo.TASKS["text"], overrides)
+    assert (d.lr, d.epochs, d.out) == (0.01, 3, str(Path("o") / "digits"))
+    assert (t.lr, t.steps, t.out) == (0.01, 50, str(Path("o") / "text"))
+    # left out: each task's own default
+    assert d.batch_size == digits.DigitsConfig.batch_size and t.batch_size == text.TextConfig.batch_size
+    assert d.gammas == (0.5, 0.8, 0.9) and t.gammas == (0.8, 0.9)
 
 
 def test_cli_dispatch(capsys):
@@ -133,48 +289,100 @@ def test_cli_dispatch(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--help"])
     assert exc.value.code == 0
-    assert "--gammas" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--gammas" in out and "--task" in out and "--amp" in out
 
 
-def test_check_flags_and_verdict(monkeypatch, tmp_path, capsys):
-    args = demo.build_parser().parse_args(["--check", "--gammas", "0.5"])
-    cfg = demo.config_from_args(args)
-    assert cfg.seeds == demo.CHECK_SEEDS and cfg.gammas == (0.8,) and cfg.contrast is None
+def _fake_results(task, cfg, headline):
+    """What run_task returns, with the headline metric of each run set to ``headline[key]``."""
+    runs = {}
+    for spec in cfg.runs():
+        entry = {"name": spec.name, "strategy": spec.strategy, "gamma": spec.gamma,
+                 "seeds": {str(s): {} for s in cfg.seed_list()}, "train_loss_mean": 0.1, "step_ms": 1.0,
+                 "saved_bytes": 100, "layer_bytes": 10}
+        for m in task.metrics:
+            entry[f"{m.key}_mean"], entry[f"{m.key}_std"] = headline[spec.key], 0.0
+        runs[spec.key] = entry
+    return {"runs": runs, "metrics": [dataclasses.asdict(m) for m in task.metrics], "elapsed_s": 0.0,
+            "check": runner.check_result(task, runs, cfg)}
+
+
+@pytest.mark.parametrize(
+    "task, base, failing, passing",
+    [
+        ("digits", 98.0, 96.4, 96.6),  # 1.6 points below fails, 1.4 passes
+        ("text", 2.0, 2.062, 2.058),  # 3.1% above fails, 2.9% passes
+    ],
+)
+def test_check_flags_and_verdict(task, base, failing, passing, monkeypatch, tmp_path, capsys):
+    cfg = demo.config_for(demo.TASKS[task], {"gammas": (0.5,)}, check=True)
+    assert cfg.seeds == 3 and cfg.gammas == (0.8,) and cfg.contrast is None
     assert [s.key for s in cfg.runs()] == ["baseline", "parallel_min_k@0.8"]
 
-    def fake(base_acc, dropit_acc):
-        def run_demo(cfg, log=print):
-            runs = {
-                "baseline": {"name": "baseline", "strategy": None, "gamma": 0.0, "test_acc_mean": base_acc},
-                "parallel_min_k@0.8": {"name": "parallel_min_k γ=0.8", "strategy": "parallel_min_k",
-                                       "gamma": 0.8, "test_acc_mean": dropit_acc},
-            }
-            for r in runs.values():
-                r.update(seeds={"0": {}, "1": {}, "2": {}}, test_acc_std=0.0, train_loss_mean=0.1,
-                         step_ms=1.0, saved_bytes=100, layer_bytes=10)
-            return {"runs": runs, "elapsed_s": 0.0, "check": demo.check_result(runs, cfg)}
-        return run_demo
+    def fake(dropit):
+        return lambda t, cfg, log=print: _fake_results(t, cfg, {"baseline": base, "parallel_min_k@0.8": dropit})
 
-    monkeypatch.setattr(demo, "run_demo", fake(98.0, 96.4))  # 1.6 points below: fails
+    argv = ["--task", task, "--check", "--out", str(tmp_path), "--no-progress"]
+    monkeypatch.setattr(demo, "run_task", fake(failing))
+    assert demo.main(argv) == 1
+    assert f"check FAIL ({task})" in capsys.readouterr().out
+    monkeypatch.setattr(demo, "run_task", fake(passing))
+    assert demo.main(argv) == 0
+    assert f"check PASS ({task})" in capsys.readouterr().out
+    # with both tasks, one failing check fails the run
+    results = {"digits": (98.0, 96.0), "text": (2.0, 2.0)}
+    monkeypatch.setattr(demo, "run_task", lambda t, cfg, log=print: _fake_results(
+        t, cfg, {"baseline": results[t.name][0], "parallel_min_k@0.8": results[t.name][1]}))
     assert demo.main(["--check", "--out", str(tmp_path), "--no-progress"]) == 1
-    assert "check FAIL" in capsys.readouterr().out
-    monkeypatch.setattr(demo, "run_demo", fake(98.0, 96.6))  # 1.4 points below: passes
-    assert demo.main(["--check", "--out", str(tmp_path), "--no-progress"]) == 0
-    assert "check PASS" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "check FAIL (digits)" in out and "check PASS (text)" in out
+
+
+# ------------------------------------------------------------------------------ the [demo] extra
+
+
+def test_demo_without_its_extra_names_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` raise ImportError
+    ran = []
+    monkeypatch.setattr(demo, "run_task", lambda *a, **k: ran.append(a))
+    assert demo.main(["--task", "text", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "[demo]" in err and "tqdm" in err and "scikit-learn" not in err
+    assert not ran
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    assert demo.main(["--task", "digits", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "scikit-learn" in err and "tqdm" in err
+
+
+# ------------------------------------------------------------------------------------ acceptance
+
+
+def _acceptance(task: str, tmp_path, capsys) -> dict:
+    rc = demo.main(["--task", task, "--check", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    print(out)
+    results = json.loads((tmp_path / task / "results.json").read_text())
+    check = results["check"]
+    assert check["seeds"] == demo.TASKS[task].check.seeds
+    assert check["gap"] <= check["tolerance"], out
+    assert rc == 0
+    return results
 
 
 @pytest.mark.slow
 def test_check_acceptance(tmp_path, capsys):
     """With the defaults, DropIT γ=0.8 parallel_min_k is within 1.5 points of the baseline (3 seeds)."""
-    rc = demo.main(["--check", "--out", str(tmp_path), "--no-progress"])
-    out = capsys.readouterr().out
-    print(out)
-    results = json.loads((tmp_path / "results.json").read_text())
-    check = results["check"]
-    assert check["seeds"] == 3
-    assert check["gap_points"] <= demo.CHECK_TOLERANCE, out
-    assert rc == 0
+    results = _acceptance("digits", tmp_path, capsys)
     # digits is an easy task, so accuracy alone is a weak signal; the training loss is a finer one
     base = results["runs"]["baseline"]["train_loss_mean"]
     dropit = results["runs"]["parallel_min_k@0.8"]["train_loss_mean"]
     assert dropit < 2.0 * base, (dropit, base)
+
+
+@pytest.mark.slow
+def test_text_check_acceptance(tmp_path, capsys):
+    """With the defaults, DropIT γ=0.8's validation loss is within 3% of the baseline's."""
+    results = _acceptance("text", tmp_path, capsys)
+    # the model learnt something: well below the 5.5 nats of a uniform guess over bytes
+    assert results["runs"]["baseline"]["val_loss_mean"] < 3.0

@@ -428,3 +428,13 @@ def test_bench_memory_relu_mask_rows(monkeypatch):
     assert bench.variants([0.9])[-1][2] == {"relu_mask": True}
     monkeypatch.setattr(bench.dc, "convert", lambda model, gamma=0.9: model)
     assert [v[0] for v in bench.variants([0.9])] == ["baseline", "dropit g=0.9"]
+
+
+def test_embedding_of_a_converted_model_is_not_a_dropit_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    dc.convert(model, gamma=0.9, skip_first=False)
+    r = dc.memory.measure(model, torch.randint(0, 10, (4, 5)))
+    rows = {m.name: m for m in r.modules}
+    assert not rows["0"].is_layer and not rows["0"].is_dropit  # a 2-D weight, but no product used it
+    assert rows["1"].is_dropit and rows["3"].is_dropit
