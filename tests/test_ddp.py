@@ -1,28 +1,15 @@
 """DistributedDataParallel with DropIT layers: 2 CPU processes, gloo."""
 
 import copy
-import gc
-import os
-import time
-import weakref
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# Imported before any process group exists, on purpose: torch.distributed.nn (which torch._dynamo
-# imports, and DDP imports torch._dynamo) binds `group.WORLD` as a default argument when it is
-# first imported. Imported after init_process_group, it keeps the world group alive for good:
-# destroy_process_group() then cannot free it, and the worker exits with gloo's threads still
-# running, the setting in which a worker once aborted ("terminate called without an active
-# exception"). _worker checks that the group is gone before it returns.
-import torch._dynamo  # noqa: F401,E402
+import dropit_cuda as dc
+from distributed import WORLD, run_on_two_ranks
 
-import dropit_cuda as dc  # built (if JIT) in this process, before two workers load it at once
-
-WORLD = 2
 STEPS = 3
 
 
@@ -66,37 +53,5 @@ def _train_and_compare(rank):
     assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), model.parameters()))
 
 
-def _threads():
-    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
-
-
-def _worker(rank, rendezvous):
-    torch.set_num_threads(1)
-    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # both ranks on the loopback interface
-    threads_before = _threads()
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
-    group = weakref.ref(dist.group.WORLD)
-    try:
-        _train_and_compare(rank)
-        dist.barrier()  # neither rank tears its connections down while the other still uses them
-    finally:
-        gc.collect()  # DDP sits in a reference cycle: free it (and its hold on the group) now
-        dist.destroy_process_group()
-    gc.collect()
-    # The group, its gloo connections and worker threads are gone before this process exits.
-    assert group() is None, f"rank {rank}: the process group outlived destroy_process_group()"
-    assert _threads() == threads_before, f"rank {rank}: threads {threads_before} -> {_threads()}"
-
-
 def test_ddp_two_processes_gloo(tmp_path):
-    # A file rendezvous in this test's own folder: no port to race for with other test runs on the
-    # same machine (a free port picked and released can be taken before rank 0 binds it, and a
-    # run that finds another run's store joins the wrong group).
-    ctx = mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError("DDP workers did not finish in 180 s")
+    run_on_two_ranks(_train_and_compare, tmp_path)
