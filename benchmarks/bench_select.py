@@ -28,7 +28,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import dropit_cuda as dc  # noqa: E402
 from _timing import machine_load, print_scaling, thread_counts, thread_scaling, time_ops  # noqa: E402
 
-OPS = ("pack", "unpack", "topk_chunked", "scatter")
+# "fresh_zeros" is no rival but a yardstick: a fresh output of the input's size, written once (as
+# torch allocates it, without unpack's huge-page hint). How it scales with threads shows how far
+# writing fresh memory, which the OS must first fault in and zero, scales on this machine.
+OPS = ("pack", "unpack", "topk_chunked", "scatter", "fresh_zeros")
 
 
 def bench_one(device: torch.device, dtype: torch.dtype, numel: int, chunk: int, gamma: float,
@@ -50,6 +53,7 @@ def bench_one(device: torch.device, dtype: torch.dtype, numel: int, chunk: int, 
         "unpack": lambda: dc.unpack(packed),
         "topk_chunked": topk_pack,
         "scatter": lambda: torch.zeros_like(rows).scatter_(1, idx, vals),
+        "fresh_zeros": lambda: torch.zeros_like(x),
     }
     times = time_ops(fns, device, repeats, threads)
     if full_topk:  # slow: fewer repeats
@@ -84,7 +88,7 @@ def _cpu(ms: float | None) -> str:
 
 def print_table(results: list[dict], scaling: list[dict]) -> None:
     head = (f"{'device':<22}{'dtype':<10}{'thr':>4}{'pack ms':>9}{'(cpu)':>9}{'GB/s':>7}{'topk ms':>9}{'(cpu)':>9}"
-            f"{'x topk':>8}{'unpack ms':>11}{'(cpu)':>9}{'GB/s':>7}{'scatter ms':>12}{'x scat':>8}{'full ms':>9}"
+            f"{'x topk':>8}{'unpack ms':>11}{'(cpu)':>9}{'GB/s':>7}{'scatter ms':>12}{'x scat':>8}{'zeros ms':>10}{'full ms':>9}"
             f"{'B/el dropit':>12}{'B/el topk':>10}")
     print(head)
     print("-" * len(head))
@@ -93,7 +97,7 @@ def print_table(results: list[dict], scaling: list[dict]) -> None:
               f"{_cpu(r['pack_cpu_ms']):>9}{r['pack_gbps']:>7.1f}{r['topk_chunked_ms']:>9.2f}"
               f"{_cpu(r['topk_chunked_cpu_ms']):>9}{r['pack_speedup_vs_topk']:>8.1f}"
               f"{r['unpack_ms']:>11.2f}{_cpu(r['unpack_cpu_ms']):>9}{r['unpack_gbps']:>7.1f}{r['scatter_ms']:>12.2f}"
-              f"{r['unpack_speedup_vs_scatter']:>8.1f}{r.get('topk_full_ms', float('nan')):>9.1f}"
+              f"{r['unpack_speedup_vs_scatter']:>8.1f}{r['fresh_zeros_ms']:>10.2f}{r.get('topk_full_ms', float('nan')):>9.1f}"
               f"{r['bytes_per_element_dropit']:>12.3f}{r['bytes_per_element_topk']:>10.3f}")
     print_scaling(scaling)
 
