@@ -25,6 +25,7 @@ extension = (CUDAExtension if WITH_CUDA else CppExtension)(
     _build.sources(WITH_CUDA, base=HERE),
     include_dirs=[str(HERE / "csrc")],
     extra_compile_args=_build.compile_args(WITH_CUDA),
+    extra_link_args=_build.link_args(),
 )
 
 setup(

@@ -63,6 +63,12 @@ static std::string build_info() {
 #else
   info += "0";
 #endif
+  // Whether the CPU kernels' at::parallel_for can use more than one thread (see _build.py).
+#ifdef _OPENMP
+  info += "|openmp=1";
+#else
+  info += "|openmp=0";
+#endif
 #ifdef DROPIT_CUDA_ARCHS  // a bare comma-separated list: quotes don't survive every build tool
 #define DROPIT_STRINGIFY(...) #__VA_ARGS__
 #define DROPIT_STRING(...) DROPIT_STRINGIFY(__VA_ARGS__)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
@@ -72,8 +73,22 @@ def sources(with_cuda: bool, base: Path | None = None) -> list[str]:
     return [str(f.relative_to(base) if base else f) for f in files]
 
 
+def openmp_flags() -> list[str]:
+    """The compiler and linker flag that lets the CPU kernels run on several threads.
+
+    With torch's OpenMP backend (Linux wheels), ``at::parallel_for`` is inline in the headers: it
+    runs its loop serially unless the extension itself is compiled and linked with OpenMP. The
+    library then needs ``libgomp.so.1``, the one torch has already loaded.
+    """
+    import torch
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []  # the native backend's parallel_for lives in libtorch: nothing to add
+    return ["/openmp"] if sys.platform == "win32" else ["-fopenmp"]
+
+
 def compile_args(with_cuda: bool) -> dict[str, list[str]]:
-    cxx = ["-O3", "-std=c++20", "-DDROPIT_PYTHON_MODULE"]
+    cxx = ["-O3", "-std=c++20", "-DDROPIT_PYTHON_MODULE", *openmp_flags()]
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -82,3 +97,7 @@ def compile_args(with_cuda: bool) -> dict[str, list[str]]:
         # Not to nvcc: it splits -D values at commas. Only ops.cpp (a C++ file) reads it.
         nvcc += ["-DDROPIT_WITH_CUDA"]
     return {"cxx": cxx, "nvcc": nvcc}
+
+
+def link_args() -> list[str]:
+    return openmp_flags()

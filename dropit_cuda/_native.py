@@ -35,6 +35,7 @@ def _jit_build() -> str:
         extra_include_paths=[str(_build.root() / "csrc")],
         extra_cflags=args["cxx"],
         extra_cuda_cflags=args["nvcc"],
+        extra_ldflags=_build.link_args(),
         with_cuda=with_cuda,
         is_python_module=False,
         verbose=False,
@@ -70,7 +71,9 @@ def extension_info() -> dict:
 
     Keys: ``mode`` (``"aot"`` or ``"jit"``), ``cuda_kernels`` (whether CUDA implementations are
     registered), ``cuda_archs`` (the architectures they were compiled for), ``cuda_available``
-    (whether torch sees a GPU now), ``torch`` and ``torch_cuda`` (versions).
+    (whether torch sees a GPU now), ``openmp`` (whether the CPU kernels were compiled with
+    OpenMP, without which they run on one thread under torch's OpenMP backend), ``torch`` and
+    ``torch_cuda`` (versions).
     """
     mode = load()
     fields = dict(kv.split("=", 1) for kv in torch.ops.dropit_cuda.build_info().split("|"))
@@ -80,6 +83,7 @@ def extension_info() -> dict:
         "cuda_kernels": bool(has_cuda),
         "cuda_archs": fields["archs"].split(",") if fields.get("archs") else [],
         "cuda_available": torch.cuda.is_available(),
+        "openmp": fields.get("openmp") == "1",
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
     }

@@ -9,34 +9,56 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_script(name, *args):
+def run_script(name, *args, returncode=0):
+    """The script's stdout, or its stderr when it is expected to fail."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], env=env,
                          capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+    assert out.returncode == returncode, out.stderr
+    return out.stdout if returncode == 0 else out.stderr
 
 
 def test_bench_select(tmp_path):
     path = tmp_path / "select.json"
     stdout = run_script("bench_select.py", "--device", "cpu", "--numel", str(4 * 4096), "--chunk", "4096",
-                        "--repeats", "1", "--json", str(path))
-    results = json.loads(path.read_text())["results"]
-    assert [r["dtype"] for r in results] == ["float32", "bfloat16"]
+                        "--repeats", "1", "--threads", "1,2", "--json", str(path))
+    figures = json.loads(path.read_text())
+    results = figures["results"]
+    assert [(r["dtype"], r["threads"]) for r in results] == [
+        ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
     for r in results:
         assert r["pack_ms"] > 0 and r["topk_chunked_ms"] > 0 and r["topk_full_ms"] > 0
+        assert r["pack_cpu_ms"] >= 0 and r["unpack_cpu_ms"] >= 0
         assert r["pack_speedup_vs_topk"] == r["topk_chunked_ms"] / r["pack_ms"]
         # bitmap: (1-γ)·s + 1/8 bytes per element, with keep() rounded up
         s = 4 if r["dtype"] == "float32" else 2
         assert abs(r["bytes_per_element_dropit"] - (410 * s / 4096 + 1 / 8)) < 1e-9
         assert r["bytes_per_element_topk"] == 410 * (s + 8) / 4096
-    assert "x topk" in stdout
+    one, two = results[0], results[1]
+    pack_scaling = next(s for s in figures["scaling"] if (s["dtype"], s["op"]) == ("float32", "pack"))
+    assert (pack_scaling["from_threads"], pack_scaling["to_threads"]) == (1, 2)
+    assert pack_scaling["speedup"] == one["pack_ms"] / two["pack_ms"]
+    assert "x topk" in stdout and "pack 2 threads vs 1" in stdout and "load average" in figures["load_before"]
 
 
 def test_bench_relu_mask(tmp_path):
     path = tmp_path / "relu.json"
-    run_script("bench_relu_mask.py", "--device", "cpu", "--numel", "65536", "--repeats", "1", "--json", str(path))
-    assert json.loads(path.read_text())
+    stdout = run_script("bench_relu_mask.py", "--device", "cpu", "--numel", "65536", "--repeats", "1",
+                        "--threads", "1,2", "--json", str(path))
+    figures = json.loads(path.read_text())
+    rows = figures["rows"]
+    assert [(r["dtype"], r["threads"]) for r in rows] == [
+        ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
+    for r in rows:
+        assert r["fwd_ms"] > 0 and r["torch_bwd_ms"] > 0 and r["cached_bytes_per_element"] == 1 / 8
+    bwd = next(s for s in figures["scaling"] if (s["dtype"], s["op"]) == ("bfloat16", "bwd"))
+    assert bwd["speedup"] == rows[2]["bwd_ms"] / rows[3]["bwd_ms"]
+    assert "bwd 2 threads vs 1" in stdout
+
+
+def test_bench_threads_option_rejects_bad_counts():
+    assert "--threads counts must be >= 1" in run_script("bench_select.py", "--threads", "0,2", returncode=2)
+    assert "--threads takes counts like 1,2" in run_script("bench_relu_mask.py", "--threads", "two", returncode=2)
 
 
 def test_bench_coverage(tmp_path):

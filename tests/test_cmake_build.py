@@ -41,4 +41,9 @@ def test_cmake_builds_a_loadable_library(tmp_path):
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(lib)], check=True, capture_output=True, text=True)
     words = out.stdout.split()
     assert words[:3] == ["ok", "500", str(5 * 32)]
-    assert words[3].startswith("cuda=1|archs=" if with_cuda else "cuda=0")
+    info = dict(field.split("=", 1) for field in words[3].split("|"))
+    assert info["cuda"] == ("1" if with_cuda else "0")
+    assert bool(info.get("archs")) == with_cuda
+    # Under torch's OpenMP backend the CPU kernels need OpenMP to run on more than one thread.
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert info["openmp"] == "1", info

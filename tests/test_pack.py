@@ -126,15 +126,31 @@ def test_non_contiguous_input_is_read_in_logical_order():
         np.testing.assert_array_equal(bit_patterns(y), ref)
 
 
-def test_result_does_not_depend_on_thread_count(cpu_threads):
-    x = torch.randn(40 * 1000 + 17)
-    outputs = []
-    for threads in (1, 2, 4):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_result_does_not_depend_on_thread_count(cpu_threads, dtype):
+    # 38 chunks of 4096 (the last one short): 155K elements, so each of 4 threads gets more than
+    # torch's parallel grain (32K elements) of work, and 38 chunks split unevenly over 3 and 4.
+    chunk = 4096
+    x = torch.randn(37 * chunk + 1234, generator=torch.Generator().manual_seed(7))
+    x = (torch.round(x * 8) / 8).to(dtype)  # few distinct values: ties at every threshold
+    runs = {}
+    for threads in (1, 2, 3, 4):
         cpu_threads(threads)
-        p = dc.pack(x, 0.9, 1000)
-        outputs.append((p.values.clone(), p.index.clone()))
-    for values, index in outputs[1:]:
-        assert torch.equal(values, outputs[0][0]) and torch.equal(index, outputs[0][1])
+        assert torch.get_num_threads() == threads
+        for index in ("bitmap", "offsets"):
+            for seed in (None, 11):
+                p = dc.pack(x, 0.9, chunk, index, random_seed=seed)
+                runs.setdefault((index, seed), []).append(
+                    (p.values.clone(), p.index.clone(), dc.unpack(p).clone()))
+    for (index, seed), outs in runs.items():
+        ref_values, ref_offsets, ref_bitmap = reference_pack(x, 0.9, chunk, seed)
+        ref_index = ref_bitmap if index == "bitmap" else ref_offsets
+        for values, idx, dense in outs:  # every thread count gives the reference's bytes
+            np.testing.assert_array_equal(bit_patterns(values), ref_values)
+            np.testing.assert_array_equal(idx.numpy(), ref_index)
+            assert torch.equal(dense.view(-1), outs[0][2].view(-1))
+        if seed is None:
+            np.testing.assert_array_equal(bit_patterns(outs[0][2]), reference_unpack(x, 0.9, chunk))
 
 
 def test_auto_index_picks_the_smaller_encoding():
@@ -340,6 +356,10 @@ def test_extension_info():
     assert isinstance(info["cuda_kernels"], bool)
     if info["cuda_kernels"]:
         assert info["cuda_archs"]
+    # Under torch's OpenMP backend the CPU kernels' at::parallel_for runs on one thread unless the
+    # library was compiled with OpenMP: every build path must do it.
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert info["openmp"], info
     # CI says what it built, so that a silent fallback (JIT, or no CUDA kernels) fails there.
     if os.environ.get("DROPIT_EXPECT_MODE"):
         assert info["mode"] == os.environ["DROPIT_EXPECT_MODE"]

@@ -70,16 +70,22 @@ def test_forward_and_mask_match_reference(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_large_input_parallel_split(dtype):
-    # Long enough for several parallel tasks, and not a multiple of 32.
+def test_large_input_parallel_split(dtype, cpu_threads):
+    # Long enough that each of 4 threads gets more than torch's parallel grain (32K elements),
+    # split unevenly over 3, and not a multiple of 32; every thread count gives the same bytes.
     x = special_input(300_007, dtype, seed=5)
-    y, mask, _ = relu_mask(x)
-    assert_same_bits(y, torch.relu(x))
+    grad = special_input(x.numel(), dtype, seed=6)
     flags = ~(torch.relu(x) <= 0)
-    padded = torch.zeros(mask.numel() * 32, dtype=torch.bool)
+    padded = torch.zeros((x.numel() + 31) // 32 * 32, dtype=torch.bool)
     padded[: x.numel()] = flags
-    got = ((mask.view(-1, 1).long() >> torch.arange(32)) & 1).bool().view(-1)
-    assert torch.equal(got, padded)
+    expected_grad = torch.where(flags, grad, torch.zeros((), dtype=dtype))
+    for threads in (1, 2, 3, 4):
+        cpu_threads(threads)
+        y, mask, strides = relu_mask(x)
+        assert_same_bits(y, torch.relu(x))
+        got = ((mask.view(-1, 1).long() >> torch.arange(32)) & 1).bool().view(-1)
+        assert torch.equal(got, padded), threads
+        assert_same_bits(relu_mask_backward(grad, mask, strides), expected_grad)
 
 
 def _grads(module_factory, x0, grad_out, inplace):

@@ -1,19 +1,15 @@
 // CPU kernels of ReLU with a 1-bit mask: the reference the CUDA kernels are
 // compared against. Work is split over mask words (32 elements each).
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <array>
 #include <bit>
 #include <cstring>
 
 #include "../relu_mask.h"
+#include "parallel_cpu.h"
 
 namespace dropit {
 namespace {
-
-// Mask words per parallel task: 64K elements.
-constexpr int64_t kGrainWords = 2048;
 
 // Bit j of a word, as a table so that whole words compile to vector ANDs and
 // compares (no per-lane variable shifts, which baseline x86-64 lacks). Every
@@ -67,7 +63,7 @@ inline void backward_word(const Bits* grad, uint32_t word, Bits* out, int len) {
 template <typename Bits>
 void forward_words(const Bits* x, Bits* y, uint32_t* mask, int64_t n, FloatBits<Bits> f) {
   const int64_t full = n / 32;  // words of 32 elements
-  at::parallel_for(0, relu_mask_words(n), kGrainWords, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, relu_mask_words(n), grain_items(32), [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t base = 32 * w;
       mask[w] = w < full ? forward_word<Bits, 32>(x + base, y + base, 32, f)
@@ -79,7 +75,7 @@ void forward_words(const Bits* x, Bits* y, uint32_t* mask, int64_t n, FloatBits<
 template <typename Bits>
 void backward_words(const Bits* grad, const uint32_t* mask, Bits* out, int64_t n) {
   const int64_t full = n / 32;
-  at::parallel_for(0, relu_mask_words(n), kGrainWords, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, relu_mask_words(n), grain_items(32), [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t base = 32 * w;
       if (w < full) {
