@@ -194,7 +194,7 @@ def test_no_fidelity_flag_skips_the_passes(tmp_path, capsys):
     results = json.loads((tmp_path / "text" / "results.json").read_text())
     assert results["config"]["fidelity"] is False and results["fidelity_s"] == 0.0
     assert not any("fidelity" in run["seeds"]["0"] for run in results["runs"].values())
-    assert "weight-gradient cosine" not in stdout
+    assert "weight-gradient cosine" not in stdout and "fidelity passes" not in stdout and "tuning" not in stdout
     assert _row(stdout, "parallel_min_k γ=0.8")[-2] == "-"
 
 

@@ -217,8 +217,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dropit_cud
         results = run_task(task, cfg)
         out = Path(cfg.out)
         print(f"\n{task.name}:\n{format_table(results)}")
-        print(f"\ncurves: {out / 'curves.png'}   figures: {out / 'results.json'}   ({results['elapsed_s']:.0f} s; "
-              f"fidelity passes {results['fidelity_s']:.1f} s, tuning {results['tune_s']:.1f} s)")
+        # what the extra passes cost, where there were any
+        extras = "".join(f"; {what} {results[key]:.1f} s" for what, key in
+                         (("fidelity passes", "fidelity_s"), ("tuning", "tune_s")) if results[key])
+        print(f"\ncurves: {out / 'curves.png'}   figures: {out / 'results.json'}   "
+              f"({results['elapsed_s']:.0f} s{extras})")
         if cfg.check:
             c = results["check"]
             verdict = "PASS" if c["passed"] else "FAIL"
