@@ -467,11 +467,12 @@ def _check_gammas(gammas: Any) -> list[float]:
     return sorted({check_gamma(g, f"gammas[{i}]") for i, g in enumerate(gammas)})
 
 
-def _check_min_cosine(min_cosine: Any) -> float:
+def check_min_cosine(min_cosine: Any, name: str = "min_cosine") -> float:
+    """``min_cosine`` as a float in ``[-1, 1]``; TypeError/ValueError naming ``name`` otherwise."""
     if isinstance(min_cosine, bool) or not isinstance(min_cosine, numbers.Real):
-        raise TypeError(f"min_cosine must be a float in [-1, 1], got {type(min_cosine).__name__}")
+        raise TypeError(f"{name} must be a float in [-1, 1], got {type(min_cosine).__name__}")
     if not -1.0 <= min_cosine <= 1.0:  # also rejects NaN
-        raise ValueError(f"min_cosine must be in [-1, 1], got {min_cosine}")
+        raise ValueError(f"{name} must be in [-1, 1], got {min_cosine}")
     return float(min_cosine)
 
 
@@ -551,7 +552,7 @@ def tune(model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn] = None, min_c
     """
     conversion = _converted(model, "tune")
     fn = _check_loss_fn(loss_fn)
-    floor = _check_min_cosine(min_cosine)
+    floor = check_min_cosine(min_cosine)
     candidates = _check_gammas(gammas)
     passes: dict[float, tuple[FidelityReport, dict[str, _Watch]]] = {}
     for g in candidates:

@@ -31,7 +31,8 @@ def test_cli_tiny_digits_run_writes_json_png_and_prints_table(tmp_path, capsys):
     rc = cli.main(["demo", "--task", "digits", "--epochs", "1", "--seeds", "1", "--gammas", "0.8",
                    "--contrast", "random:0.5", "--out", str(out), "--no-progress"])
     assert rc == 0
-    header, rows = _table_rows(capsys.readouterr().out)
+    stdout = capsys.readouterr().out
+    header, rows = _table_rows(stdout)
     for column in ("test acc %", "train loss", "saved (model)", "saved (DropIT layers)", "ms/step"):
         assert column in header
     assert {"baseline", "parallel_min_k γ=0.8", "random γ=0.5"} <= rows
@@ -51,31 +52,77 @@ def test_cli_tiny_digits_run_writes_json_png_and_prints_table(tmp_path, capsys):
     base, packed = results["runs"]["baseline"], results["runs"]["parallel_min_k@0.8"]
     # the converted layers cache far less than the dense inputs the same layers keep in the baseline
     assert packed["layer_bytes"] < 0.5 * base["layer_bytes"]
+    _check_fidelity_output(stdout, results, steps=results["dataset"]["train"] // 64)
+
+
+def _row(stdout: str, name: str) -> list[str]:
+    """The cells of a table row (cells are separated by at least two spaces)."""
+    line = next(line for line in stdout.splitlines() if line.startswith(name + "  "))
+    return [c.strip() for c in line.split("  ") if c.strip()]
+
+
+def _check_fidelity_output(stdout: str, results: dict, steps: int) -> None:
+    """Every DropIT run (not the baseline) has a fidelity report of its first and last step in the
+    JSON, over the layers DropIT converts, a one-line summary printed and its model cosines in
+    the table's "cos first/last" column; the per-layer tables are not printed by default."""
+    header, _ = _table_rows(stdout)
+    assert "cos first/last" in header
+    assert "baseline" not in " ".join(line for line in stdout.splitlines() if "weight-gradient cosine" in line)
+    assert "fidelity" not in results["runs"]["baseline"]["seeds"]["0"]
+    assert _row(stdout, "baseline")[-2] == "-"
+    assert "DropIT fidelity:" not in stdout  # the per-layer tables need --fidelity-detail
+    total = 0.0
+    for run in results["runs"].values():
+        if run["strategy"] is None:
+            continue
+        fid = run["seeds"]["0"]["fidelity"]
+        assert fid["steps"] == [0, steps - 1]
+        for when in ("first", "last"):
+            rep = fid[when]
+            measured = {r["name"]: r["cosine"] for r in rep["layers"] if r["cosine"] is not None}
+            assert set(measured) <= set(results["dropit_layers"])
+            assert all(-1.0 <= c <= 1.0 for c in measured.values()) and -1.0 <= rep["cosine"] <= 1.0
+            assert rep["cached_bytes"] < rep["dense_bytes"] or run["gamma"] == 0
+        assert _row(stdout, run["name"])[-2] == f"{fid['first']['cosine']:.4f}/{fid['last']['cosine']:.4f}"
+        summary = next(line for line in stdout.splitlines() if f"{run['name']} seed 0: weight-gradient cosine" in line)
+        worst = min((r for r in fid["first"]["layers"] if r["cosine"] is not None), key=lambda r: r["cosine"])
+        assert f"model {fid['first']['cosine']:.4f} -> {fid['last']['cosine']:.4f}" in summary
+        assert f"worst layer {worst['name']} {worst['cosine']:.4f} -> " in summary
+        assert fid["seconds"] > 0
+        total += fid["seconds"]
+    assert results["fidelity_s"] == pytest.approx(total)
 
 
 def test_cli_tiny_text_run(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = demo.main(["--task", "text", "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--gammas", "0.8",
+    rc = demo.main(["--task", "text", "--steps", "3", "--eval-every", "1", "--batch-size", "2", "--gammas", "0.8",
                     "--contrast", "random:0.5", "--out", str(out), "--no-progress"])
     assert rc == 0
-    header, rows = _table_rows(capsys.readouterr().out)
+    stdout = capsys.readouterr().out
+    header, rows = _table_rows(stdout)
     for column in ("val loss", "val ppl", "train loss", "saved (model)", "saved (DropIT layers)", "ms/step"):
         assert column in header
     assert {"baseline", "parallel_min_k γ=0.8", "random γ=0.5"} <= rows
     assert (out / "text" / "curves.png").read_bytes()[:8] == PNG_MAGIC
     results = json.loads((out / "text" / "results.json").read_text())
-    assert results["round"] == {"label": "step", "size": 2}
+    assert results["round"] == {"label": "step", "size": 1}
     layers = results["dropit_layers"]
     # every block's qkv, fc1 and fc2 and the head, less the first layer; not the attention output
     assert set(layers) == {"blocks.0.fc1", "blocks.0.fc2", "blocks.1.qkv", "blocks.1.fc1", "blocks.1.fc2", "head"}
     for run in results["runs"].values():
         r = run["seeds"]["0"]
-        assert len(r["train_loss"]) == len(r["val_loss"]) == len(r["val_ppl"]) == 2
+        assert len(r["train_loss"]) == len(r["val_loss"]) == len(r["val_ppl"]) == 3
         assert r["final_val_ppl"] == pytest.approx(math.exp(r["final_val_loss"]))
         assert 0 < r["final_val_loss"] < math.log(256) + 0.5  # near or below a uniform guess over bytes
+        if run["strategy"] is not None:
+            # the fidelity passes ran on the first and the last step's batch with that step's weights:
+            # their loss is the training loss of that step (one step per round here)
+            assert r["fidelity"]["first"]["loss"] == pytest.approx(r["train_loss"][0], rel=1e-5)
+            assert r["fidelity"]["last"]["loss"] == pytest.approx(r["train_loss"][-1], rel=1e-5)
     base, packed = results["runs"]["baseline"], results["runs"]["parallel_min_k@0.8"]
     assert packed["layer_bytes"] < 0.5 * base["layer_bytes"]
     assert packed["saved_bytes"] < base["saved_bytes"]
+    _check_fidelity_output(stdout, results, steps=3)
 
 
 def test_runs_share_initial_weights_and_batches(tmp_path):
@@ -88,6 +135,12 @@ def test_runs_share_initial_weights_and_batches(tmp_path):
     assert same["train_loss"][0] == pytest.approx(base["train_loss"][0], rel=1e-4)
     assert abs(same["final_test_acc"] - base["final_test_acc"]) <= 100.0 * 2 / 450  # 2 images at most
     assert rand["train_loss"][0] != pytest.approx(base["train_loss"][0], rel=1e-3)
+    # γ = 0 keeps every element: its weight gradients are the exact ones at both steps, in every layer
+    for when in ("first", "last"):
+        exact, dropped = same["fidelity"][when], rand["fidelity"][when]
+        assert exact["cosine"] == 1.0 and exact["rel_error"] == 0.0
+        assert all(r["cosine"] == 1.0 for r in exact["layers"] if r["cosine"] is not None)
+        assert dropped["cosine"] < 0.9  # random dropping at γ = 0.9 bends the gradient
 
 
 def test_text_runs_share_initial_weights_and_batches(tmp_path):
@@ -98,6 +151,106 @@ def test_text_runs_share_initial_weights_and_batches(tmp_path):
     assert same["train_loss"][0] == pytest.approx(base["train_loss"][0], rel=1e-5)
     assert same["val_loss"][0] == pytest.approx(base["val_loss"][0], rel=1e-5)
     assert rand["val_loss"][0] != pytest.approx(base["val_loss"][0], rel=1e-5)
+
+
+@pytest.mark.parametrize("task_name", ["digits", "text"])
+def test_fidelity_passes_leave_training_bit_identical(task_name):
+    """A short run with the fidelity passes and one without end with the very same weights and
+    batch-norm statistics: the passes change no gradient, no random draw (the ``random`` strategy
+    draws its keys from torch's generator) and no buffer."""
+    task = demo.TASKS[task_name]
+    small = {"digits": dict(epochs=2, batch_size=32), "text": dict(steps=4, eval_every=2, batch_size=2)}[task_name]
+    device = torch.device("cpu")
+    data = task.load(task.config_class(**small), device)
+    trained = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo runs (two threads on a busy machine are many times slower)
+    try:
+        for fidelity in (True, False):
+            cfg = task.config_class(progress=False, fidelity=fidelity, **small).validate()
+            rounds = [r[:3] for r in task.schedule(data, cfg, seed=0)]  # 3 steps per round
+            torch.manual_seed(0)
+            model = task.build_model(cfg)
+            inputs, _ = task.inputs_and_targets(data, cfg, rounds[0][0])
+            runner.convert_run(task, model, cfg, inputs, "random", 0.8)
+            result = runner.train_run(task, model, data, rounds, cfg, device, seed=0, log=QUIET)
+            trained[fidelity] = model.state_dict(), result
+    finally:
+        torch.set_num_threads(threads)
+    (with_sd, with_result), (without_sd, without_result) = trained[True], trained[False]
+    assert with_result["fidelity"]["steps"] == [0, sum(map(len, rounds)) - 1] and "fidelity" not in without_result
+    assert with_sd.keys() == without_sd.keys()
+    for name in with_sd:
+        assert torch.equal(with_sd[name], without_sd[name]), name
+    metrics = ["train_loss", *(m.key for m in task.metrics)]
+    assert [with_result[k] for k in metrics] == [without_result[k] for k in metrics]
+
+
+def test_no_fidelity_flag_skips_the_passes(tmp_path, capsys):
+    rc = demo.main(["--task", "text", "--steps", "2", "--eval-every", "2", "--batch-size", "2", "--gammas", "0.8",
+                    "--contrast", "none", "--no-fidelity", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    results = json.loads((tmp_path / "text" / "results.json").read_text())
+    assert results["config"]["fidelity"] is False and results["fidelity_s"] == 0.0
+    assert not any("fidelity" in run["seeds"]["0"] for run in results["runs"].values())
+    assert "weight-gradient cosine" not in stdout and "fidelity passes" not in stdout and "tuning" not in stdout
+    assert _row(stdout, "parallel_min_k γ=0.8")[-2] == "-"
+
+
+def test_tune_run_meets_its_floor_and_caches_no_more_than_a_uniform_run_that_does(tmp_path, capsys):
+    floor = 0.75
+    rc = demo.main(["--task", "digits", "--epochs", "1", "--gammas", "0.5", "--contrast", "none",
+                    "--tune", str(floor), "--fidelity-detail", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    results = json.loads((tmp_path / "digits" / "results.json").read_text())
+    runs = results["runs"]
+    assert list(runs) == ["baseline", "parallel_min_k@0.5", "tuned@0.75"]
+    tuned = runs["tuned@0.75"]
+    assert tuned["name"] == "tuned (cos≥0.75)" and tuned["strategy"] == "parallel_min_k"
+    assert tuned["tune_gammas"] == [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    run = tuned["seeds"]["0"]
+    plan = run["plan"]
+    assert plan["min_cosine"] == floor
+    # the tuned run's first fidelity pass is an independent measurement on the tuning batch (the
+    # first training batch, the initial weights) of the model converted with the plan: every
+    # layer is at its planned γ and meets the floor, with the cosine the plan recorded
+    first = {r["name"]: r for r in run["fidelity"]["first"]["layers"]}
+    planned = {r["name"]: r for r in plan["layers"] if r["cosines"]}
+    assert set(planned) == set(results["dropit_layers"])
+    for name, p in planned.items():
+        assert first[name]["gamma"] == p["gamma"], name
+        if p["gamma"] is not None:
+            assert first[name]["cosine"] >= floor, name
+            assert first[name]["cosine"] == pytest.approx(p["cosine"], rel=1e-9), name
+    assert any(p["gamma"] not in (None, 0.5) for p in planned.values())  # a plan, not a uniform γ
+    # the plan's predicted bytes are what the converted layers cache (dc.memory.measure)
+    assert tuned["layer_bytes"] == plan["cached_bytes"]
+    # no more bytes than any uniform run whose worst layer meets the floor on the same batch
+    meeting = [r for r in runs.values() if r["strategy"] == "parallel_min_k" and "min_cosine" not in r
+               and min(x["cosine"] for x in r["seeds"]["0"]["fidelity"]["first"]["layers"]
+                       if x["cosine"] is not None) >= floor]
+    assert [r["gamma"] for r in meeting] == [0.5]  # the comparison has a run to compare with
+    for r in meeting:
+        assert tuned["layer_bytes"] <= r["layer_bytes"] and tuned["saved_bytes"] <= r["saved_bytes"]
+    # printed: the plan's line, the tuned row with its accuracy, bytes and cosines, the detail tables
+    assert "digits: tuned plan, seed 0 (cosine >= 0.75 on the first training batch)" in stdout
+    row = _row(stdout, "tuned (cos≥0.75)")
+    assert row[1] == f"{tuned['test_acc_mean']:.2f}"
+    assert row[-2] == f"{tuned['cosine_first_mean']:.4f}/{tuned['cosine_last_mean']:.4f}"
+    assert "DropIT plan: per layer the largest γ" in stdout
+    assert stdout.count("DropIT fidelity: weight gradients vs exact") == 4  # 2 DropIT runs x 2 steps
+    assert results["tune_s"] > 0
+
+
+def test_tune_applies_to_every_task():
+    parse = demo.build_parser().parse_args
+    overrides = demo.flag_overrides(parse(["--task", "all", "--tune", "0.9"]))
+    for task in demo.TASKS.values():
+        cfg = demo.config_for(task, overrides)
+        assert cfg.tune == 0.9 and cfg.runs()[-1].key == "tuned@0.9"
+        assert set(cfg.gammas) <= set(cfg.tune_gammas())
 
 
 def test_text_amp_bf16_caches_bf16(tmp_path):
@@ -226,6 +379,11 @@ def test_tiny_gpt_is_causal():
         (["--task", "text", "--steps", "30", "--eval-every", "25"], "eval_every"),
         (["--amp", "fp8"], "--amp"),
         (["--task", "poetry"], "--task"),
+        (["--tune", "1.5"], "--tune"),
+        (["--tune", "-2"], "--tune"),
+        (["--tune", "nan"], "--tune"),
+        (["--tune", "high"], "--tune"),
+        (["--no-fidelity", "--fidelity-detail"], "--fidelity-detail"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(argv, name, capsys):
@@ -249,12 +407,17 @@ def test_bad_flags_exit_2_naming_the_flag(argv, name, capsys):
         ("text", "heads", 3, ValueError),
         ("text", "amp", "fp16", ValueError),
         ("text", "context", 2.0, TypeError),
+        ("digits", "tune", 1.01, ValueError),
+        ("text", "tune", "0.9", TypeError),
+        ("text", "fidelity", False, None),  # with fidelity_detail below
     ],
 )
 def test_config_validation_names_the_field(task, field, value, error, tmp_path):
     t = demo.TASKS[task]
     cfg = t.config_class(out=str(tmp_path), progress=False)
     setattr(cfg, field, value)
+    if error is None:
+        cfg.fidelity_detail, error = True, ValueError
     with pytest.raises(error, match=field.split("_")[0]):
         runner.run_task(t, cfg, log=QUIET)
     assert not (tmp_path / "results.json").exists()
@@ -304,7 +467,7 @@ def _fake_results(task, cfg, headline):
             entry[f"{m.key}_mean"], entry[f"{m.key}_std"] = headline[spec.key], 0.0
         runs[spec.key] = entry
     return {"runs": runs, "metrics": [dataclasses.asdict(m) for m in task.metrics], "elapsed_s": 0.0,
-            "check": runner.check_result(task, runs, cfg)}
+            "fidelity_s": 0.0, "tune_s": 0.0, "check": runner.check_result(task, runs, cfg)}
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,14 @@ and once per DropIT setting (``parallel_min_k`` at each ``--gammas`` value and, 
 - ``text`` (:mod:`.text`): a small byte-level GPT trained from scratch on the Python standard
   library's own source files.
 
-``--task all`` (the default) runs both. Each task prints a table (its metrics, the final training
-loss, the bytes saved for backward by the whole model and by the converted layers, time per step)
-and writes ``curves.png`` and ``results.json`` to ``--out``/<task>. ``--check`` runs the tasks'
+``--task all`` (the default) runs both. Every DropIT run measures its weight gradients against the
+exact ones (:func:`dropit_cuda.fidelity`, with the task's loss) at its first and its last step and
+prints a one-line summary (``--fidelity-detail``: the per-layer tables; ``--no-fidelity``: no
+passes). ``--tune MIN_COSINE`` adds a run with a γ per layer that :func:`dropit_cuda.tune` picks
+on each seed's first training batch. Each task prints a table (its metrics, the final training
+loss, the bytes saved for backward by the whole model and by the converted layers, the gradient
+cosine at the first and last step, time per step) and writes ``curves.png`` and ``results.json``
+to ``--out``/<task>. ``--check`` runs the tasks'
 acceptance tests (DropIT γ = 0.8 against the baseline over 3 seeds); the exit status is 1 if one
 fails. The demo needs the ``[demo]`` extra (scikit-learn, matplotlib, tqdm); the library does not.
 """
@@ -91,6 +96,16 @@ def _contrast(text: str) -> Optional[tuple[str, float]]:
     return strategy, _gammas(gamma)[0]
 
 
+def _min_cosine(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tune: a cosine floor in [-1, 1] expected, got {text!r}") from None
+    if not -1.0 <= value <= 1.0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"--tune: the cosine floor must be in [-1, 1], got {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -141,6 +156,16 @@ def build_parser(prog: str = "python -m dropit_cuda demo") -> argparse.ArgumentP
                    help="keep nn.ReLU in the DropIT runs (by default convert() swaps in MaskedReLU, "
                         "which caches 1 bit per element, so that packing a conv's input frees it)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--tune", type=_min_cosine, metavar="MIN_COSINE",
+                   help="add a run whose γ per layer is dropit_cuda.tune's plan for this weight-gradient cosine "
+                        "floor on each seed's first training batch (--strategy, --chunk; candidates: "
+                        "0.5,0.6,0.7,0.8,0.9,0.95 and --gammas)")
+    p.add_argument("--no-fidelity", dest="fidelity", action="store_false",
+                   help="skip the fidelity passes (by default every DropIT run measures its weight gradients "
+                        "against the exact ones at its first and last step: two extra forward+backward passes)")
+    p.add_argument("--fidelity-detail", dest="fidelity_detail", action="store_true",
+                   help="print the per-layer fidelity tables of every DropIT run (and the tuned plans), "
+                        "not only the one-line summaries")
     p.add_argument("--check", action="store_true", default=False,
                    help="acceptance mode: baseline and parallel_min_k γ=0.8 only, 3 seeds unless --seeds says "
                         "otherwise; exit status 1 if DropIT is worse than the baseline by more than the "
@@ -171,6 +196,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dropit_cud
         owners = [t.name for t in TASKS.values() if name in {f.name for f in dataclasses.fields(t.config_class)}]
         if name in overrides and not any(t.name in owners for t in tasks):
             parser.error(f"{flag} applies to the {' and '.join(owners)} task only")
+    if overrides.get("fidelity_detail") and overrides.get("fidelity") is False:
+        parser.error("--fidelity-detail prints the fidelity reports, which --no-fidelity turns off")
     try:
         configs = [config_for(task, overrides, args.check).validate() for task in tasks]
         for cfg in configs:
@@ -190,7 +217,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m dropit_cud
         results = run_task(task, cfg)
         out = Path(cfg.out)
         print(f"\n{task.name}:\n{format_table(results)}")
-        print(f"\ncurves: {out / 'curves.png'}   figures: {out / 'results.json'}   ({results['elapsed_s']:.0f} s)")
+        # what the extra passes cost, where there were any
+        extras = "".join(f"; {what} {results[key]:.1f} s" for what, key in
+                         (("fidelity passes", "fidelity_s"), ("tuning", "tune_s")) if results[key])
+        print(f"\ncurves: {out / 'curves.png'}   figures: {out / 'results.json'}   "
+              f"({results['elapsed_s']:.0f} s{extras})")
         if cfg.check:
             c = results["check"]
             verdict = "PASS" if c["passed"] else "FAIL"

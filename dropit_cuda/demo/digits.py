@@ -168,11 +168,11 @@ class DigitsTask(Task):
                               nesterov=True)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total_steps))
 
-    def loss(self, model: nn.Module, data: Digits, cfg: DigitsConfig, batch: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+    def inputs_and_targets(self, data: Digits, cfg: DigitsConfig, batch: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+        return (data.x_train[batch],), data.y_train[batch]
+
+    def criterion(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output, targets)
 
     def evaluate(self, model: nn.Module, data: Digits, cfg: DigitsConfig) -> dict[str, float]:
         return {"test_acc": accuracy(model, data.x_test, data.y_test)}
-
-    def probe_inputs(self, data: Digits, cfg: DigitsConfig, batch: torch.Tensor) -> tuple:
-        return (data.x_train[batch],)

@@ -1,21 +1,58 @@
-"""The demo's outputs: the summary table and the curves, from the results :func:`.runner.run_task` returns."""
+"""The demo's outputs: the summary table, the fidelity and plan summaries, and the curves, from
+the results :func:`.runner.run_task` returns."""
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from ..fidelity import Plan
 from ..memory import format_bytes
+
+
+def _cosine(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _worst_layer(report: dict[str, Any]) -> str:
+    """The measured layer with the lowest weight-gradient cosine in a ``FidelityReport.to_dict()``."""
+    measured = [r for r in report["layers"] if r["cosine"] is not None]
+    if not measured:
+        return "no layer measured"
+    worst = min(measured, key=lambda r: r["cosine"])
+    return f"{worst['name']} {worst['cosine']:.4f}"
+
+
+def fidelity_summary(label: str, fidelity: dict[str, Any]) -> str:
+    """One line from a run's ``result["fidelity"]``: the whole model's weight-gradient cosine and
+    the worst layer's, at the first and at the last step, and the time the two passes took."""
+    first, last = fidelity["first"], fidelity["last"]
+    return (f"{label}: weight-gradient cosine, step 1 -> {fidelity['steps'][1] + 1}: model "
+            f"{_cosine(first['cosine'])} -> {_cosine(last['cosine'])}, worst layer {_worst_layer(first)} -> "
+            f"{_worst_layer(last)} ({fidelity['seconds']:.2f} s)")
+
+
+def plan_summary(label: str, plan: Plan) -> str:
+    """One line from a :class:`dropit_cuda.Plan`: each tuned layer's γ, the bytes, and the largest
+    uniform γ that meets the same floor."""
+    chosen = ", ".join(f"{r.name} {'dense' if r.gamma is None else format(r.gamma, 'g')}" for r in plan.tuned)
+    text = (f"{label} (cosine >= {plan.min_cosine:g} on the first training batch): {chosen}; caches "
+            f"{format_bytes(plan.cached_bytes)} of {format_bytes(plan.dense_bytes)} dense")
+    best = plan.best_uniform
+    if best is None:
+        return text + "; no uniform γ meets the floor"
+    return text + f"; the largest uniform γ that meets the floor, {best.gamma:g}, caches {format_bytes(best.cached_bytes)}"
 
 
 def format_table(results: dict[str, Any]) -> str:
     """One row per run: the task's metrics (the first with ± standard deviation over seeds), the
-    final training loss, the bytes saved for backward and the time per step."""
+    final training loss, the bytes saved for backward, the whole model's weight-gradient cosine at
+    the first and the last step (mean over seeds; "-" where not measured) and the time per step."""
     per_run, metrics = results["runs"], results["metrics"]
     base_total = per_run.get("baseline", {}).get("saved_bytes")
     header = ("run", *(m["header"] for m in metrics), "train loss", "saved (model)", "vs base",
-              "saved (DropIT layers)", "ms/step")
+              "saved (DropIT layers)", "cos first/last", "ms/step")
     rows = [header]
     for entry in per_run.values():
         n = len(entry["seeds"])
@@ -27,8 +64,11 @@ def format_table(results: dict[str, Any]) -> str:
             cells.append(text)
         total = entry["saved_bytes"]
         ratio = "-" if not base_total else f"{100.0 * total / base_total:.0f}%"
+        cosines = "-"
+        if "cosine_first_mean" in entry:
+            cosines = f"{_cosine(entry['cosine_first_mean'])}/{_cosine(entry['cosine_last_mean'])}"
         rows.append((entry["name"], *cells, f"{entry['train_loss_mean']:.4f}", format_bytes(total), ratio,
-                     format_bytes(entry["layer_bytes"]), f"{entry['step_ms']:.1f}"))
+                     format_bytes(entry["layer_bytes"]), cosines, f"{entry['step_ms']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
     for j, r in enumerate(rows):
@@ -41,7 +81,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 def plot_curves(results: dict[str, Any], path: Path, title: str = "") -> None:
     """Training loss and the headline metric after every round, one line per run (mean over
-    seeds, min-max band); the baseline in black, the ``random`` strategy dashed."""
+    seeds, min-max band); the baseline in black, the ``random`` strategy dashed, the tuned run dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,6 +98,8 @@ def plot_curves(results: dict[str, Any], path: Path, title: str = "") -> None:
             style: dict[str, Any] = {}
             if entry["strategy"] is None:
                 style = {"color": "black", "linewidth": 2.2}
+            elif entry.get("min_cosine") is not None:
+                style = {"linestyle": ":", "linewidth": 2.0}
             elif entry["strategy"] == "random":
                 style = {"linestyle": "--"}
             (line,) = ax.plot(x, [statistics.fmean(c) for c in curves], label=entry["name"], **style)

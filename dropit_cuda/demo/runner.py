@@ -1,16 +1,19 @@
 """What every demo task shares: settings, the training loop, the byte count, the summary, the check.
 
 A task (:class:`Task`) says what to train on and how to score it: its data, its model, the
-batches of each round of training, the loss of a batch and the metrics evaluated after every
-round. :func:`run_task` trains, from the same initial weights and on the same batches, one
-baseline and one run per DropIT setting, for every seed, and returns (and writes as JSON) every
-figure; :mod:`.report` prints and plots them.
+batches of each round of training, the model's inputs and targets for a batch and its loss, and
+the metrics evaluated after every round. :func:`run_task` trains, from the same initial weights
+and on the same batches, one baseline and one run per DropIT setting (and, with ``tune``, one
+with a γ per layer from :func:`dropit_cuda.tune`), for every seed, and returns (and writes as
+JSON) every figure, including each DropIT run's gradient fidelity (:func:`dropit_cuda.fidelity`)
+at its first and last step; :mod:`.report` prints and plots them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import platform
@@ -25,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import STRATEGIES as _STRATEGIES
+from ..fidelity import DEFAULT_TUNE_GAMMAS, FidelityReport, Plan, check_min_cosine
 from ..ops import check_chunk, check_gamma
 
 STRATEGIES = tuple(_STRATEGIES)
@@ -41,19 +45,30 @@ DEFAULT_CHUNK = 1024
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training configuration: the baseline (``strategy=None``) or a DropIT setting."""
+    """One training configuration: the baseline (``strategy=None``), a DropIT setting with one
+    ``gamma`` for every layer, or (``min_cosine`` set, ``gamma`` None) a γ per layer that
+    :func:`dropit_cuda.tune` picks for that cosine floor on each seed's first training batch."""
 
     strategy: Optional[str] = None
-    gamma: float = 0.0
+    gamma: Optional[float] = 0.0
+    min_cosine: Optional[float] = None
+
+    @property
+    def tuned(self) -> bool:
+        return self.min_cosine is not None
 
     @property
     def name(self) -> str:
-        return "baseline" if self.strategy is None else f"{self.strategy} γ={self.gamma:g}"
+        if self.strategy is None:
+            return "baseline"
+        return f"tuned (cos≥{self.min_cosine:g})" if self.tuned else f"{self.strategy} γ={self.gamma:g}"
 
     @property
     def key(self) -> str:
         """An ASCII name for files and JSON keys."""
-        return "baseline" if self.strategy is None else f"{self.strategy}@{self.gamma:g}"
+        if self.strategy is None:
+            return "baseline"
+        return f"tuned@{self.min_cosine:g}" if self.tuned else f"{self.strategy}@{self.gamma:g}"
 
 
 @dataclass
@@ -64,6 +79,10 @@ class DemoConfig:
     ``MaskedReLU``, so a conv's input is held by the conv alone and packing it frees it).
     ``threads``: CPU threads torch may use (``None``: leave torch's setting); the demo networks
     are small enough that one thread is about as fast as two and steadier on a busy machine.
+    ``fidelity``: measure every DropIT run's weight-gradient fidelity (:func:`dropit_cuda.fidelity`,
+    with the task's loss) on its first and last training batch; ``fidelity_detail``: print the
+    per-layer tables too, not only the summary. ``tune``: a cosine floor; adds a run with the γ per
+    layer that :func:`dropit_cuda.tune` picks on each seed's first training batch (None: no such run).
     """
 
     gammas: tuple[float, ...] = (0.8, 0.9)
@@ -80,6 +99,9 @@ class DemoConfig:
     relu_mask: bool = True
     progress: bool = True
     check: bool = False
+    fidelity: bool = True
+    fidelity_detail: bool = False
+    tune: Optional[float] = None
 
     #: fields that must be positive ints (subclasses add theirs)
     positive_ints = ("seeds", "batch_size")
@@ -105,16 +127,29 @@ class DemoConfig:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.tune is not None:
+            check_min_cosine(self.tune, "tune")
+        if self.fidelity_detail and not self.fidelity:
+            raise ValueError("fidelity_detail prints the fidelity reports, which fidelity=False turns off")
         return self
 
     def runs(self) -> list[RunSpec]:
-        """Baseline first, then ``strategy`` at each γ, then the contrast run (if not a duplicate)."""
+        """Baseline first, then ``strategy`` at each γ, then the contrast run (if not a duplicate),
+        then the tuned run (with ``tune``)."""
         specs = [RunSpec()] + [RunSpec(self.strategy, g) for g in self.gammas]
         if self.contrast is not None:
             extra = RunSpec(*self.contrast)
             if extra not in specs:
                 specs.append(extra)
+        if self.tune is not None:
+            specs.append(RunSpec(self.strategy, None, self.tune))
         return specs
+
+    def tune_gammas(self) -> tuple[float, ...]:
+        """The candidate γ of the tuned run: :func:`dropit_cuda.tune`'s defaults and ``gammas``.
+        With the uniform runs' γ among them, the plan caches no more than any uniform run whose
+        every layer meets the floor on the tuning batch (each layer's γ is at least that run's)."""
+        return tuple(sorted(set(DEFAULT_TUNE_GAMMAS) | set(self.gammas)))
 
     def seed_list(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]
@@ -192,15 +227,17 @@ class Task:
         """``(optimizer, lr_scheduler)``; the scheduler is stepped after every step."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, data: Any, cfg: Any, batch: Any) -> torch.Tensor:
+    def inputs_and_targets(self, data: Any, cfg: Any, batch: Any) -> tuple[tuple, Any]:
+        """The model's inputs for ``batch`` (what the saved bytes, the fidelity and the tuning are
+        measured on too) and the targets :meth:`criterion` compares its output with."""
+        raise NotImplementedError
+
+    def criterion(self, output: Any, targets: Any) -> torch.Tensor:
+        """The training loss of the model's ``output`` (the fidelity passes measure its gradients)."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, data: Any, cfg: Any) -> dict[str, float]:
         """The values of ``metrics`` (called in eval mode, without gradients)."""
-        raise NotImplementedError
-
-    def probe_inputs(self, data: Any, cfg: Any, batch: Any) -> tuple:
-        """The model's inputs for ``batch``: what the saved bytes are measured on."""
         raise NotImplementedError
 
     def autocast(self, cfg: Any, device: torch.device) -> ContextManager:
@@ -268,30 +305,86 @@ def saved_bytes(model: nn.Module, inputs: tuple, layers: Sequence[str]) -> tuple
 # ------------------------------------------------------------------------------------ training
 
 
+def convert_run(task: Task, model: nn.Module, cfg: DemoConfig, inputs: tuple, strategy: str,
+                gamma: Any) -> nn.Module:
+    """``model`` converted (in place) for a DropIT run: ``gamma`` one value or a per-layer spec
+    (a :class:`dropit_cuda.Plan`), the run's strategy, the config's chunk and ReLU setting, the
+    task's options. ``example_inputs``: the first layer and the ReLU masks are decided now, so the
+    bytes measured before training are those of every training step."""
+    import dropit_cuda as dc
+
+    return dc.convert(model, gamma=gamma, strategy=strategy, chunk=cfg.chunk, relu_mask=cfg.relu_mask,
+                      example_inputs=inputs, **task.convert_options(cfg))
+
+
+def measure_fidelity(task: Task, model: nn.Module, cfg: DemoConfig, device: torch.device, inputs: tuple,
+                     targets: Any) -> FidelityReport:
+    """:func:`dropit_cuda.fidelity` of a converted ``model`` on one batch, with the task's loss and
+    autocast: the weight gradients that training step computes, against the exact ones."""
+    import dropit_cuda as dc
+
+    with task.autocast(cfg, device):
+        return dc.fidelity(model, *inputs, loss_fn=functools.partial(task.criterion, targets=targets))
+
+
+def tune_plan(task: Task, initial: nn.Module, cfg: DemoConfig, device: torch.device, inputs: tuple,
+              targets: Any) -> Plan:
+    """The tuned run's plan: :func:`dropit_cuda.tune` with floor ``cfg.tune`` over
+    :meth:`DemoConfig.tune_gammas`, on a copy of ``initial`` converted with the run's strategy and
+    chunk, on one batch (the first of training), with the task's loss and autocast."""
+    import dropit_cuda as dc
+
+    # converted at any γ: tune sets every candidate in turn
+    model = convert_run(task, copy.deepcopy(initial).train(), cfg, inputs, cfg.strategy, max(cfg.tune_gammas()))
+    with task.autocast(cfg, device):
+        return dc.tune(model, *inputs, loss_fn=functools.partial(task.criterion, targets=targets),
+                       min_cosine=cfg.tune, gammas=cfg.tune_gammas())
+
+
 def train_run(task: Task, model: nn.Module, data: Any, rounds: list[list[Any]], cfg: DemoConfig,
-              device: torch.device, seed: int, label: str = "") -> dict[str, Any]:
+              device: torch.device, seed: int, label: str = "",
+              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains ``model`` (in place) on ``rounds``' batches; returns its curves and figures.
 
     ``torch.manual_seed(seed)`` is set first, so the ``random`` strategy draws the same keys on
     every call with the same seed. The task's metrics are evaluated after every round.
+
+    With ``cfg.fidelity`` and a converted ``model``, :func:`measure_fidelity` runs on the first
+    step's batch and on the last step's, each just before that step's forward, so each measures
+    the gradient that step trains on; ``result["fidelity"]`` holds both reports (``to_dict()``) and
+    their time, which the step times leave out, and a summary is logged after the run (the full
+    per-layer tables too with ``cfg.fidelity_detail``). The passes leave training as it is: the
+    weights, the random stream and the batch-norm statistics come out bit for bit the same.
     """
     from tqdm.auto import tqdm
+
+    from ..routing import conversion_of
+    from .report import fidelity_summary
 
     torch.manual_seed(seed)
     model.to(device).train()
     total_steps = sum(len(r) for r in rounds)
+    measured_steps = (0, total_steps - 1) if cfg.fidelity and conversion_of(model) is not None else ()
+    reports: dict[int, FidelityReport] = {}
+    fidelity_s = 0.0
     opt, sched = task.optimizer(model, cfg, total_steps)
     curves: dict[str, list[float]] = {"train_loss": [], **{m.key: [] for m in task.metrics}}
     step_times = []
+    step = 0
     bar = tqdm(total=total_steps, desc=label, disable=not cfg.progress, leave=True, file=sys.stderr)
     for batches in rounds:
         model.train()
         loss_sum = 0.0
         for batch in batches:
+            inputs, targets = task.inputs_and_targets(data, cfg, batch)
+            if step in measured_steps:
+                t0 = time.perf_counter()
+                reports[step] = measure_fidelity(task, model, cfg, device, inputs, targets)
+                fidelity_s += time.perf_counter() - t0
             _sync(device)
             t0 = time.perf_counter()
             with task.autocast(cfg, device):
-                loss = task.loss(model, data, cfg, batch)
+                loss = task.criterion(model(*inputs), targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if task.grad_clip is not None:
@@ -301,6 +394,7 @@ def train_run(task: Task, model: nn.Module, data: Any, rounds: list[list[Any]], 
             step_times.append(time.perf_counter() - t0)
             sched.step()
             loss_sum += float(loss.detach())
+            step += 1
             bar.update(1)
         curves["train_loss"].append(loss_sum / len(batches))
         model.eval()
@@ -315,11 +409,23 @@ def train_run(task: Task, model: nn.Module, data: Any, rounds: list[list[Any]], 
     result: dict[str, Any] = dict(curves)
     result.update({f"final_{key}": values[-1] for key, values in curves.items()})
     result["step_ms"] = 1000.0 * statistics.median(warm)
+    if reports:
+        first, last = reports[measured_steps[0]], reports[measured_steps[1]]
+        result["fidelity"] = {"steps": list(measured_steps), "first": first.to_dict(), "last": last.to_dict(),
+                              "seconds": fidelity_s}
+        log(fidelity_summary(label, result["fidelity"]))
+        if cfg.fidelity_detail:
+            log(f"{label}, step 1 of {total_steps}:\n{first}\n{label}, step {total_steps} of {total_steps}:\n{last}")
     return result
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
 
 
 def run_task(task: Task, cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -339,7 +445,7 @@ def run_task(task: Task, cfg: DemoConfig, log: Callable[[str], None] = print) ->
 def _run_task(task: Task, cfg: DemoConfig, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
     import dropit_cuda as dc
 
-    from .report import plot_curves
+    from .report import plan_summary, plot_curves
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -351,38 +457,62 @@ def _run_task(task: Task, cfg: DemoConfig, device: torch.device, log: Callable[[
     per_run: dict[str, dict[str, Any]] = {
         s.key: {"name": s.name, "strategy": s.strategy, "gamma": s.gamma, "seeds": {}} for s in specs
     }
+    for s in specs:
+        if s.tuned:
+            per_run[s.key].update(min_cosine=s.min_cosine, tune_gammas=list(cfg.tune_gammas()))
     dropit_names: list[str] = []
+    tune_s = 0.0
     t_start = time.perf_counter()
     for seed in cfg.seed_list():
         torch.manual_seed(seed)
         initial = task.build_model(cfg).to(device)  # one initialisation per seed, shared by every run
         rounds = task.schedule(data, cfg, seed)
-        probe = task.probe_inputs(data, cfg, rounds[0][0])
+        probe, probe_targets = task.inputs_and_targets(data, cfg, rounds[0][0])
         if not dropit_names:
             # the layers DropIT converts; the baseline's bytes are counted over the same (dense) layers
             with task.autocast(cfg, device):
                 dropit_names = dropit_layer_names(dc.convert(
                     copy.deepcopy(initial), chunk=cfg.chunk, example_inputs=probe, **task.convert_options(cfg)))
+        plan = None
+        if cfg.tune is not None:
+            t0 = time.perf_counter()
+            plan = tune_plan(task, initial, cfg, device, probe, probe_targets)
+            tune_s += time.perf_counter() - t0
+            log(plan_summary(f"{task.name}: tuned plan, seed {seed}", plan))
+            if cfg.fidelity_detail:
+                log(str(plan))
         for spec in specs:
             model = copy.deepcopy(initial)
             if spec.strategy is not None:
-                # example_inputs: the first layer and the ReLU masks are decided now, so the bytes
-                # below are those of every training step
-                dc.convert(model, gamma=spec.gamma, strategy=spec.strategy, chunk=cfg.chunk,
-                           relu_mask=cfg.relu_mask, example_inputs=probe, **task.convert_options(cfg))
+                convert_run(task, model, cfg, probe, spec.strategy, plan if spec.tuned else spec.gamma)
             entry = per_run[spec.key]
-            if "saved_bytes" not in entry:  # shapes are the same for every seed: measure once
+            label = f"{task.name}: {spec.name} seed {seed}"
+            result = {}
+            if spec.tuned:  # each seed has its own plan, so its own bytes
+                with task.autocast(cfg, device):
+                    result["saved_bytes"], result["layer_bytes"] = saved_bytes(model, probe, dropit_names)
+                result["plan"] = plan.to_dict()
+            elif "saved_bytes" not in entry:  # shapes are the same for every seed: measure once
                 with task.autocast(cfg, device):
                     entry["saved_bytes"], entry["layer_bytes"] = saved_bytes(model, probe, dropit_names)
-            label = f"{task.name}: {spec.name} seed {seed}"
-            entry["seeds"][str(seed)] = train_run(task, model, data, rounds, cfg, device, seed, label)
+            result.update(train_run(task, model, data, rounds, cfg, device, seed, label, log))
+            entry["seeds"][str(seed)] = result
     elapsed = time.perf_counter() - t_start
 
+    fidelity_s = 0.0
     for entry in per_run.values():
         seeds = list(entry["seeds"].values())
         for key in ["train_loss", *(m.key for m in task.metrics)]:
             entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std([r[f"final_{key}"] for r in seeds])
         entry["step_ms"] = statistics.median(r["step_ms"] for r in seeds)
+        if "saved_bytes" not in entry:  # the tuned run: the mean over the seeds' plans
+            for key in ("saved_bytes", "layer_bytes"):
+                entry[key] = round(statistics.fmean(r[key] for r in seeds))
+        measured = [r["fidelity"] for r in seeds if "fidelity" in r]
+        if measured:
+            for when in ("first", "last"):
+                entry[f"cosine_{when}_mean"] = _mean_or_none([f[when]["cosine"] for f in measured])
+            fidelity_s += sum(f["seconds"] for f in measured)
     results = {
         "task": task.name,
         "config": {**asdict(cfg), "device": str(device)},
@@ -390,6 +520,8 @@ def _run_task(task: Task, cfg: DemoConfig, device: torch.device, log: Callable[[
         "torch": torch.__version__,
         "python": platform.python_version(),
         "elapsed_s": elapsed,
+        "fidelity_s": fidelity_s,
+        "tune_s": tune_s,
         "round": {"label": task.round_label, "size": task.round_size(cfg)},
         "metrics": [asdict(m) for m in task.metrics],
         "dropit_layers": dropit_names,

@@ -239,9 +239,12 @@ class TextTask(Task):
         factor = cosine_schedule(total_steps, warmup=max(1, total_steps // 10), floor=0.1)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
-    def loss(self, model: nn.Module, data: Corpus, cfg: TextConfig, batch: torch.Tensor) -> torch.Tensor:
+    def inputs_and_targets(self, data: Corpus, cfg: TextConfig, batch: torch.Tensor) -> tuple[tuple, torch.Tensor]:
         x, y = windows(data.train, batch, cfg.context)
-        return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        return (x,), y
+
+    def criterion(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output.flatten(0, 1), targets.flatten())
 
     def evaluate(self, model: nn.Module, data: Corpus, cfg: TextConfig) -> dict[str, float]:
         starts = torch.linspace(0, len(data.val) - cfg.context - 1, EVAL_WINDOWS).long().to(data.val.device)
@@ -251,9 +254,6 @@ class TextTask(Task):
             total += float(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="sum"))
         loss = total / (EVAL_WINDOWS * cfg.context)
         return {"val_loss": loss, "val_ppl": math.exp(loss)}
-
-    def probe_inputs(self, data: Corpus, cfg: TextConfig, batch: torch.Tensor) -> tuple:
-        return (windows(data.train, batch, cfg.context)[0],)
 
     def autocast(self, cfg: TextConfig, device: torch.device) -> ContextManager:
         if cfg.amp == "bf16":
