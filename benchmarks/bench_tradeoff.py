@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import dropit_cuda as dc  # noqa: E402
 from bench_memory import CLASSES, INPUT, build  # noqa: E402  (the same ResNet-18)
 from dropit_cuda.demo.text import TinyGPT  # noqa: E402
+from zoo import saved_bytes as zoo_saved_bytes  # noqa: E402
 
 MODELS = ("resnet18_cifar", "gpt")
 MIB = 1024.0**2
@@ -142,24 +143,9 @@ def _excluding(options: dict[str, Any], names: list[str]) -> dict[str, Any]:
 
 
 def saved_bytes(model: nn.Module, inputs: torch.Tensor) -> int:
-    """Bytes of the unique storages saved for backward by one training forward of ``model``
-    (parameters and buffers left out), counted with saved-tensor hooks."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: list[torch.Tensor] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t)
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model.train()(inputs)
-    storages: dict[tuple[str, int], int] = {}
-    for t in saved:
-        st = t.untyped_storage()
-        if st.nbytes() and st.data_ptr() not in own:
-            storages[(str(t.device), st.data_ptr())] = st.nbytes()
-    del out
-    return sum(storages.values())
+    """Bytes of the unique storages one training forward of ``model`` leaves saved for backward
+    (parameters and buffers left out): ``zoo.saved_bytes``, the count ``bench_coverage`` uses."""
+    return zoo_saved_bytes(model.train(), inputs)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, work: Workload) -> None:
