@@ -248,8 +248,9 @@ def convert(
     masked = [(name, MaskedReLU.from_module(module)) for name, module in relus if selected(name)]
     conversion = attach(model, layers, masked, skip_first)
     if not any(layer.settings is not None for layer in layers):
+        effect = f"only its {len(masked)} selected ReLU(s) become MaskedReLU" if masked else "it is unchanged"
         warnings.warn("dropit_cuda.convert: the model has no weight to convert (no linear/conv weight "
-                      "of two or more dimensions selected); it is unchanged", UserWarning, stacklevel=2)
+                      f"of two or more dimensions selected); {effect}", UserWarning, stacklevel=2)
     if example_inputs is not None:
         _probe(model, conversion, example_inputs)
     return model

@@ -24,6 +24,7 @@ decides which swapped-in ``MaskedReLU`` actually free memory (see :func:`dropit_
 from __future__ import annotations
 
 import itertools
+import sys
 import types
 import warnings
 import weakref
@@ -258,7 +259,8 @@ class _Exit:
         self.conversion = conversion
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.conversion.exit()
+        # torch calls an always_call hook with output None when the forward raised
+        self.conversion.exit(raised=output is None and sys.exc_info()[0] is not None)
 
 
 class _Derived:
@@ -373,11 +375,11 @@ class Conversion:
             self._start_forward()
         self._active.append(True)
 
-    def exit(self) -> None:
+    def exit(self, raised: bool = False) -> None:
         if not self._active or not self._active.pop():
             return
         if not self._active:
-            self._end_forward()
+            self._end_forward(raised)
 
     def _start_forward(self) -> None:
         self._mode.__enter__()
@@ -394,7 +396,7 @@ class Conversion:
             self._probe = _ReluProbe(self.relus)
             self._probe.start()
 
-    def _end_forward(self) -> None:
+    def _end_forward(self, raised: bool) -> None:
         self._mode.__exit__(None, None, None)
         for layer in self.layers:
             layer.derived = None
@@ -402,9 +404,12 @@ class Conversion:
             return
         if self._probe is not None:
             probe, self._probe = self._probe, None
-            self.relu_decisions = probe.finish()
-            self.relu_pending = False
-        if not self.warned:
+            if raised:  # a forward cut short says nothing: the next one decides
+                probe.cancel()
+            else:
+                self.relu_decisions = probe.finish()
+                self.relu_pending = False
+        if not self.warned and not raised:
             self.warned = True
             self._warn_unused()
 
@@ -454,8 +459,6 @@ class _ReluProbe:
             self.outputs[id(module)].append((storage._weak_ref(), storage.nbytes(), mask_bytes))
 
     def finish(self) -> dict[str, str]:
-        for h in self.handles:
-            h.remove()
         decisions = {}
         for name, m in self.relus:
             outs = self.outputs[id(m)]
@@ -468,10 +471,17 @@ class _ReluProbe:
                 decisions[name] = "plain (its output is kept alive by another op anyway)"
             else:
                 decisions[name] = "masked"
+        self.cancel()
+        return decisions
+
+    def cancel(self) -> None:
+        """Stops watching and lets go of the weak references, deciding nothing."""
+        for h in self.handles:
+            h.remove()
+        for outs in self.outputs.values():
             for ref, _, _ in outs:
                 torch.UntypedStorage._free_weak_ref(ref)
         self.outputs.clear()
-        return decisions
 
 
 # --- attaching and detaching a conversion -------------------------------------------------------

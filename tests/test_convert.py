@@ -282,6 +282,8 @@ class _WeightUsedElsewhere(nn.Module):
 
 def test_unused_converted_weight_warns_once_naming_it():
     m = dc.convert(_WeightUsedElsewhere(), gamma=0.9, skip_first=False)
+    with pytest.raises(RuntimeError):
+        m(torch.randn(2, 5))  # cut short before any product: it says nothing of the weights' use
     with pytest.warns(UserWarning, match=r"1 converted weight.*: b\."):
         m(torch.randn(2, 4))
     with warnings.catch_warnings():
@@ -339,6 +341,24 @@ def test_relu_mask_only_where_it_frees_memory():
     # decided from example inputs at convert time as well
     m2 = dc.convert(copy.deepcopy(plain), gamma=0.9, example_inputs=x)
     assert type(m2[1]) is nn.ReLU and type(m2[4]) is dc.MaskedReLU
+
+
+def test_a_forward_that_raises_decides_and_warns_nothing():
+    torch.manual_seed(4)
+    m = dc.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(32, 2)), gamma=0.9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError):
+            m(torch.randn(2, 3, 16, 16))  # the head gets 72 features instead of 32
+    # the head took part in no product, but the forward was cut short: no warning about it
+    assert [str(w.message) for w in caught] == []
+    assert torch._C._len_torch_function_stack() == 0  # the routing mode was left
+    # nothing decided from a partial forward: both ReLUs still masked, the next forward decides
+    assert type(m[1]) is dc.MaskedReLU and type(m[4]) is dc.MaskedReLU
+    assert all(v.startswith("masked (undecided") for v in dc.report(m).relus.values())
+    m(torch.randn(2, 3, 14, 14)).sum().backward()
+    assert type(m[1]) is nn.ReLU and type(m[4]) is dc.MaskedReLU
 
 
 def test_resnet18_trains_and_reverts():
