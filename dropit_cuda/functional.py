@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import strategies
+from . import pack_cache, strategies
 from .ops import dense_input
 from .settings import DEFAULT_CHUNK, DEFAULT_GAMMA, DEFAULT_STRATEGY, Settings
 
@@ -49,7 +49,7 @@ __all__ = [
 _IntOrTuple = Union[int, Sequence[int]]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
-_DOUBLE_BACKWARD = (
+DOUBLE_BACKWARD = (
     "DropIT layers do not support double backward (create_graph=True): their backward pass "
     "uses a compressed copy of the input and is not itself differentiable"
 )
@@ -58,17 +58,18 @@ _DOUBLE_BACKWARD = (
 # --- shared pieces ------------------------------------------------------------------------------
 
 
-def _record(layer: Any, op: str, x: torch.Tensor, cached: Optional[strategies.Cached]) -> None:
-    """Tells ``layer`` (the conversion's record of this weight, if any) what was cached."""
+def _record(layer: Any, op: str, x: torch.Tensor, cached: Optional[strategies.Cached], shared: bool = False) -> None:
+    """Tells ``layer`` (the conversion's record of this weight, if any) what was cached; a pack
+    shared with an earlier product of the forward adds no bytes."""
     if layer is not None and not torch.compiler.is_compiling():
-        layer.record(op, x.nbytes, 0 if cached is None else cached.nbytes)
+        layer.record(op, 0 if shared else x.nbytes, 0 if cached is None or shared else cached.nbytes, x)
 
 
-def _needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _cast_dtype(*tensors: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+def cast_dtype(*tensors: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     """The dtype autocast casts a linear/conv op's operands to here, or None when it is off."""
     first = next(t for t in tensors if t is not None)
     device_type = first.device.type
@@ -77,36 +78,56 @@ def _cast_dtype(*tensors: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
-def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+def autocast_to(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
     """``t`` as autocast casts it for a linear/conv op (floating, not float64, on its device)."""
     if dtype is None or t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
         return t
     if not torch.is_autocast_enabled(t.device.type):
         return t
-    return t.to(dtype)
+    out = t.to(dtype)
+    pack_cache.alias(t, out)
+    return out
 
 
 def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor, settings: Settings, channel_dim: int,
                 layer: Any, op: str) -> None:
     """Saves the weight (the master copy, never autocast's) and, when the weight gradient is
     needed, the compressed input."""
-    cached = None
-    if ctx.needs_input_grad[1]:
+    save_packed(ctx, x, (weight,), settings, channel_dim, layer, op, ctx.needs_input_grad[1])
+
+
+def save_packed(ctx, x: torch.Tensor, kept: tuple, settings: Settings, channel_dim: int, layer: Any, op: str,
+                need_weight_grad: bool) -> None:
+    """Saves ``kept`` (tensors backward needs as they are: the weight, indices) and, when the
+    weight gradient is needed, ``x`` packed (one packed copy per distinct input in a converted
+    model's forward: see :mod:`dropit_cuda.pack_cache`); :func:`restore_packed` gives both back."""
+    cached, shared = None, False
+    if need_weight_grad:
         x = dense_input(x)
-        cached = strategies.get(settings.strategy).cache(x, settings, channel_dim)
+        cached, shared = pack_cache.cache(x, settings, channel_dim)
         ctx.cache_meta = cached.with_tensors(())
-        ctx.save_for_backward(weight, *cached.tensors)
+        ctx.save_for_backward(*kept, *cached.tensors)
     else:
         ctx.cache_meta = None
-        ctx.save_for_backward(weight)
-    _record(layer, op, x, cached)
-    _keep_exact_input(ctx, x, layer, channel_dim)
+        ctx.save_for_backward(*kept)
+    ctx.n_kept = len(kept)
+    _record(layer, op, x, cached, shared)
+    _keep_exact_input(ctx, x, layer, channel_dim, need_weight_grad)
+
+
+def restore_packed(ctx) -> tuple[tuple, Optional[torch.Tensor]]:
+    """What :func:`save_packed` kept, and the unpacked input (None when not cached); reads
+    ``ctx.saved_tensors`` once."""
+    saved = ctx.saved_tensors
+    kept, tensors = saved[:ctx.n_kept], saved[ctx.n_kept:]
+    x_hat = None if ctx.cache_meta is None else ctx.cache_meta.with_tensors(tensors).unpack()
+    return tuple(kept), x_hat
 
 
 def _restore(ctx, cast: Optional[torch.dtype]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The weight as the forward used it and the unpacked input (None when not cached)."""
-    weight, *tensors = ctx.saved_tensors
-    x_hat = None if ctx.cache_meta is None else ctx.cache_meta.with_tensors(tensors).unpack()
+    (weight,), x_hat = restore_packed(ctx)
+    ctx.weight_dtype = weight.dtype
     return (weight if cast is None else weight.to(cast)), x_hat
 
 
@@ -116,17 +137,17 @@ def _restore(ctx, cast: Optional[torch.dtype]) -> tuple[torch.Tensor, Optional[t
 # unpacked copy, so at gamma = 0 both are equal bit for bit.
 
 
-def _keep_exact_input(ctx, x: torch.Tensor, layer: Any, channel_dim: int) -> None:
+def _keep_exact_input(ctx, x: torch.Tensor, layer: Any, channel_dim: int, need_weight_grad: bool) -> None:
     watch = getattr(layer, "watch", None)
     ctx.watch = None
-    if watch is None or not ctx.needs_input_grad[1] or torch.compiler.is_compiling():
+    if watch is None or not need_weight_grad or torch.compiler.is_compiling():
         return
     # a reference, not a copy (memory as in the plain model); its version tells if it changed
     ctx.watch, ctx.exact_input, ctx.exact_version = watch, x.detach(), x._version
     watch.saw(x, channel_dim)
 
 
-def _give_exact_grad(ctx, grad_w: torch.Tensor, weight_grad: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def give_exact_grad(ctx, grad_w: torch.Tensor, weight_grad: Callable[[torch.Tensor], torch.Tensor]) -> None:
     if ctx.watch is None:
         return
     x = ctx.exact_input
@@ -139,7 +160,7 @@ def _give_exact_grad(ctx, grad_w: torch.Tensor, weight_grad: Callable[[torch.Ten
     ctx.exact_input = None
 
 
-def _sum_to(grad: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def sum_to(grad: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Autograd's reduction of a broadcast operand's gradient (``at::sum_to``), mirrored so that
     bias gradients match the plain op's bit for bit."""
     shape = tuple(shape)
@@ -206,7 +227,7 @@ class _DropITLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled():
-            raise RuntimeError(_DOUBLE_BACKWARD)
+            raise RuntimeError(DOUBLE_BACKWARD)
         plan: _MatmulPlan = ctx.plan
         w, x_hat = _restore(ctx, ctx.cast)
         grad_x = grad_w = grad_b = None
@@ -227,12 +248,12 @@ class _DropITLinear(torch.autograd.Function):
                     grad = g2.t().mm(mat1)
                 else:
                     grad = mat1.t().mm(g2).t()
-                return grad if ctx.cast is None else grad.to(ctx.saved_tensors[0].dtype)
+                return grad if ctx.cast is None else grad.to(ctx.weight_dtype)
 
             grad_w = weight_grad(x_hat)
-            _give_exact_grad(ctx, grad_w, weight_grad)
+            give_exact_grad(ctx, grad_w, weight_grad)
         if plan.bias_shape is not None and ctx.needs_input_grad[2]:
-            grad_b = _sum_to(g2 if plan.bias_fused else grad_out, plan.bias_shape)
+            grad_b = sum_to(g2 if plan.bias_fused else grad_out, plan.bias_shape)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
@@ -240,10 +261,10 @@ def linear_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 layer: Any = None, op: str = "linear") -> torch.Tensor:
     """``F.linear(x, weight, bias)`` caching the input as ``settings`` say (settings already
     validated; ``layer`` receives what was cached)."""
-    cast = _cast_dtype(x, weight, bias)
-    x, bias = _cast(x, cast), _cast(bias, cast)
+    cast = cast_dtype(x, weight, bias)
+    x, bias = autocast_to(x, cast), autocast_to(bias, cast)
     w_cast = cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None
-    if not _needs_autograd(x, weight, bias):
+    if not needs_autograd(x, weight, bias):
         return F.linear(x, weight, bias)
     return _DropITLinear.apply(x, weight, bias, settings, w_cast, layer, op)
 
@@ -307,7 +328,7 @@ class _DropITConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled():
-            raise RuntimeError(_DOUBLE_BACKWARD)
+            raise RuntimeError(DOUBLE_BACKWARD)
         w, x_hat = _restore(ctx, ctx.cast)
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
@@ -317,12 +338,12 @@ class _DropITConv(torch.autograd.Function):
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad_out, inp, w, ctx.bias_sizes, *ctx.params.args(), need)
             if need[1] and ctx.cast is not None:
-                grad_w = grad_w.to(ctx.saved_tensors[0].dtype)
+                grad_w = grad_w.to(ctx.weight_dtype)
             return grad_x, grad_w, grad_b
 
         grad_x, grad_w, grad_b = grads(x_hat)
         if need[1]:  # the same call (same mask), so that gamma = 0 gives the same bits
-            _give_exact_grad(ctx, grad_w, lambda inp: grads(inp)[1])
+            give_exact_grad(ctx, grad_w, lambda inp: grads(inp)[1])
         return grad_x, grad_w, grad_b if need[2] else None, None, None, None, None, None
 
 
@@ -381,14 +402,14 @@ def conv_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     output_padding = _tuple(output_padding, nd, "output_padding") if transposed else (0,) * nd
     params = ConvParams(stride, padding, dilation, transposed, output_padding, groups)
 
-    cast = _cast_dtype(x, weight, bias)
-    x, bias = _cast(x, cast), _cast(bias, cast)
+    cast = cast_dtype(x, weight, bias)
+    x, bias = autocast_to(x, cast), autocast_to(bias, cast)
     w_cast = cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None
-    if _needs_autograd(x, weight, bias):
+    if needs_autograd(x, weight, bias):
         op = op or f"conv{'_transpose' if transposed else ''}{nd}d"
         out = _DropITConv.apply(x, weight, bias, params, settings, w_cast, layer, op)
     else:
-        out = torch.ops.aten.convolution(x, _cast(weight, cast), bias, *params.args())
+        out = torch.ops.aten.convolution(x, autocast_to(weight, cast), bias, *params.args())
     return out.squeeze(0) if unbatched else out
 
 

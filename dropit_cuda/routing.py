@@ -36,10 +36,16 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import functional as DF
+from . import pack_cache
+from . import products as P
 from .relu import MaskedReLU
 from .settings import Settings
 
 __all__ = ["Conversion", "Layer", "attach", "conversion_of", "detach", "in_backward"]
+
+
+#: the dense reason of a weight whose packs would free nothing (see _KeptProbe)
+KEPT = "input kept alive by another op"
 
 
 def in_backward() -> bool:
@@ -68,6 +74,9 @@ class Layer:
         #: set only while dropit_cuda.fidelity records: the autograd functions then also hand it
         #: the exact weight gradient (see functional._keep_exact_input)
         self.watch: Any = None
+        #: set only during the first training forward of a conversion that decides which products
+        #: free nothing by packing (see _KeptProbe)
+        self.probe: Any = None
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -75,15 +84,25 @@ class Layer:
         self.calls = 0
         self.dense_bytes = 0
         self.cached_bytes = 0
+        #: a product against this weight that DropIT does not cover: (op, why), else None
+        self.uncovered: Optional[tuple[str, str]] = None
 
-    def record(self, op: str, dense_bytes: int, cached_bytes: int) -> None:
-        """Called by the autograd functions when they cache this weight's input."""
+    def record(self, op: str, dense_bytes: int, cached_bytes: int, x: Optional[torch.Tensor] = None) -> None:
+        """Called by the autograd functions when they cache this weight's input ``x`` (bytes 0
+        when the pack is shared with an earlier product of the forward)."""
         if in_backward():  # a checkpointed block recomputed: not a new forward
             return
         self.op = op
         self.calls += 1
         self.dense_bytes += dense_bytes
         self.cached_bytes += cached_bytes
+        if self.probe is not None and x is not None:
+            self.probe.saw(self, x, cached_bytes)
+
+    def record_uncovered(self, op: str, why: str) -> None:
+        """Called by the routes for a product against this weight that stays torch's own."""
+        if not in_backward() and not torch.compiler.is_compiling():
+            self.uncovered = (op, why)
 
     def current(self) -> Optional[torch.Tensor]:
         """The tensor products use as this weight now."""
@@ -93,7 +112,7 @@ class Layer:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["derived"] = state["watch"] = None
+        state["derived"] = state["watch"] = state["probe"] = None
         return state
 
     def __repr__(self) -> str:
@@ -119,18 +138,128 @@ def _route_linear(conv: "Conversion", args, kwargs):
 
 
 def _route_matmul(op: str) -> Callable:
-    """``x @ W`` (``mm``, ``matmul``, ``@``): ``linear(x, W.t())`` when ``W`` is a covered 2-D weight."""
+    """``x @ W`` (``mm``, ``matmul``, ``@``): ``linear(x, W.t())`` when ``W`` is a covered 2-D weight;
+    ``W @ x``: the weight-first product (``mm``, or ``matmul``'s ``bmm`` over a batched ``x``)."""
 
     def route(conv: "Conversion", args, kwargs):
-        x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other" if op != "mm" else "mat2")
-        if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2 or x.dim() < 1:
+        a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other" if op != "mm" else "mat2")
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or "out" in kwargs:
             return NotImplemented
-        found = conv.lookup(w)
-        if found is None:
-            return NotImplemented
-        return DF.linear_with(x, w.t(), None, found[1], found[0], op)
+        if b.dim() == 2 and a.dim() >= 1:
+            found = conv.lookup(b)
+            if found is not None:
+                return DF.linear_with(a, b.t(), None, found[1], found[0], op)
+        if a.dim() == 2 and b.dim() >= 2 and conv.lookup(a) is not None:
+            return _weight_first(conv, a, b, op)
+        conv.note_uncovered((a, b), op, "a batched or vector weight operand")
+        return NotImplemented
 
     return route
+
+
+def _weight_first(conv: "Conversion", w: torch.Tensor, x: torch.Tensor, op: str):
+    """``W @ x`` with a 2-D weight ``W``, as ATen computes it for a weight that requires grad:
+    ``mm(W, x)`` for a 2-D ``x``; for a batched ``x``, matmul folds the batch into the rows of
+    ``x.mT()``, which is ``linear(x.mT(), W)``, transposed back and made contiguous."""
+    found = conv.lookup(w)
+    if found is None or not w.requires_grad:  # frozen: torch's own call (it folds differently)
+        return NotImplemented
+    if x.dim() == 2:
+        if not _plain_layout(x):
+            conv.note_uncovered((w,), op, "the input overlaps itself in memory (an expanded tensor)")
+            return NotImplemented
+        spec = P.ProductSpec("mm", 0, tuple(w.shape), tuple(w.stride()), tuple(x.shape), tuple(x.stride()))
+        return P.weight_product(x, w, spec, found[1], found[0], op)
+    return DF.linear_with(x.mT, w, None, found[1], found[0], op).mT.contiguous()
+
+
+def _plain_layout(t: torch.Tensor) -> bool:
+    """No dimension of more than one element has stride 0 (the packed copy can take its layout)."""
+    return all(st != 0 or sz <= 1 for sz, st in zip(t.shape, t.stride()))
+
+
+def _route_bmm(op: str) -> Callable:
+    """``bmm(a, b)`` / ``baddbmm(bias, a, b)`` with a covered weight (3-D, a slice, or rows gathered
+    from one) on either side."""
+    names = ("input", "mat2") if op == "bmm" else ("batch1", "batch2")
+
+    def route(conv: "Conversion", args, kwargs):
+        first = 0 if op == "bmm" else 1
+        a, b = _arg(args, kwargs, first, names[0]), _arg(args, kwargs, first + 1, names[1])
+        bias = None if op == "bmm" else _arg(args, kwargs, 0, "input")
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (a, b)) or "out" in kwargs:
+            return NotImplemented
+        if op == "baddbmm" and (kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3):
+            conv.note_uncovered((a, b), op, "beta or alpha other than 1")
+            return NotImplemented
+        for w_pos, (w, x) in enumerate(((a, b), (b, a))):
+            found = conv.lookup_operand(w)
+            if found is None:
+                continue
+            (layer, settings), gathered = found
+            if not _plain_layout(x):
+                conv.note_uncovered((w,), op, "the input overlaps itself in memory (an expanded tensor)")
+                return NotImplemented
+            spec = P.ProductSpec("bmm", w_pos, tuple(w.shape), tuple(w.stride()), tuple(x.shape),
+                                 tuple(x.stride()))
+            return P.weight_product(x, w, spec, settings, layer, op, bias=bias, gathered=gathered)
+        return NotImplemented
+
+    return route
+
+
+def _route_grouped_mm(conv: "Conversion", args, kwargs):
+    """``torch._grouped_mm(x, W, offs=...)`` (``F.grouped_mm``): 2-D tokens grouped by ``offs``
+    against a 3-D expert weight (or a view of one, ``W.transpose(-2, -1)``)."""
+    x, w = _arg(args, kwargs, 0, "self"), _arg(args, kwargs, 1, "mat2")
+    offs, bias, out_dtype = _arg(args, kwargs, 2, "offs"), _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "out_dtype")
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        return NotImplemented
+    found = conv.lookup(w)
+    if found is None:
+        return NotImplemented
+    why = None
+    if x.dim() != 2 or w.dim() != 3 or offs is None:
+        why = "only 2-D tokens with offsets against a 3-D weight are covered"
+    elif bias is not None or (out_dtype is not None and out_dtype != x.dtype):
+        why = "bias or out_dtype given"
+    elif x.stride(-1) != 1:
+        why = "the tokens are not row-major"
+    if why is not None:
+        conv.note_uncovered((w,), "grouped_mm", why)
+        return NotImplemented
+    spec = P.ProductSpec("grouped_mm", 1, tuple(w.shape), tuple(w.stride()), tuple(x.shape), tuple(x.stride()))
+    return P.weight_product(x, w, spec, found[1], found[0], "grouped_mm", offs=offs, autocast=False)
+
+
+def _route_getitem(conv: "Conversion", args, kwargs):
+    """``weight[index]`` with an integer index tensor: the gathered copy is noted, so that a product
+    against it keeps the weight and the index instead of the copy."""
+    w, index = args[0], args[1] if len(args) > 1 else None
+    if not isinstance(w, nn.Parameter) or torch.compiler.is_compiling():
+        return NotImplemented
+    if isinstance(index, tuple) and len(index) == 1:
+        index = index[0]
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32) or index.dim() < 1:
+        return NotImplemented
+    out = torch.Tensor.__getitem__(w, index)
+    conv.note_gathered(out, w, index)
+    return out
+
+
+def _route_uncovered(op: str, why: str, operands: Callable[[tuple, dict], tuple]) -> Callable:
+    """A product DropIT has no form for: names it in the weight's report row and passes through."""
+
+    def route(conv: "Conversion", args, kwargs):
+        conv.note_uncovered(operands(args, kwargs), op, why)
+        return NotImplemented
+
+    return route
+
+
+def _einsum_operands(args: tuple, kwargs: dict) -> tuple:
+    rest = args[1:]
+    return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else tuple(rest)
 
 
 def _route_addmm(conv: "Conversion", args, kwargs):
@@ -187,6 +316,15 @@ _ROUTES: dict[Any, Callable] = {
     F.conv_transpose2d: _route_conv(2, True),
     F.conv_transpose3d: _route_conv(3, True),
     F.pad: _route_pad,
+    torch.bmm: _route_bmm("bmm"),
+    torch.Tensor.bmm: _route_bmm("bmm"),
+    torch.baddbmm: _route_bmm("baddbmm"),
+    torch.Tensor.baddbmm: _route_bmm("baddbmm"),
+    torch._grouped_mm: _route_grouped_mm,
+    torch.Tensor.__getitem__: _route_getitem,
+    torch.einsum: _route_uncovered("einsum", "einsum has no DropIT form", _einsum_operands),
+    F.bilinear: _route_uncovered("bilinear", "bilinear has no DropIT form",
+                                 lambda args, kwargs: (_arg(args, kwargs, 2, "weight"),)),
 }
 
 
@@ -309,7 +447,8 @@ def _settings_of(key: int, index: int) -> Optional[Settings]:
 class Conversion:
     """What :func:`dropit_cuda.convert` attached to a model (``model._dropit_conversion``)."""
 
-    def __init__(self, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool) -> None:
+    def __init__(self, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool,
+                 dense_where_kept: bool = True) -> None:
         self.layers = layers
         self.relus = relus  # (name, MaskedReLU) swapped in; decided on the first training forward
         self.first_pending = skip_first
@@ -319,6 +458,10 @@ class Conversion:
         self.forwards = 0  # eager training forwards seen (a compiled forward cannot count)
         self.compiled = False  # whether the last training forward ran compiled (nothing recorded)
         self.warned = False
+        #: leave dense the products whose input something else keeps alive (decided on the first
+        #: eager training forward, see _KeptProbe)
+        self.kept_pending = dense_where_kept
+        self.kept_decisions: dict[str, str] = {}
         self._active: list[bool] = []
         self._register()
 
@@ -327,10 +470,14 @@ class Conversion:
         _CONVERSIONS[self.key] = self
         self._mode = _Router(self)
         self._probe: Optional[_ReluProbe] = None
+        self._kept_probe: Optional[_KeptProbe] = None
+        self._scope: Optional[pack_cache.Scope] = None
+        #: id(gathered copy) -> (weak ref of it, how it was gathered), for this forward
+        self._gathered: dict[int, tuple[Any, P.Gathered]] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for transient in ("key", "_mode", "_probe"):
+        for transient in ("key", "_mode", "_probe", "_kept_probe", "_scope", "_gathered"):
             del state[transient]
         state["_active"] = []
         return state
@@ -358,6 +505,38 @@ class Conversion:
         if settings is None or not layer.module.training:
             return None
         return layer, settings
+
+    def lookup_operand(self, w: Any) -> Optional[tuple[tuple[Layer, Settings], Optional[P.Gathered]]]:
+        """:meth:`lookup` for ``w`` itself or its base, else for the parameter ``w`` was gathered
+        from in this forward (then also how: parameter and index)."""
+        found = self.lookup(w)
+        if found is not None:
+            return found, None
+        got = self._gathered.get(id(w)) if isinstance(w, torch.Tensor) else None
+        if got is None or got[0]() is not w:
+            return None
+        found = self.lookup(got[1].param)
+        return None if found is None else (found, got[1])
+
+    def note_gathered(self, out: torch.Tensor, param: torch.Tensor, index: torch.Tensor) -> None:
+        """Records that ``out`` is ``param[index]`` (for the rest of this forward)."""
+        if self._find(param) is not None:
+            self._gathered[id(out)] = (weakref.ref(out), P.Gathered(param, index))
+
+    def note_uncovered(self, operands: tuple, op: str, why: str) -> None:
+        """Names ``op`` in the report row of each covered weight among ``operands`` (the weight, a
+        view or rows gathered from it), which this product leaves dense."""
+        for t in operands:
+            if not isinstance(t, torch.Tensor):
+                continue
+            index = self._find(t)
+            if index is None and t._base is not None:
+                index = self._find(t._base)
+            got = self._gathered.get(id(t))
+            if index is None and got is not None and got[0]() is t:
+                index = self._find(got[1].param)
+            if index is not None and self.layers[index].settings is not None:
+                self.layers[index].record_uncovered(op, why)
 
     def _find(self, w: torch.Tensor) -> Optional[int]:
         for i, layer in enumerate(self.layers):
@@ -395,13 +574,27 @@ class Conversion:
         if self.relu_pending:
             self._probe = _ReluProbe(self.relus)
             self._probe.start()
+        if self.kept_pending:
+            self._kept_probe = _KeptProbe(self.layers)
+        self._scope = pack_cache.Scope().open()
 
     def _end_forward(self, raised: bool) -> None:
         self._mode.__exit__(None, None, None)
         for layer in self.layers:
             layer.derived = None
+        self._gathered.clear()
         if torch.compiler.is_compiling() or in_backward():
             return
+        if self._scope is not None:
+            scope, self._scope = self._scope, None
+            scope.close()
+        if self._kept_probe is not None:
+            kept, self._kept_probe = self._kept_probe, None
+            if raised:
+                kept.cancel()
+            else:
+                self.kept_decisions = kept.finish()
+                self.kept_pending = False
         if self._probe is not None:
             probe, self._probe = self._probe, None
             if raised:  # a forward cut short says nothing: the next one decides
@@ -421,6 +614,14 @@ class Conversion:
             if layer.claimed and layer.settings is not None and layer.calls == 0 and not frozen \
                     and layer.module.training:
                 unused.append(layer.name)
+        uncovered = [f"{layer.name} ({layer.uncovered[0]})" for layer in self.layers
+                     if layer.uncovered is not None and layer.name not in unused]
+        if uncovered:
+            shown = ", ".join(uncovered[:8]) + (f" and {len(uncovered) - 8} more" if len(uncovered) > 8 else "")
+            warnings.warn(
+                f"dropit_cuda: {len(uncovered)} converted weight(s) took part in a product DropIT does not "
+                f"cover in the first training forward: {shown}; those products cache their input densely, "
+                "see dropit_cuda.report(model).", UserWarning, stacklevel=2)
         if unused:
             shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
             warnings.warn(
@@ -484,6 +685,44 @@ class _ReluProbe:
         self.outputs.clear()
 
 
+class _KeptProbe:
+    """On the first training forward: which DropIT products pack an input that something else
+    keeps alive anyway (an op's saved tensors, the model's output or input), so that packing it
+    adds the pack's bytes and frees none. Like :class:`_ReluProbe`, it holds weak references to
+    the storages of the packed inputs; a storage still alive when the forward has returned is kept
+    elsewhere. A weight all of whose packs freed nothing is left dense from then on."""
+
+    def __init__(self, layers: list[Layer]) -> None:
+        self.layers = layers
+        self.seen: dict[int, list[tuple[Any, int]]] = {}
+        for layer in layers:
+            layer.probe = self
+
+    def saw(self, layer: Layer, x: torch.Tensor, cached_bytes: int) -> None:
+        self.seen.setdefault(id(layer), []).append((x.untyped_storage()._weak_ref(), cached_bytes))
+
+    def finish(self) -> dict[str, str]:
+        decisions = {}
+        for layer in self.layers:
+            seen = self.seen.get(id(layer))
+            if not seen or layer.settings is None:
+                continue
+            if all(not torch.UntypedStorage._expired(ref) for ref, _ in seen):
+                layer.settings, layer.dense_reason = None, KEPT
+                decisions[layer.name] = "dense (its input is kept alive by another op anyway)"
+        self.cancel()
+        return decisions
+
+    def cancel(self) -> None:
+        """Stops watching and lets go of the weak references, deciding nothing."""
+        for layer in self.layers:
+            layer.probe = None
+        for seen in self.seen.values():
+            for ref, _ in seen:
+                torch.UntypedStorage._free_weak_ref(ref)
+        self.seen.clear()
+
+
 # --- attaching and detaching a conversion -------------------------------------------------------
 
 
@@ -508,9 +747,10 @@ def detach(model: nn.Module) -> None:
         module.__dict__.pop("_dropit_layers", None)
 
 
-def attach(root: nn.Module, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool) -> Conversion:
+def attach(root: nn.Module, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool,
+           dense_where_kept: bool = True) -> Conversion:
     """Attaches a conversion of ``layers`` to ``root``: records and hooks (see :mod:`.routing`)."""
-    conversion = Conversion(layers, relus, skip_first)
+    conversion = Conversion(layers, relus, skip_first, dense_where_kept)
     root.__dict__["_dropit_conversion"] = conversion
     by_name = dict(root.named_modules())
     for layer in layers:
