@@ -165,3 +165,61 @@ def weight_product(x: torch.Tensor, w: torch.Tensor, spec: ProductSpec, settings
     if not DF.needs_autograd(x, w, bias):
         return _product(x, _weight_operand(w, w_cast), bias, offs, spec)
     return _DropITProduct.apply(x, w, bias, offs, gathered, spec, settings, w_cast, layer, op)
+
+
+# --- einsum: torch's own op, differentiated again in backward ---------------------------------
+
+
+class _DropITEinsum(torch.autograd.Function):
+    """``torch.einsum(equation, x, w)`` (or ``(w, x)``) caching ``x`` packed. Backward runs torch's
+    einsum again on the unpacked input and the weight, under the forward's autocast state, and
+    lets autograd differentiate it: the gradients are autograd's own for the plain op (the input
+    gradient reads only the weight, so it is exact at any gamma); this costs one more product."""
+
+    @staticmethod
+    def forward(x, w, equation, w_first, settings, autocast, layer, op):
+        with torch.autocast("cpu" if x.device.type == "cpu" else x.device.type, dtype=autocast[1],
+                            enabled=autocast[0]):
+            return torch.einsum(equation, *((w, x) if w_first else (x, w)))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, equation, w_first, settings, autocast, layer, op = inputs
+        ctx.equation, ctx.w_first, ctx.autocast = equation, w_first, autocast
+        ctx.x_layout = (tuple(x.shape), tuple(x.stride()))
+        DF.save_packed(ctx, x, (w,), settings, -1, layer, op, need_weight_grad=ctx.needs_input_grad[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DF.DOUBLE_BACKWARD)
+        (w,), x_hat = DF.restore_packed(ctx)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+
+        def grads(inp: Optional[torch.Tensor]) -> tuple:
+            if inp is None:  # the input gradient reads only the weight: any values of this shape do
+                inp = torch.zeros(ctx.x_layout[0], dtype=grad.dtype if ctx.autocast[0] else w.dtype,
+                                  device=grad.device)
+            leaves = (inp.detach().requires_grad_(need_x), w.detach().requires_grad_(need_w))
+            with torch.enable_grad(), torch.autocast(grad.device.type, dtype=ctx.autocast[1],
+                                                     enabled=ctx.autocast[0]):
+                out = torch.einsum(ctx.equation, *(leaves[::-1] if ctx.w_first else leaves))
+            wanted = [t for t, n in zip(leaves, (need_x, need_w)) if n]
+            got = iter(torch.autograd.grad(out, wanted, grad))
+            return tuple(next(got) if n else None for n in (need_x, need_w))
+
+        x_in = None if x_hat is None else _restore_layout(x_hat, *ctx.x_layout)
+        grad_x, grad_w = grads(x_in)
+        if need_w:
+            DF.give_exact_grad(ctx, grad_w, lambda inp: grads(_restore_layout(inp, *ctx.x_layout))[1])
+        return grad_x, grad_w, None, None, None, None, None, None
+
+
+def einsum(equation: str, x: torch.Tensor, w: torch.Tensor, w_first: bool, settings: Settings,
+           layer: Any = None, op: str = "einsum") -> torch.Tensor:
+    """``torch.einsum(equation, x, w)`` (``(w, x)`` when ``w_first``) caching ``x`` packed."""
+    if not DF.needs_autograd(x, w):
+        return torch.einsum(equation, *((w, x) if w_first else (x, w)))
+    device = x.device.type
+    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    return _DropITEinsum.apply(x, w, equation, w_first, settings, autocast, layer, op)

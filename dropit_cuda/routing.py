@@ -257,9 +257,21 @@ def _route_uncovered(op: str, why: str, operands: Callable[[tuple, dict], tuple]
     return route
 
 
-def _einsum_operands(args: tuple, kwargs: dict) -> tuple:
-    rest = args[1:]
-    return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else tuple(rest)
+def _route_einsum(conv: "Conversion", args, kwargs):
+    """``torch.einsum(equation, x, W)`` or ``(equation, W, x)``: two operands, one a covered weight
+    (or a view of one), the other not."""
+    equation, rest = (args[0] if args else kwargs.get("equation")), args[1:]
+    operands = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else tuple(rest)
+    if not isinstance(equation, str) or kwargs or not all(isinstance(t, torch.Tensor) for t in operands):
+        return NotImplemented
+    if len(operands) == 2:
+        for w_first in (False, True):
+            x, w = operands[::-1] if w_first else operands
+            found = conv.lookup(w)
+            if found is not None and conv.lookup(x) is None and _plain_layout(x):
+                return P.einsum(equation, x, w, w_first, found[1], found[0])
+    conv.note_uncovered(operands, "einsum", "only two operands, one of them a weight, are covered")
+    return NotImplemented
 
 
 def _route_addmm(conv: "Conversion", args, kwargs):
@@ -322,8 +334,9 @@ _ROUTES: dict[Any, Callable] = {
     torch.Tensor.baddbmm: _route_bmm("baddbmm"),
     torch._grouped_mm: _route_grouped_mm,
     torch.Tensor.__getitem__: _route_getitem,
-    torch.einsum: _route_uncovered("einsum", "einsum has no DropIT form", _einsum_operands),
-    F.bilinear: _route_uncovered("bilinear", "bilinear has no DropIT form",
+    torch.einsum: _route_einsum,
+    F.bilinear: _route_uncovered("bilinear", "its input gradients need both inputs exact, so packing "
+                                 "one frees nothing",
                                  lambda args, kwargs: (_arg(args, kwargs, 2, "weight"),)),
 }
 
