@@ -63,8 +63,10 @@ class Scope:
 
 def alias(source: torch.Tensor, copy: torch.Tensor) -> None:
     """Records that ``copy`` is an autocast cast of ``source`` (equal values, another storage)."""
+    if torch.compiler.is_compiling():  # checked first: reading the thread's state would add guards
+        return
     scope = _current()
-    if scope is not None and copy is not source and not torch.compiler.is_compiling():
+    if scope is not None and copy is not source:
         ref = source.untyped_storage()._weak_ref()
         scope.refs.append(ref)
         scope.aliases[id(copy)] = (weakref.ref(copy), _key(source) + (copy.dtype,), ref)
@@ -73,9 +75,10 @@ def alias(source: torch.Tensor, copy: torch.Tensor) -> None:
 def cache(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[strategies.Cached, bool]:
     """``x`` packed as ``settings`` say, and whether the pack is shared with an earlier product."""
     strategy = strategies.get(settings.strategy)
+    if torch.compiler.is_compiling():  # checked first: reading the thread's state would add guards
+        return strategy.cache(x, settings, channel_dim), False
     scope = _current()
-    if scope is None or torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1 \
-            or x.layout != torch.strided:
+    if scope is None or torch._C._current_graph_task_id() != -1 or x.layout != torch.strided:
         return strategy.cache(x, settings, channel_dim), False
     aliased = scope.aliases.get(id(x))
     if aliased is not None and aliased[0]() is x:  # an autocast copy: its source decides

@@ -264,6 +264,9 @@ def _route_einsum(conv: "Conversion", args, kwargs):
     operands = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else tuple(rest)
     if not isinstance(equation, str) or kwargs or not all(isinstance(t, torch.Tensor) for t in operands):
         return NotImplemented
+    if torch.compiler.is_compiling():  # its backward differentiates einsum again: not traceable
+        conv.note_uncovered(operands, "einsum", "not under torch.compile")
+        return NotImplemented
     if len(operands) == 2:
         for w_first in (False, True):
             x, w = operands[::-1] if w_first else operands
@@ -400,7 +403,7 @@ class _Enter:
         self.conversion = conversion
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.conversion.enter(module)
+        self.conversion.enter(module, args)
 
 
 class _Exit:
@@ -475,6 +478,7 @@ class Conversion:
         #: eager training forward, see _KeptProbe)
         self.kept_pending = dense_where_kept
         self.kept_decisions: dict[str, str] = {}
+        self.kept_applied = False
         self._active: list[bool] = []
         self._register()
 
@@ -559,12 +563,12 @@ class Conversion:
 
     # -- forward bookkeeping -----------------------------------------------------------------
 
-    def enter(self, module: nn.Module) -> None:
+    def enter(self, module: nn.Module, args: tuple = ()) -> None:
         if not self._active:
             if not (torch.is_grad_enabled() and module.training):
                 self._active.append(False)
                 return
-            self._start_forward()
+            self._start_forward(args)
         self._active.append(True)
 
     def exit(self, raised: bool = False) -> None:
@@ -573,7 +577,7 @@ class Conversion:
         if not self._active:
             self._end_forward(raised)
 
-    def _start_forward(self) -> None:
+    def _start_forward(self, args: tuple = ()) -> None:
         self._mode.__enter__()
         if torch.compiler.is_compiling():
             self.compiled = True  # a write only: reading mutable state here would add guards
@@ -587,8 +591,15 @@ class Conversion:
         if self.relu_pending:
             self._probe = _ReluProbe(self.relus)
             self._probe.start()
+        if self.kept_decisions and not self.kept_applied:
+            # decided at the end of the last forward, applied only now: a checkpointed block
+            # recomputed during that forward's backward must save what its forward saved
+            for layer in self.layers:
+                if layer.name in self.kept_decisions:
+                    layer.settings, layer.dense_reason = None, KEPT
+            self.kept_applied = True
         if self.kept_pending:
-            self._kept_probe = _KeptProbe(self.layers)
+            self._kept_probe = _KeptProbe(self.layers, args)
         self._scope = pack_cache.Scope().open()
 
     def _end_forward(self, raised: bool) -> None:
@@ -701,18 +712,25 @@ class _ReluProbe:
 class _KeptProbe:
     """On the first training forward: which DropIT products pack an input that something else
     keeps alive anyway (an op's saved tensors, the model's output or input), so that packing it
-    adds the pack's bytes and frees none. Like :class:`_ReluProbe`, it holds weak references to
+    adds the pack's bytes and frees none (the model's own inputs are not judged: the caller may or
+    may not keep them). Like :class:`_ReluProbe`, it holds weak references to
     the storages of the packed inputs; a storage still alive when the forward has returned is kept
-    elsewhere. A weight all of whose packs freed nothing is left dense from then on."""
+    elsewhere. A weight all of whose packs freed nothing is left dense from the next forward on."""
 
-    def __init__(self, layers: list[Layer]) -> None:
+    def __init__(self, layers: list[Layer], inputs: tuple) -> None:
         self.layers = layers
         self.seen: dict[int, list[tuple[Any, int]]] = {}
+        # the model's own inputs: whether the caller keeps them during backward is not known here
+        leaves, _ = torch.utils._pytree.tree_flatten(inputs)
+        self.inputs = {t.untyped_storage().data_ptr() for t in leaves
+                       if isinstance(t, torch.Tensor) and t.layout == torch.strided}
         for layer in layers:
             layer.probe = self
 
     def saw(self, layer: Layer, x: torch.Tensor, cached_bytes: int) -> None:
-        self.seen.setdefault(id(layer), []).append((x.untyped_storage()._weak_ref(), cached_bytes))
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in self.inputs:
+            self.seen.setdefault(id(layer), []).append((storage._weak_ref(), cached_bytes))
 
     def finish(self) -> dict[str, str]:
         decisions = {}
@@ -721,7 +739,6 @@ class _KeptProbe:
             if not seen or layer.settings is None:
                 continue
             if all(not torch.UntypedStorage._expired(ref) for ref, _ in seen):
-                layer.settings, layer.dense_reason = None, KEPT
                 decisions[layer.name] = "dense (its input is kept alive by another op anyway)"
         self.cancel()
         return decisions
