@@ -266,3 +266,30 @@ def test_uncovered_product_is_reported_and_warned():
     assert row.uncovered is not None and row.uncovered.startswith("bilinear: not covered:")
     assert "bil: bilinear: not covered" in str(dc.report(net))
     assert any("bil (bilinear)" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("mode,dtype", [("baddbmm", torch.float32), ("w_at_x", torch.float32),
+                                        ("w_mm_x", torch.float32)])
+def test_compiled_product_is_one_graph_and_matches_eager(mode, dtype):
+    # Not here: grouped_mm (torch.compile does not hand a TorchFunctionMode that op, so it stays
+    # torch's own in a compiled graph), einsum and gathered rows (left to torch under compile),
+    # the eager experts' boolean-mask slices (data-dependent shapes).
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    plain = Experts(mode).to(dtype)
+    x = torch.randn(32, 16, dtype=dtype)
+    eager = dc.convert(copy.deepcopy(plain), gamma=0.9)
+    converted = dc.convert(copy.deepcopy(plain), gamma=0.9)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(converted, backend=counter, fullgraph=True)
+    for _ in range(2):
+        for m, fn in ((converted, compiled), (eager, eager), (plain, plain)):
+            m.zero_grad(set_to_none=True)
+            fn(x).float().sum().backward()
+    assert counter.frame_count == 1
+    weight = "proj.weight" if mode.startswith("w_") else "experts"
+    got, want, ref = (dict(m.named_parameters())[weight].grad for m in (converted, eager, plain))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, ref), "the compiled graph multiplies the weight without DropIT"
