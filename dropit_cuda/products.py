@@ -127,10 +127,11 @@ class _DropITProduct(torch.autograd.Function):
         DF.save_packed(ctx, x, kept + ((offs,) if offs is not None else ()), settings,
                        -2 if spec.w_pos == 0 else -1, layer, op, need_weight_grad=ctx.needs_input_grad[1])
 
+    vmap = staticmethod(DF._unsupported_vmap)
+
     @staticmethod
+    @DF._once_differentiable
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(DF.DOUBLE_BACKWARD)
         spec: ProductSpec = ctx.spec
         kept, x_hat = DF.restore_packed(ctx)
         offs = kept[ctx.n_w] if len(kept) > ctx.n_w else None
@@ -148,7 +149,7 @@ class _DropITProduct(torch.autograd.Function):
                 return g_w if ctx.cast is None else g_w.to(ctx.w_dtype)
 
             grad_w = weight_grad(x_hat)
-            DF.give_exact_grad(ctx, grad_w, weight_grad)
+            DF._give_exact_grad(ctx, grad_w, weight_grad)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad  # baddbmm's self: grad (the engine reduces a broadcast bias)
         return grad_x, grad_w, grad_bias, None, None, None, None, None, None, None
@@ -159,11 +160,11 @@ def weight_product(x: torch.Tensor, w: torch.Tensor, spec: ProductSpec, settings
                    gathered: Optional[Gathered] = None, autocast: bool = True) -> torch.Tensor:
     """The product ``spec`` describes, caching ``x`` as ``settings`` say. ``autocast``: whether
     torch autocasts this op (``mm``/``bmm``/``baddbmm`` do, ``_grouped_mm`` does not)."""
-    cast = DF.cast_dtype(x, w) if autocast else None
-    x, bias = DF.autocast_to(x, cast), DF.autocast_to(bias, cast)
+    if not DF._caches(x, w):  # nothing to cache: torch's own call
+        return _product(x, w, bias, offs, spec)
+    cast = DF._cast_dtype(x, w) if autocast else None
+    x, bias = DF._cast(x, cast), DF._cast(bias, cast)
     w_cast = cast if cast is not None and w.is_floating_point() and w.dtype not in (torch.float64, cast) else None
-    if not DF.needs_autograd(x, w, bias):
-        return _product(x, _weight_operand(w, w_cast), bias, offs, spec)
     return _DropITProduct.apply(x, w, bias, offs, gathered, spec, settings, w_cast, layer, op)
 
 
@@ -189,10 +190,11 @@ class _DropITEinsum(torch.autograd.Function):
         ctx.x_layout = (tuple(x.shape), tuple(x.stride()))
         DF.save_packed(ctx, x, (w,), settings, -1, layer, op, need_weight_grad=ctx.needs_input_grad[1])
 
+    vmap = staticmethod(DF._unsupported_vmap)
+
     @staticmethod
+    @DF._once_differentiable
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(DF.DOUBLE_BACKWARD)
         (w,), x_hat = DF.restore_packed(ctx)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
 
@@ -211,14 +213,14 @@ class _DropITEinsum(torch.autograd.Function):
         x_in = None if x_hat is None else _restore_layout(x_hat, *ctx.x_layout)
         grad_x, grad_w = grads(x_in)
         if need_w:
-            DF.give_exact_grad(ctx, grad_w, lambda inp: grads(_restore_layout(inp, *ctx.x_layout))[1])
+            DF._give_exact_grad(ctx, grad_w, lambda inp: grads(_restore_layout(inp, *ctx.x_layout))[1])
         return grad_x, grad_w, None, None, None, None, None, None
 
 
 def einsum(equation: str, x: torch.Tensor, w: torch.Tensor, w_first: bool, settings: Settings,
            layer: Any = None, op: str = "einsum") -> torch.Tensor:
     """``torch.einsum(equation, x, w)`` (``(w, x)`` when ``w_first``) caching ``x`` packed."""
-    if not DF.needs_autograd(x, w):
+    if not DF._caches(x, w):  # nothing to cache: torch's own call
         return torch.einsum(equation, *((w, x) if w_first else (x, w)))
     device = x.device.type
     autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -479,24 +480,22 @@ class Conversion:
         self.kept_pending = dense_where_kept
         self.kept_decisions: dict[str, str] = {}
         self.kept_applied = False
-        self._active: list[bool] = []
         self._register()
 
     def _register(self) -> None:
         self.key = next(_KEYS)
         _CONVERSIONS[self.key] = self
-        self._mode = _Router(self)
+        # torch's mode stack is per thread, and so is a forward: each thread that runs this
+        # model keeps its own stack of entered modules and its own mode object
+        self._threads = threading.local()
+        self._thread()  # made now, not during the first (perhaps compiled) forward: no guard on it
         self._probe: Optional[_ReluProbe] = None
         self._kept_probe: Optional[_KeptProbe] = None
-        self._scope: Optional[pack_cache.Scope] = None
-        #: id(gathered copy) -> (weak ref of it, how it was gathered), for this forward
-        self._gathered: dict[int, tuple[Any, P.Gathered]] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for transient in ("key", "_mode", "_probe", "_kept_probe", "_scope", "_gathered"):
+        for transient in ("key", "_threads", "_probe", "_kept_probe"):
             del state[transient]
-        state["_active"] = []
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -508,7 +507,7 @@ class Conversion:
     def lookup(self, w: Any) -> Optional[tuple[Layer, Settings]]:
         """The layer whose weight ``w`` is (or is a view of), and its settings, if DropIT applies to
         this product, else None; decides ``skip_first`` on the first product against a trainable
-        weight. A frozen weight is routed too: its product then caches nothing of the input."""
+        weight. A frozen weight's product is not routed: it stays torch's own call."""
         if not isinstance(w, torch.Tensor):
             return None
         index = self._find(w)
@@ -516,8 +515,9 @@ class Conversion:
             index = self._find(w._base)
         if index is None:
             return None
-        if w.requires_grad:
-            _skip_first(self.key, index)
+        if not w.requires_grad:  # nothing to cache: torch's own call runs
+            return None
+        _skip_first(self.key, index)
         layer, settings = self.layers[index], _settings_of(self.key, index)
         if settings is None or not layer.module.training:
             return None
@@ -529,7 +529,7 @@ class Conversion:
         found = self.lookup(w)
         if found is not None:
             return found, None
-        got = self._gathered.get(id(w)) if isinstance(w, torch.Tensor) else None
+        got = self._thread().gathered.get(id(w)) if isinstance(w, torch.Tensor) else None
         if got is None or got[0]() is not w:
             return None
         found = self.lookup(got[1].param)
@@ -538,7 +538,7 @@ class Conversion:
     def note_gathered(self, out: torch.Tensor, param: torch.Tensor, index: torch.Tensor) -> None:
         """Records that ``out`` is ``param[index]`` (for the rest of this forward)."""
         if self._find(param) is not None:
-            self._gathered[id(out)] = (weakref.ref(out), P.Gathered(param, index))
+            self._thread().gathered[id(out)] = (weakref.ref(out), P.Gathered(param, index))
 
     def note_uncovered(self, operands: tuple, op: str, why: str) -> None:
         """Names ``op`` in the report row of each covered weight among ``operands`` (the weight, a
@@ -549,7 +549,7 @@ class Conversion:
             index = self._find(t)
             if index is None and t._base is not None:
                 index = self._find(t._base)
-            got = self._gathered.get(id(t))
+            got = self._thread().gathered.get(id(t))
             if index is None and got is not None and got[0]() is t:
                 index = self._find(got[1].param)
             if index is not None and self.layers[index].settings is not None:
@@ -563,22 +563,30 @@ class Conversion:
 
     # -- forward bookkeeping -----------------------------------------------------------------
 
+    def _thread(self) -> "_ThreadState":
+        state = getattr(self._threads, "state", None)
+        if state is None:
+            state = self._threads.state = _ThreadState(_Router(self))
+        return state
+
     def enter(self, module: nn.Module, args: tuple = ()) -> None:
-        if not self._active:
+        state = self._thread()
+        if not state.active:
             if not (torch.is_grad_enabled() and module.training):
-                self._active.append(False)
+                state.active.append(False)
                 return
-            self._start_forward(args)
-        self._active.append(True)
+            self._start_forward(state, args)
+        state.active.append(True)
 
     def exit(self, raised: bool = False) -> None:
-        if not self._active or not self._active.pop():
+        state = self._thread()
+        if not state.active or not state.active.pop():
             return
-        if not self._active:
-            self._end_forward(raised)
+        if not state.active:
+            self._end_forward(state, raised)
 
-    def _start_forward(self, args: tuple = ()) -> None:
-        self._mode.__enter__()
+    def _start_forward(self, state: "_ThreadState", args: tuple = ()) -> None:
+        state.mode.__enter__()
         if torch.compiler.is_compiling():
             self.compiled = True  # a write only: reading mutable state here would add guards
             return
@@ -588,7 +596,7 @@ class Conversion:
         self.forwards += 1
         for layer in self.layers:
             layer.reset_stats()
-        if self.relu_pending:
+        if self.relu_pending and self._probe is None:  # one thread's forward decides
             self._probe = _ReluProbe(self.relus)
             self._probe.start()
         if self.kept_decisions and not self.kept_applied:
@@ -598,28 +606,28 @@ class Conversion:
                 if layer.name in self.kept_decisions:
                     layer.settings, layer.dense_reason = None, KEPT
             self.kept_applied = True
-        if self.kept_pending:
+        if self.kept_pending and self._kept_probe is None:  # one thread's forward decides
             self._kept_probe = _KeptProbe(self.layers, args)
-        self._scope = pack_cache.Scope().open()
+        state.scope = pack_cache.Scope().open()
 
-    def _end_forward(self, raised: bool) -> None:
-        self._mode.__exit__(None, None, None)
+    def _end_forward(self, state: "_ThreadState", raised: bool) -> None:
+        state.mode.__exit__(None, None, None)
         for layer in self.layers:
             layer.derived = None
-        self._gathered.clear()
+        state.gathered.clear()
         if torch.compiler.is_compiling() or in_backward():
             return
-        if self._scope is not None:
-            scope, self._scope = self._scope, None
+        if state.scope is not None:
+            scope, state.scope = state.scope, None
             scope.close()
-        if self._kept_probe is not None:
+        if self._kept_probe is not None and self._kept_probe.thread == threading.get_ident():
             kept, self._kept_probe = self._kept_probe, None
             if raised:
                 kept.cancel()
             else:
                 self.kept_decisions = kept.finish()
                 self.kept_pending = False
-        if self._probe is not None:
+        if self._probe is not None and self._probe.thread == threading.get_ident():
             probe, self._probe = self._probe, None
             if raised:  # a forward cut short says nothing: the next one decides
                 probe.cancel()
@@ -655,6 +663,21 @@ class Conversion:
                 UserWarning, stacklevel=2)
 
 
+class _ThreadState:
+    """One thread's forward through a conversion: the entered modules (True where the mode was
+    entered) and the mode object it pushes on that thread's torch-function mode stack."""
+
+    __slots__ = ("active", "mode", "scope", "gathered")
+
+    def __init__(self, mode: _Router) -> None:
+        self.active: list[bool] = []
+        self.mode = mode
+        #: this forward's packs (one per distinct input)
+        self.scope: Optional[pack_cache.Scope] = None
+        #: id(gathered copy) -> (weak ref of it, how it was gathered), for this forward
+        self.gathered: dict[int, tuple[Any, P.Gathered]] = {}
+
+
 class _ReluProbe:
     """On the first training forward: which MaskedReLU outputs something keeps alive anyway.
 
@@ -672,13 +695,14 @@ class _ReluProbe:
         self.relus = relus
         self.outputs: dict[int, list[tuple[int, int, int]]] = {id(m): [] for _, m in relus}
         self.handles: list[Any] = []
+        self.thread = threading.get_ident()  # other threads' forwards are not watched
 
     def start(self) -> None:
         for _, m in self.relus:
             self.handles.append(m.register_forward_hook(self._watch))
 
     def _watch(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor) and threading.get_ident() == self.thread:
             storage = output.untyped_storage()
             mask_bytes = (output.numel() + 31) // 32 * 4
             self.outputs[id(module)].append((storage._weak_ref(), storage.nbytes(), mask_bytes))
@@ -718,6 +742,7 @@ class _KeptProbe:
     elsewhere. A weight all of whose packs freed nothing is left dense from the next forward on."""
 
     def __init__(self, layers: list[Layer], inputs: tuple) -> None:
+        self.thread = threading.get_ident()
         self.layers = layers
         self.seen: dict[int, list[tuple[Any, int]]] = {}
         # the model's own inputs: whether the caller keeps them during backward is not known here
