@@ -136,6 +136,7 @@ def _probe(model: nn.Module, conversion: Conversion, example_inputs: Any) -> Non
     with unobserved_forward(model, conversion), torch.enable_grad():
         model.train()
         model(*args, **kwargs)
+    conversion.apply_kept()  # no backward of this forward will recompute anything
     conversion.warned = False  # the warning speaks of the first real training forward
 
 

@@ -561,6 +561,15 @@ class Conversion:
                 return i
         return None
 
+    def apply_kept(self) -> None:
+        """Leaves dense, from now on, the weights the last probed forward found packing nothing
+        free (see :class:`_KeptProbe`)."""
+        if self.kept_decisions and not self.kept_applied:
+            for layer in self.layers:
+                if layer.name in self.kept_decisions:
+                    layer.settings, layer.dense_reason = None, KEPT
+            self.kept_applied = True
+
     # -- forward bookkeeping -----------------------------------------------------------------
 
     def _thread(self) -> "_ThreadState":
@@ -599,13 +608,9 @@ class Conversion:
         if self.relu_pending and self._probe is None:  # one thread's forward decides
             self._probe = _ReluProbe(self.relus)
             self._probe.start()
-        if self.kept_decisions and not self.kept_applied:
-            # decided at the end of the last forward, applied only now: a checkpointed block
-            # recomputed during that forward's backward must save what its forward saved
-            for layer in self.layers:
-                if layer.name in self.kept_decisions:
-                    layer.settings, layer.dense_reason = None, KEPT
-            self.kept_applied = True
+        # decided at the end of the last forward, applied only now: a checkpointed block
+        # recomputed during that forward's backward must save what its forward saved
+        self.apply_kept()
         if self.kept_pending and self._kept_probe is None:  # one thread's forward decides
             self._kept_probe = _KeptProbe(self.layers, args)
         state.scope = pack_cache.Scope().open()

@@ -293,3 +293,10 @@ def test_compiled_product_is_one_graph_and_matches_eager(mode, dtype):
     got, want, ref = (dict(m.named_parameters())[weight].grad for m in (converted, eager, plain))
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, ref), "the compiled graph multiplies the weight without DropIT"
+
+
+def test_example_inputs_decide_the_kept_inputs_at_once():
+    model = dc.convert(KeptInput(), gamma=0.9, example_inputs=torch.randn(8, 16))
+    rows = {r.name: r for r in dc.report(model).layers}
+    assert rows["kept"].gamma is None and rows["kept"].dense_reason == "input kept alive by another op"
+    assert rows["free"].gamma == 0.9
