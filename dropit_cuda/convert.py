@@ -386,7 +386,7 @@ def report(model: nn.Module) -> Report:
     for layer in conversion.layers:
         if not (layer.claimed or layer.calls or layer.uncovered or layer.dense_reason in ("skip_first", KEPT)):
             continue
-        s = layer.settings
+        s = None if layer.keep_input else layer.settings
         uncovered = None if layer.uncovered is None else f"{layer.uncovered[0]}: not covered: {layer.uncovered[1]}"
         rows.append(LayerReport(layer.name, layer.op, s and s.gamma, s and s.strategy, s and s.chunk,
                                 layer.dense_reason, layer.calls, layer.dense_bytes, layer.cached_bytes, uncovered))

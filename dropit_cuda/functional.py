@@ -150,7 +150,11 @@ def save_packed(ctx, x: torch.Tensor, kept: tuple, settings: Settings, channel_d
     weight gradient is needed, ``x`` packed (one packed copy per distinct input in a converted
     model's forward: see :mod:`dropit_cuda.pack_cache`); :func:`restore_packed` gives both back."""
     cached, shared = None, False
-    if need_weight_grad:
+    ctx.raw_input = need_weight_grad and getattr(layer, "keep_input", False)
+    if ctx.raw_input:  # kept alive elsewhere anyway: saved as it is, no copy (see routing._KeptProbe)
+        ctx.cache_meta = None
+        ctx.save_for_backward(*kept, x)
+    elif need_weight_grad:
         x = dense_input(x)
         cached, shared = pack_cache.cache(x, settings, channel_dim)
         ctx.cache_meta = cached.with_tensors(())
@@ -170,6 +174,8 @@ def restore_packed(ctx) -> tuple[tuple, Optional[torch.Tensor]]:
     under non-reentrant checkpointing and any ``saved_tensors_hooks`` whose unpack may run once."""
     saved = ctx.saved_tensors
     kept, tensors = saved[:ctx.n_kept], saved[ctx.n_kept:]
+    if ctx.raw_input:
+        return tuple(kept), tensors[0]
     x_hat = None if ctx.cache_meta is None else ctx.cache_meta.with_tensors(tensors).unpack()
     return tuple(kept), x_hat
 

@@ -78,6 +78,9 @@ class Layer:
         #: set only during the first training forward of a conversion that decides which products
         #: free nothing by packing (see _KeptProbe)
         self.probe: Any = None
+        #: the products save their input as it is (something else keeps it alive): dense, but
+        #: still through DropIT, which keeps no autocast copy of the weight
+        self.keep_input = False
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -567,7 +570,7 @@ class Conversion:
         if self.kept_decisions and not self.kept_applied:
             for layer in self.layers:
                 if layer.name in self.kept_decisions:
-                    layer.settings, layer.dense_reason = None, KEPT
+                    layer.keep_input, layer.dense_reason = True, KEPT
             self.kept_applied = True
 
     # -- forward bookkeeping -----------------------------------------------------------------
@@ -744,7 +747,9 @@ class _KeptProbe:
     adds the pack's bytes and frees none (the model's own inputs are not judged: the caller may or
     may not keep them). Like :class:`_ReluProbe`, it holds weak references to
     the storages of the packed inputs; a storage still alive when the forward has returned is kept
-    elsewhere. A weight all of whose packs freed nothing is left dense from the next forward on."""
+    elsewhere. A weight all of whose packs freed nothing caches its input dense from the next
+    forward on: its products save the input itself (no copy), still through DropIT, which keeps
+    no autocast copy of the weight, unlike torch's own product."""
 
     def __init__(self, layers: list[Layer], inputs: tuple) -> None:
         self.thread = threading.get_ident()
@@ -766,7 +771,7 @@ class _KeptProbe:
         decisions = {}
         for layer in self.layers:
             seen = self.seen.get(id(layer))
-            if not seen or layer.settings is None:
+            if not seen or layer.settings is None or layer.keep_input:
                 continue
             if all(not torch.UntypedStorage._expired(ref) for ref, _ in seen):
                 decisions[layer.name] = "dense (its input is kept alive by another op anyway)"

@@ -300,3 +300,22 @@ def test_example_inputs_decide_the_kept_inputs_at_once():
     rows = {r.name: r for r in dc.report(model).layers}
     assert rows["kept"].gamma is None and rows["kept"].dense_reason == "input kept alive by another op"
     assert rows["free"].gamma == 0.9
+
+
+def test_a_kept_input_under_autocast_keeps_no_weight_copy():
+    # left dense, the product still runs through DropIT: it saves the input (kept anyway) and no
+    # bf16 copy of the weight, which torch's own product (the layer excluded) would keep
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    plain = KeptInput()
+    plain.kept = nn.Linear(16, 512)  # a weight large against the input
+    plain.free = nn.Linear(16, 512)
+    auto = dc.convert(copy.deepcopy(plain), gamma=0.9)
+    excluded = dc.convert(copy.deepcopy(plain), gamma=0.9, exclude="kept")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for m in (auto, excluded):
+            for _ in range(2):
+                m(x).float().sum().backward()
+        b_auto, b_excluded = saved_bytes(auto, x), saved_bytes(excluded, x)
+    assert dc.report(auto).layers[[r.name for r in dc.report(auto).layers].index("kept")].gamma is None
+    assert b_auto <= b_excluded - 16 * 512 * 2, (b_auto, b_excluded)
