@@ -324,6 +324,45 @@ class _DropITLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+class _Recast:
+    """A saved low-precision copy of a frozen weight, kept as the master weight and the view."""
+
+    __slots__ = ("weight", "dtype", "size", "stride", "offset")
+
+    def __init__(self, weight: torch.Tensor, copy: torch.Tensor) -> None:
+        self.weight, self.dtype = weight, copy.dtype
+        self.size, self.stride, self.offset = copy.size(), copy.stride(), copy.storage_offset()
+
+    def tensor(self) -> torch.Tensor:
+        # the same cast of the same weight gives the same bits
+        return self.weight.to(self.dtype).as_strided(self.size, self.stride, self.offset)
+
+
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """torch's own ``F.linear``. Under autocast, with a weight that needs no gradient (LoRA's base
+    weights), its low-precision copy is not kept for backward: the weight is cast here, as autocast
+    casts it (autocast leaves a tensor already in its dtype as it is), and the one tensor the
+    product saves, that copy, is cast again from the master weight when backward needs it."""
+    cast = _cast_dtype(x, weight, bias)
+    if (cast is None or weight.requires_grad or not x.requires_grad or not torch.is_grad_enabled()
+            or not weight.is_floating_point() or weight.dtype in (torch.float64, cast)
+            or torch.compiler.is_compiling()):
+        return F.linear(x, weight, bias)
+    low = weight.to(cast)
+    storage = low.untyped_storage().data_ptr()
+
+    def pack(t: torch.Tensor) -> Any:
+        if t.dtype == cast and t.device == low.device and t.untyped_storage().data_ptr() == storage:
+            return _Recast(weight, t)
+        return t
+
+    def unpack(saved: Any) -> torch.Tensor:
+        return saved.tensor() if isinstance(saved, _Recast) else saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return F.linear(x, low, bias)
+
+
 class _DropITLinearJvp(_DropITLinear):
     """With forward-mode AD (dynamo cannot trace a Function that defines ``jvp``, so only forward
     AD uses this one)."""
@@ -346,7 +385,7 @@ def linear_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """``F.linear(x, weight, bias)`` caching the input as ``settings`` say (settings already
     validated; ``layer`` receives what was cached)."""
     if not _caches(x, weight):
-        return F.linear(x, weight, bias)
+        return _torch_linear(x, weight, bias)
     cast = _cast_dtype(x, weight, bias)
     x, bias = _cast(x, cast), _cast(bias, cast)
     w_cast = cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None
