@@ -1,0 +1,273 @@
+"""Tensor and sequence parallelism (DTensor) of a converted model: CPU processes on gloo.
+
+A small transformer-like block (norm, a projection, an MLP, a residual) under the plans of
+``torch.distributed.tensor.parallel``, on 2 ranks, and under a 2-D mesh (FSDP2 over one
+dimension, tensor parallel over the other) on 4. Checked against the same plan without DropIT
+(bit for bit at gamma = 0: loss, every gradient, the collectives run), against the unsharded
+plain model (allclose), and at gamma = 0.9 against DropIT done by hand on each rank's local
+input (``tests/reference.py``)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import dropit_cuda as dc
+from distributed import run_on_ranks
+from reference import reference_unpack
+
+tp = pytest.importorskip("torch.distributed.tensor.parallel")
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: E402
+from torch.distributed.tensor.debug import CommDebugMode  # noqa: E402
+
+CHUNK = 16  # small, so that every local input spans several chunks
+BATCH, SEQ, HIDDEN = 2, 8, 8
+DROPIT = ("proj", "up", "down")  # the linear layers (norm is not converted)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.proj = nn.Linear(HIDDEN, HIDDEN)
+        self.up = nn.Linear(HIDDEN, 2 * HIDDEN)
+        self.act = nn.ReLU()
+        self.down = nn.Linear(2 * HIDDEN, HIDDEN)
+
+    def forward(self, x):
+        return x + self.down(self.act(self.up(self.proj(self.norm(x)))))
+
+
+def _block(gamma):
+    torch.manual_seed(0)
+    m = Block()
+    return m if gamma is None else dc.convert(m, gamma=gamma, chunk=CHUNK, skip_first=False)
+
+
+def _plans():
+    """name -> (parallelize plan, whether the block's input is sharded on the sequence)."""
+    P = tp
+    return {
+        # Megatron MLP: replicated input, column- then row-sharded weights
+        "colwise+rowwise": ({"up": P.ColwiseParallel(), "down": P.RowwiseParallel()}, False),
+        # sequence parallel: norm and a replicated-weight projection on sequence shards (their
+        # weight gradients are Partial), the MLP all-gathers in and reduce-scatters out; up's
+        # output stays a DTensor, so the ReLU runs on one
+        "sequence parallel": ({
+            "norm": P.SequenceParallel(), "proj": P.SequenceParallel(),
+            "up": P.ColwiseParallel(input_layouts=Shard(1), use_local_output=False),
+            "down": P.RowwiseParallel(input_layouts=Shard(-1), output_layouts=Shard(1)),
+        }, True),
+        # row-sharded first: sequence shards all-to-all into feature shards, reduce-scattered out
+        "rowwise+colwise, sequence in/out": ({
+            "norm": P.SequenceParallel(), "proj": P.SequenceParallel(use_local_output=True),
+            "up": P.RowwiseParallel(input_layouts=Shard(1), output_layouts=Shard(1)),
+            "down": P.ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(1)),
+        }, True),
+    }
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _global_batch(step=0):
+    return torch.randn(BATCH, SEQ, HIDDEN, generator=torch.Generator().manual_seed(10 + step))
+
+
+def _shard_of(x, rank, world, sequence):
+    if not sequence:
+        return x
+    n = x.shape[1] // world
+    return x[:, rank * n:(rank + 1) * n]
+
+
+def _capture(block):
+    """Hooks (registered before parallelize_module, so they see the linear layers' own DTensor
+    inputs and outputs) that record each DropIT layer's local input and output gradient."""
+    seen = {}
+
+    def hook(name):
+        def fn(module, args, output):
+            seen[name] = {"x": _local(args[0]).detach().clone()}
+            output.register_hook(lambda g: seen[name].__setitem__("g", _local(g).clone()))
+        return fn
+
+    for name in DROPIT:
+        getattr(block, name).register_forward_hook(hook(name))
+    return seen
+
+
+def _dropped(x, gamma):
+    """DropIT by hand (the independent NumPy model) on a local tensor: the kept elements of every
+    chunk of ``CHUNK`` in memory order, the others zero."""
+    bits = reference_unpack(x.contiguous(), gamma, CHUNK)
+    return torch.from_numpy(bits.view(np.float32).copy()).view(x.shape)
+
+
+def _reference_weight_grad(seen, gamma):
+    """The weight gradient this rank computes from its dropped local input."""
+    x, g = seen["x"], seen["g"]
+    x2 = _dropped(x, gamma).reshape(-1, x.shape[-1]).double()
+    return (g.reshape(-1, g.shape[-1]).double().t() @ x2).float()
+
+
+def _cosine(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b) / math.sqrt(float(a @ a) * float(b @ b))
+
+
+def _train_step(block, x):
+    """Forward and backward of the summed square; the loss (summed over ranks by the caller's
+    view: each rank's is its own output's), the collectives run, the gradients."""
+    with CommDebugMode() as comm:
+        loss = block(x).square().sum()
+        loss.backward()
+    grads = {n: p.grad for n, p in block.named_parameters()}
+    return loss.detach(), dict(comm.get_comm_counts()), grads
+
+
+def _one_d_plans(rank):
+    world = 2
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    X = _global_batch()
+    for plan_name, (plan, sequence) in _plans().items():
+        x = _shard_of(X, rank, world, sequence)
+        what = f"{plan_name}, rank {rank}"
+
+        unsharded = _block(None)
+        unsharded(X).square().sum().backward()
+
+        runs = {}
+        for gamma in (None, 0.0, 0.9):
+            block = _block(gamma)
+            seen = _capture(block)
+            tp.parallelize_module(block, mesh, plan)
+            runs[gamma] = (block, seen) + _train_step(block, x)
+
+        plain, _, loss_p, comm_p, grads_p = runs[None]
+        for gamma in (0.0, 0.9):
+            block, seen, loss, comm, grads = runs[gamma]
+            assert comm == comm_p, f"{what} gamma={gamma}: collectives {comm} vs plain plan {comm_p}"
+            assert torch.equal(_local(loss), _local(loss_p)), f"{what} gamma={gamma}: loss"
+            for name, g in grads.items():
+                gp = grads_p[name]
+                assert type(g) is type(gp), f"{what} {name}"
+                if isinstance(g, DTensor):
+                    assert g.placements == gp.placements, f"{what} {name}: {g.placements} vs {gp.placements}"
+                layer = name.rsplit(".", 1)[0]
+                if gamma == 0.0 or not name.endswith("weight") or layer not in DROPIT:
+                    # gamma = 0, and every gradient but a DropIT weight's: the plain plan's bits
+                    assert torch.equal(_local(g), _local(gp)), f"{what} gamma={gamma}: {name}"
+                else:
+                    assert not torch.equal(_local(g), _local(gp)), f"{what}: {name} not covered"
+                    want = _reference_weight_grad(seen[layer], 0.9)
+                    torch.testing.assert_close(_local(g), want, rtol=1e-5, atol=1e-6,
+                                               msg=lambda m: f"{what} gamma=0.9: {name}: {m}")
+            if gamma == 0.0:
+                for (name, g), q in zip(grads.items(), unsharded.parameters()):
+                    full = g.full_tensor() if isinstance(g, DTensor) else g
+                    torch.testing.assert_close(full, q.grad, rtol=1e-5, atol=1e-6,
+                                               msg=lambda m: f"{what}: {name} vs unsharded: {m}")
+
+            # report and memory count this rank's bytes; fidelity compares this rank's gradients
+            rows = {r.name: r for r in dc.report(block).layers}
+            for layer in DROPIT:
+                assert rows[layer].calls == 1, f"{what} {layer}"
+                assert rows[layer].dense_bytes == seen[layer]["x"].nbytes, f"{what} {layer}"
+            fid = {r.name: r for r in dc.fidelity(block, x).layers}
+            for layer in DROPIT:
+                if gamma == 0.0:
+                    assert fid[layer].cosine == 1.0, f"{what} {layer}"
+                else:
+                    exact = _local(grads_p[f"{layer}.weight"])
+                    want = _cosine(_reference_weight_grad(seen[layer], 0.9), exact)
+                    assert abs(fid[layer].cosine - want) < 1e-5, f"{what} {layer}: {fid[layer].cosine} vs {want}"
+
+        saved = {g: dc.memory.measure(runs[g][0], x).total_bytes for g in (None, 0.9)}
+        assert saved[0.9] < saved[None], f"{what}: {saved}"
+        results[plan_name] = {"plain": saved[None], "gamma=0.9": saved[0.9]}
+    _finish(rank, world, results)
+
+
+def _finish(rank, world, results):
+    # no collective left unwaited (the DTensor outputs' async collectives are all consumed)
+    assert torch._C._distributed_c10d._get_work_registry_size() == 0, f"rank {rank}"
+    if rank == 0 and os.environ.get("DROPIT_TP_RESULTS"):  # the figures of the issue's note
+        with open(os.environ["DROPIT_TP_RESULTS"], "a") as f:
+            f.write(json.dumps({"ranks": world, "saved_bytes_per_rank": results}) + "\n")
+
+
+# No check of the group's teardown: after parallelize_module torch itself keeps the world group
+# (hence gloo's threads) alive past destroy_process_group(), with a plain model too (checked:
+# no Python referrer); the workers must still exit cleanly, with no collective left unwaited.
+
+
+def test_tensor_and_sequence_parallel_plans(tmp_path):
+    run_on_ranks(_one_d_plans, tmp_path, world=2, timeout=300, check_teardown=False)
+
+
+def _two_d_mesh(rank):
+    """FSDP2 (fully_shard) over "dp", the sequence-parallel plan over "tp": 2 x 2 ranks."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp, tp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
+    plan, sequence = _plans()["sequence parallel"]
+    batches = [_global_batch(d) for d in range(2)]  # one per data-parallel group
+    x = _shard_of(batches[dp], tp_rank, 2, sequence)
+    what = f"2-D, rank {rank}"
+
+    unsharded = _block(None)
+    for X in batches:
+        unsharded(X).square().sum().backward()
+
+    runs = {}
+    for gamma in (None, 0.0, 0.9):
+        block = _block(gamma)
+        seen = _capture(block)
+        tp.parallelize_module(block, mesh["tp"], plan)
+        fully_shard(block, mesh=mesh["dp"])
+        runs[gamma] = (block, seen) + _train_step(block, x)
+
+    _, _, loss_p, comm_p, grads_p = runs[None]
+    for gamma in (0.0, 0.9):
+        block, seen, loss, comm, grads = runs[gamma]
+        assert comm == comm_p, f"{what} gamma={gamma}: collectives {comm} vs plain plan {comm_p}"
+        assert torch.equal(_local(loss), _local(loss_p)), f"{what} gamma={gamma}: loss"
+        for (name, g), q in zip(grads.items(), unsharded.parameters()):
+            gp = grads_p[name]
+            assert g.placements == gp.placements, f"{what} {name}: {g.placements} vs {gp.placements}"
+            layer = name.rsplit(".", 1)[0]
+            if gamma == 0.0 or not name.endswith("weight") or layer not in DROPIT:
+                assert torch.equal(g.to_local(), gp.to_local()), f"{what} gamma={gamma}: {name}"
+                if gamma == 0.0:  # FSDP2 averages over the data-parallel groups
+                    torch.testing.assert_close(g.full_tensor(), q.grad / 2, rtol=1e-5, atol=1e-6,
+                                               msg=lambda m: f"{what}: {name} vs unsharded: {m}")
+            else:
+                assert not torch.equal(g.to_local(), gp.to_local()), f"{what}: {name} not covered"
+                # DropIT by hand on this rank's local input, averaged over the dp groups by hand
+                want = _reference_weight_grad(seen[layer], 0.9)
+                torch.distributed.all_reduce(want, group=mesh["dp"].get_group())
+                if g.placements[1] == Replicate():  # proj: a replicated weight on sequence shards,
+                    torch.distributed.all_reduce(want, group=mesh["tp"].get_group())  # summed by FSDP2
+                got = g.redistribute(g.device_mesh, [Replicate(), g.placements[1]]).to_local()
+                torch.testing.assert_close(got, want / 2, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{what} gamma=0.9: {name}: {m}")
+        rows = {r.name: r for r in dc.report(block).layers}
+        for layer in DROPIT:
+            assert rows[layer].dense_bytes == seen[layer]["x"].nbytes, f"{what} {layer}"
+    saved = {g: dc.memory.measure(runs[g][0], x).total_bytes for g in (None, 0.9)}
+    assert saved[0.9] < saved[None], f"{what}: {saved}"
+    _finish(rank, 4, {"2-D: FSDP2 x sequence parallel": {"plain": saved[None], "gamma=0.9": saved[0.9]}})
+
+
+def test_fsdp2_by_tensor_parallel_mesh(tmp_path):
+    # no teardown check: see above (and FSDP2 keeps the group alive too, tests/test_fsdp.py)
+    run_on_ranks(_two_d_mesh, tmp_path, world=4, timeout=300, check_teardown=False)
