@@ -193,7 +193,37 @@ def _one_d_plans(rank):
         saved = {g: dc.memory.measure(runs[g][0], x).total_bytes for g in (None, 0.9)}
         assert saved[0.9] < saved[None], f"{what}: {saved}"
         results[plan_name] = {"plain": saved[None], "gamma=0.9": saved[0.9]}
+    _compiled_block(rank, mesh)
     _finish(rank, world, results)
+
+
+def _compiled_block(rank, mesh):
+    """torch.compile of the sequence-parallel converted block: one graph (fullgraph), the eager
+    converted block's loss and gradients bit for bit. The "aot_eager" backend: AOTAutograd traces
+    forward and backward with the DTensors as inductor would be handed them (inductor itself
+    works too but takes minutes to build its CPU kernels on 2 cores)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    plan, sequence = _plans()["sequence parallel"]
+    x = _shard_of(_global_batch(), rank, 2, sequence)
+    runs = {}
+    for how in ("plain", "eager", "compiled"):
+        block = _block(None if how == "plain" else 0.9)
+        tp.parallelize_module(block, mesh, plan)
+        fn = block
+        if how == "compiled":
+            counter = CompileCounterWithBackend("aot_eager")
+            fn = torch.compile(block, backend=counter, fullgraph=True)
+        loss = fn(x).square().sum()
+        loss.backward()
+        runs[how] = loss.detach(), {n: p.grad for n, p in block.named_parameters()}
+    assert counter.frame_count == 1, counter.frame_count
+    (loss_e, grads_e), (loss_c, grads_c) = runs["eager"], runs["compiled"]
+    assert torch.equal(_local(loss_c), _local(loss_e)), f"rank {rank}: compiled loss"
+    for name, g in grads_c.items():
+        assert torch.equal(_local(g), _local(grads_e[name])), f"rank {rank}: compiled {name}"
+        if name.endswith("weight") and name.split(".")[0] in DROPIT:  # DropIT ran in the graph
+            assert not torch.equal(_local(g), _local(runs["plain"][1][name])), f"rank {rank}: {name}"
 
 
 def _finish(rank, world, results):
@@ -209,7 +239,7 @@ def _finish(rank, world, results):
 # no Python referrer); the workers must still exit cleanly, with no collective left unwaited.
 
 
-def test_tensor_and_sequence_parallel_plans(tmp_path):
+def test_tensor_and_sequence_parallel_plans_and_compile(tmp_path):
     run_on_ranks(_one_d_plans, tmp_path, world=2, timeout=300, check_teardown=False)
 
 
