@@ -193,8 +193,31 @@ def _one_d_plans(rank):
         saved = {g: dc.memory.measure(runs[g][0], x).total_bytes for g in (None, 0.9)}
         assert saved[0.9] < saved[None], f"{what}: {saved}"
         results[plan_name] = {"plain": saved[None], "gamma=0.9": saved[0.9]}
+    _other_strategies(rank, mesh)
     _compiled_block(rank, mesh)
     _finish(rank, world, results)
+
+
+def _other_strategies(rank, mesh):
+    """Every strategy, and converting after parallelize_module: at gamma = 0 the plain plan's
+    gradients bit for bit, and every DropIT layer cached its (local) input once."""
+    plan, sequence = _plans()["sequence parallel"]
+    x = _shard_of(_global_batch(), rank, 2, sequence)
+    grads = {}
+    for how in ("plain", "min_k", "random", "min_k_channel", "random_channel", "converted after"):
+        torch.manual_seed(0)
+        block = Block()
+        if how not in ("plain", "converted after"):
+            dc.convert(block, gamma=0.0, strategy=how, chunk=CHUNK, skip_first=False)
+        tp.parallelize_module(block, mesh, plan)
+        if how == "converted after":
+            dc.convert(block, gamma=0.0, chunk=CHUNK, skip_first=False)
+        block(x).square().sum().backward()
+        grads[how] = {n: _local(p.grad) for n, p in block.named_parameters()}
+        if how != "plain":
+            assert [r.calls for r in dc.report(block).layers] == [1, 1, 1], how
+            for name, g in grads[how].items():
+                assert torch.equal(g, grads["plain"][name]), f"rank {rank} {how}: {name}"
 
 
 def _compiled_block(rank, mesh):
