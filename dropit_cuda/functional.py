@@ -13,6 +13,9 @@ cast inside the function: its low-precision copy is not kept for backward (the b
 the weight again, which gives the same bits), so a DropIT layer keeps neither the dense input nor
 a weight copy alive.
 
+DTensor inputs and weights (tensor and sequence parallelism) run torch's DTensor ops; what is
+packed is each rank's local input (see :mod:`dropit_cuda.dtensor`).
+
 These functions support a single backward pass (``retain_graph=True`` allows repeating it);
 double backward (``create_graph=True``) raises a RuntimeError.
 

@@ -132,6 +132,41 @@ def _train_step(block, x):
     return loss.detach(), dict(comm.get_comm_counts()), grads
 
 
+def _three_runs(parallelize, x):
+    """The block plain (key None), converted at gamma 0 and at 0.9, each parallelized by
+    ``parallelize`` and trained one step on ``x``: (block, captures, loss, collectives, grads)."""
+    runs = {}
+    for gamma in (None, 0.0, 0.9):
+        block = _block(gamma)
+        seen = _capture(block)
+        parallelize(block)
+        runs[gamma] = (block, seen) + _train_step(block, x)
+    return runs
+
+
+def _check_against_plain_plan(runs, gamma, what, dropit_weight_grad):
+    """The run at ``gamma`` against the plain plan's: the same collectives, loss, gradient types and
+    placements; the same gradient bits at gamma = 0 and, at 0.9, for everything but the DropIT
+    weights, whose gradients (local, plain's) go to ``dropit_weight_grad(name, layer, g, seen)``
+    and differ from plain's (covered)."""
+    _, _, loss_p, comm_p, grads_p = runs[None]
+    block, seen, loss, comm, grads = runs[gamma]
+    assert comm == comm_p, f"{what} gamma={gamma}: collectives {comm} vs plain plan {comm_p}"
+    assert torch.equal(_local(loss), _local(loss_p)), f"{what} gamma={gamma}: loss"
+    for name, g in grads.items():
+        gp = grads_p[name]
+        assert type(g) is type(gp), f"{what} {name}"
+        if isinstance(g, DTensor):
+            assert g.placements == gp.placements, f"{what} {name}: {g.placements} vs {gp.placements}"
+        layer = name.rsplit(".", 1)[0]
+        if gamma == 0.0 or not name.endswith("weight") or layer not in DROPIT:
+            # gamma = 0, and every gradient but a DropIT weight's: the plain plan's bits
+            assert torch.equal(_local(g), _local(gp)), f"{what} gamma={gamma}: {name}"
+        else:
+            assert not torch.equal(_local(g), _local(gp)), f"{what}: {name} not covered"
+            dropit_weight_grad(name, layer, g, seen[layer])
+
+
 def _one_d_plans(rank):
     world = 2
     mesh = init_device_mesh("cpu", (world,))
@@ -144,32 +179,16 @@ def _one_d_plans(rank):
         unsharded = _block(None)
         unsharded(X).square().sum().backward()
 
-        runs = {}
-        for gamma in (None, 0.0, 0.9):
-            block = _block(gamma)
-            seen = _capture(block)
-            tp.parallelize_module(block, mesh, plan)
-            runs[gamma] = (block, seen) + _train_step(block, x)
+        def reference(name, layer, g, seen_layer):  # DropIT by hand on this rank's input
+            want = _reference_weight_grad(seen_layer, 0.9)
+            torch.testing.assert_close(_local(g), want, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{what} gamma=0.9: {name}: {m}")
 
-        plain, _, loss_p, comm_p, grads_p = runs[None]
+        runs = _three_runs(lambda block: tp.parallelize_module(block, mesh, plan), x)
+        grads_p = runs[None][4]
         for gamma in (0.0, 0.9):
-            block, seen, loss, comm, grads = runs[gamma]
-            assert comm == comm_p, f"{what} gamma={gamma}: collectives {comm} vs plain plan {comm_p}"
-            assert torch.equal(_local(loss), _local(loss_p)), f"{what} gamma={gamma}: loss"
-            for name, g in grads.items():
-                gp = grads_p[name]
-                assert type(g) is type(gp), f"{what} {name}"
-                if isinstance(g, DTensor):
-                    assert g.placements == gp.placements, f"{what} {name}: {g.placements} vs {gp.placements}"
-                layer = name.rsplit(".", 1)[0]
-                if gamma == 0.0 or not name.endswith("weight") or layer not in DROPIT:
-                    # gamma = 0, and every gradient but a DropIT weight's: the plain plan's bits
-                    assert torch.equal(_local(g), _local(gp)), f"{what} gamma={gamma}: {name}"
-                else:
-                    assert not torch.equal(_local(g), _local(gp)), f"{what}: {name} not covered"
-                    want = _reference_weight_grad(seen[layer], 0.9)
-                    torch.testing.assert_close(_local(g), want, rtol=1e-5, atol=1e-6,
-                                               msg=lambda m: f"{what} gamma=0.9: {name}: {m}")
+            block, seen, _, _, grads = runs[gamma]
+            _check_against_plain_plan(runs, gamma, what, reference)
             if gamma == 0.0:
                 for (name, g), q in zip(grads.items(), unsharded.parameters()):
                     full = g.full_tensor() if isinstance(g, DTensor) else g
@@ -281,38 +300,28 @@ def _two_d_mesh(rank):
     for X in batches:
         unsharded(X).square().sum().backward()
 
-    runs = {}
-    for gamma in (None, 0.0, 0.9):
-        block = _block(gamma)
-        seen = _capture(block)
+    def parallelize(block):
         tp.parallelize_module(block, mesh["tp"], plan)
         fully_shard(block, mesh=mesh["dp"])
-        runs[gamma] = (block, seen) + _train_step(block, x)
 
-    _, _, loss_p, comm_p, grads_p = runs[None]
+    def reference(name, layer, g, seen_layer):
+        # DropIT by hand on this rank's local input, averaged over the dp groups by hand
+        want = _reference_weight_grad(seen_layer, 0.9)
+        torch.distributed.all_reduce(want, group=mesh["dp"].get_group())
+        if g.placements[1] == Replicate():  # proj: a replicated weight on sequence shards,
+            torch.distributed.all_reduce(want, group=mesh["tp"].get_group())  # summed by FSDP2
+        got = g.redistribute(g.device_mesh, [Replicate(), g.placements[1]]).to_local()
+        torch.testing.assert_close(got, want / 2, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{what} gamma=0.9: {name}: {m}")
+
+    runs = _three_runs(parallelize, x)
     for gamma in (0.0, 0.9):
-        block, seen, loss, comm, grads = runs[gamma]
-        assert comm == comm_p, f"{what} gamma={gamma}: collectives {comm} vs plain plan {comm_p}"
-        assert torch.equal(_local(loss), _local(loss_p)), f"{what} gamma={gamma}: loss"
-        for (name, g), q in zip(grads.items(), unsharded.parameters()):
-            gp = grads_p[name]
-            assert g.placements == gp.placements, f"{what} {name}: {g.placements} vs {gp.placements}"
-            layer = name.rsplit(".", 1)[0]
-            if gamma == 0.0 or not name.endswith("weight") or layer not in DROPIT:
-                assert torch.equal(g.to_local(), gp.to_local()), f"{what} gamma={gamma}: {name}"
-                if gamma == 0.0:  # FSDP2 averages over the data-parallel groups
-                    torch.testing.assert_close(g.full_tensor(), q.grad / 2, rtol=1e-5, atol=1e-6,
-                                               msg=lambda m: f"{what}: {name} vs unsharded: {m}")
-            else:
-                assert not torch.equal(g.to_local(), gp.to_local()), f"{what}: {name} not covered"
-                # DropIT by hand on this rank's local input, averaged over the dp groups by hand
-                want = _reference_weight_grad(seen[layer], 0.9)
-                torch.distributed.all_reduce(want, group=mesh["dp"].get_group())
-                if g.placements[1] == Replicate():  # proj: a replicated weight on sequence shards,
-                    torch.distributed.all_reduce(want, group=mesh["tp"].get_group())  # summed by FSDP2
-                got = g.redistribute(g.device_mesh, [Replicate(), g.placements[1]]).to_local()
-                torch.testing.assert_close(got, want / 2, rtol=1e-5, atol=1e-6,
-                                           msg=lambda m: f"{what} gamma=0.9: {name}: {m}")
+        block, seen, _, _, grads = runs[gamma]
+        _check_against_plain_plan(runs, gamma, what, reference)
+        if gamma == 0.0:  # FSDP2 averages over the data-parallel groups
+            for (name, g), q in zip(grads.items(), unsharded.parameters()):
+                torch.testing.assert_close(g.full_tensor(), q.grad / 2, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{what}: {name} vs unsharded: {m}")
         rows = {r.name: r for r in dc.report(block).layers}
         for layer in DROPIT:
             assert rows[layer].dense_bytes == seen[layer]["x"].nbytes, f"{what} {layer}"
