@@ -65,7 +65,7 @@ def local(x: torch.Tensor) -> tuple[torch.Tensor, Optional[Layout]]:
     tensor."""
     if not is_dtensor(x):
         return x, None
-    loc = x.to_local()
+    loc = local_of(x)
     return loc, Layout(x.device_mesh, tuple(x.placements), x.shape, tuple(x.stride()), loc.shape)
 
 
