@@ -87,9 +87,9 @@ def _shard_of(x, rank, world, sequence):
     return x[:, rank * n:(rank + 1) * n]
 
 
-def _capture(block):
-    """Hooks (registered before parallelize_module, so they see the linear layers' own DTensor
-    inputs and outputs) that record each DropIT layer's local input and output gradient."""
+def _capture(block, names=DROPIT):
+    """Hooks (registered before parallelize_module, so they see the layers' own DTensor inputs
+    and outputs) that record each DropIT layer's local input and output gradient."""
     seen = {}
 
     def hook(name):
@@ -98,8 +98,8 @@ def _capture(block):
             output.register_hook(lambda g: seen[name].__setitem__("g", _local(g).clone()))
         return fn
 
-    for name in DROPIT:
-        getattr(block, name).register_forward_hook(hook(name))
+    for name in names:
+        block.get_submodule(name).register_forward_hook(hook(name))
     return seen
 
 
@@ -213,6 +213,7 @@ def _one_d_plans(rank):
         assert saved[0.9] < saved[None], f"{what}: {saved}"
         results[plan_name] = {"plain": saved[None], "gamma=0.9": saved[0.9]}
     _other_strategies(rank, mesh)
+    _conv_on_batch_shards(rank, mesh)
     _compiled_block(rank, mesh)
     _finish(rank, world, results)
 
@@ -237,6 +238,36 @@ def _other_strategies(rank, mesh):
             assert [r.calls for r in dc.report(block).layers] == [1, 1, 1], how
             for name, g in grads[how].items():
                 assert torch.equal(g, grads["plain"][name]), f"rank {rank} {how}: {name}"
+
+
+def _conv_on_batch_shards(rank, mesh):
+    """A convolution on DTensors (replicated weight, batch-sharded input: Partial gradients): the
+    plain run's gradients at gamma = 0; at 0.9 the weight gradient of the dropped local input."""
+    from torch.distributed.tensor import distribute_module
+
+    def shard_batch(module, inputs, mesh):
+        return tuple(DTensor.from_local(t, mesh, [Shard(0)]) for t in inputs)
+
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(rank))
+    grads, seen = {}, None
+    for gamma in (None, 0.0, 0.9):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+        if gamma is not None:
+            dc.convert(net, gamma=gamma, chunk=CHUNK, skip_first=False)
+        captured = _capture(net, ["0"])
+        distribute_module(net, mesh, input_fn=shard_batch)
+        net(x).square().sum().backward()
+        grads[gamma] = {n: p.grad for n, p in net.named_parameters()}
+        seen = captured["0"]
+    for gamma in (0.0, 0.9):
+        for name, g in grads[gamma].items():
+            assert g.placements == grads[None][name].placements, f"rank {rank} conv {name}"
+            if gamma == 0.0 or name != "0.weight":
+                assert torch.equal(g.to_local(), grads[None][name].to_local()), f"rank {rank} conv {name}"
+    want = torch.nn.grad.conv2d_weight(_dropped(seen["x"], 0.9), (4, 3, 3, 3), seen["g"], padding=1)
+    torch.testing.assert_close(grads[0.9]["0.weight"].to_local(), want, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(want, grads[None]["0.weight"].to_local())
 
 
 def _compiled_block(rank, mesh):
