@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import dtensor
 from . import functional as DF
-from .relu import MaskedReLU
+from .relu import MaskedReLU, transform_active
 from .settings import Settings
 
 __all__ = ["Conversion", "Layer", "attach", "conversion_of", "detach", "in_backward"]
@@ -404,7 +404,8 @@ class Conversion:
         self.forwards += 1
         for layer in self.layers:
             layer.reset_stats()
-        if self.relu_pending and self._probe is None:  # one thread's forward decides
+        # one thread's plain forward decides (under a transform the ReLUs are torch.relu)
+        if self.relu_pending and self._probe is None and not transform_active():
             self._probe = _ReluProbe(self.relus)
             self._probe.start()
 
