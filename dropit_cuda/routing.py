@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import dtensor
 from . import functional as DF
 from .relu import MaskedReLU, transform_active
 from .settings import Settings
@@ -477,6 +478,7 @@ class _ReluProbe:
 
     def _watch(self, module: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(output, torch.Tensor) and threading.get_ident() == self.thread:
+            output = dtensor.local_of(output)  # a DTensor's memory is its local tensor
             storage = output.untyped_storage()
             mask_bytes = (output.numel() + 31) // 32 * 4
             self.outputs[id(module)].append((storage._weak_ref(), storage.nbytes(), mask_bytes))
