@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _native
+from . import _native, dtensor
 
 _native.load()
 
@@ -166,14 +166,17 @@ def masked_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if not (torch.is_grad_enabled() and x.requires_grad) or x.dtype not in _MASK_DTYPES or _transformed():
+    if not (torch.is_grad_enabled() and x.requires_grad) or x.dtype not in _MASK_DTYPES or transform_active():
         return torch.relu_(x) if inplace else torch.relu(x)
+    if dtensor.is_dtensor(x):  # masked on this rank's local tensor; torch's ReLU where not exact
+        out = None if inplace else dtensor.on_local(masked_relu, x)
+        return out if out is not None else torch.relu_(x) if inplace else torch.relu(x)
     if inplace:
         _check_inplace(x)
     return _MaskedReLUFunction.apply(x, inplace)
 
 
-def _transformed() -> bool:
+def transform_active() -> bool:
     """Whether forward-mode AD or a ``torch.func`` transform is active: the mask's saving is for a
     plain backward pass, so there ``torch.relu`` itself runs (same values, its own derivatives)."""
     return (torch.autograd.forward_ad._current_level >= 0

@@ -36,10 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import dtensor
 from . import functional as DF
 from . import pack_cache
 from . import products as P
-from .relu import MaskedReLU
+from .relu import MaskedReLU, transform_active
 from .settings import Settings
 
 __all__ = ["Conversion", "Layer", "attach", "conversion_of", "detach", "in_backward"]
@@ -152,6 +153,8 @@ def _route_matmul(op: str) -> Callable:
         if b.dim() == 2 and a.dim() >= 1:
             found = conv.lookup(b)
             if found is not None:
+                if not b.requires_grad:  # frozen: torch's own product, as called
+                    return NotImplemented
                 return DF.linear_with(a, b.t(), None, found[1], found[0], op)
         if a.dim() == 2 and b.dim() >= 2 and conv.lookup(a) is not None:
             return _weight_first(conv, a, b, op)
@@ -289,7 +292,7 @@ def _route_addmm(conv: "Conversion", args, kwargs):
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(x, torch.Tensor) or x.dim() != 2:
         return NotImplemented
     found = conv.lookup(w)
-    if found is None:
+    if found is None or not w.requires_grad:  # frozen: torch's own product, as called
         return NotImplemented
     return DF.linear_with(x, w.t(), b, found[1], found[0], "addmm")
 
@@ -510,7 +513,7 @@ class Conversion:
     def lookup(self, w: Any) -> Optional[tuple[Layer, Settings]]:
         """The layer whose weight ``w`` is (or is a view of), and its settings, if DropIT applies to
         this product, else None; decides ``skip_first`` on the first product against a trainable
-        weight. A frozen weight's product is not routed: it stays torch's own call."""
+        weight. A frozen weight's product caches nothing: the DropIT functions run torch's own call."""
         if not isinstance(w, torch.Tensor):
             return None
         index = self._find(w)
@@ -518,9 +521,8 @@ class Conversion:
             index = self._find(w._base)
         if index is None:
             return None
-        if not w.requires_grad:  # nothing to cache: torch's own call runs
-            return None
-        _skip_first(self.key, index)
+        if w.requires_grad:
+            _skip_first(self.key, index)
         layer, settings = self.layers[index], _settings_of(self.key, index)
         if settings is None or not layer.module.training:
             return None
@@ -608,7 +610,8 @@ class Conversion:
         self.forwards += 1
         for layer in self.layers:
             layer.reset_stats()
-        if self.relu_pending and self._probe is None:  # one thread's forward decides
+        # one thread's plain forward decides (under a transform the ReLUs are torch.relu)
+        if self.relu_pending and self._probe is None and not transform_active():
             self._probe = _ReluProbe(self.relus)
             self._probe.start()
         # decided at the end of the last forward, applied only now: a checkpointed block
@@ -711,6 +714,7 @@ class _ReluProbe:
 
     def _watch(self, module: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(output, torch.Tensor) and threading.get_ident() == self.thread:
+            output = dtensor.local_of(output)  # a DTensor's memory is its local tensor
             storage = output.untyped_storage()
             mask_bytes = (output.numel() + 31) // 32 * 4
             self.outputs[id(module)].append((storage._weak_ref(), storage.nbytes(), mask_bytes))
