@@ -31,9 +31,15 @@ def _current() -> Optional["Scope"]:
     return getattr(_local, "scope", None)
 
 
-def _key(t: torch.Tensor) -> tuple:
-    st = t.untyped_storage()
-    return (t.device, st.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version)
+def _key(t: torch.Tensor) -> Optional[tuple]:
+    """Where ``t``'s values are, or None for a tensor without a storage of its own (a
+    ``torch.func`` wrapper, a subclass): such tensors are not shared."""
+    try:
+        st = t.untyped_storage()
+        return (t.device, st.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
+                t._version)
+    except (NotImplementedError, RuntimeError, TypeError):
+        return None
 
 
 class Scope:
@@ -66,10 +72,11 @@ def alias(source: torch.Tensor, copy: torch.Tensor) -> None:
     if torch.compiler.is_compiling():  # checked first: reading the thread's state would add guards
         return
     scope = _current()
-    if scope is not None and copy is not source:
+    key = _key(source) if scope is not None and copy is not source else None
+    if key is not None:
         ref = source.untyped_storage()._weak_ref()
         scope.refs.append(ref)
-        scope.aliases[id(copy)] = (weakref.ref(copy), _key(source) + (copy.dtype,), ref)
+        scope.aliases[id(copy)] = (weakref.ref(copy), key + (copy.dtype,), ref)
 
 
 def cache(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[strategies.Cached, bool]:
@@ -78,13 +85,16 @@ def cache(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[strate
     if torch.compiler.is_compiling():  # checked first: reading the thread's state would add guards
         return strategy.cache(x, settings, channel_dim), False
     scope = _current()
-    if scope is None or torch._C._current_graph_task_id() != -1 or x.layout != torch.strided:
+    if scope is None or torch._C._current_graph_task_id() != -1 or x.layout != torch.strided \
+            or torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: tensors are wrappers
         return strategy.cache(x, settings, channel_dim), False
     aliased = scope.aliases.get(id(x))
     if aliased is not None and aliased[0]() is x:  # an autocast copy: its source decides
         base, ref = aliased[1], aliased[2]
     else:
         base, ref = _key(x), None
+    if base is None:
+        return strategy.cache(x, settings, channel_dim), False
     key = base + (settings, channel_dim % x.dim() if strategy.uses_channels else None)
     got = scope.packs.get(key)
     if got is not None and not torch.UntypedStorage._expired(got[0]):

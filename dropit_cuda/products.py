@@ -187,7 +187,7 @@ class _DropITEinsum(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, w, equation, w_first, settings, autocast, layer, op = inputs
         ctx.equation, ctx.w_first, ctx.autocast = equation, w_first, autocast
-        ctx.x_layout = (tuple(x.shape), tuple(x.stride()))
+        ctx.x_geometry = (tuple(x.shape), tuple(x.stride()))
         DF.save_packed(ctx, x, (w,), settings, -1, layer, op, need_weight_grad=ctx.needs_input_grad[1])
 
     vmap = staticmethod(DF._unsupported_vmap)
@@ -200,7 +200,7 @@ class _DropITEinsum(torch.autograd.Function):
 
         def grads(inp: Optional[torch.Tensor]) -> tuple:
             if inp is None:  # the input gradient reads only the weight: any values of this shape do
-                inp = torch.zeros(ctx.x_layout[0], dtype=grad.dtype if ctx.autocast[0] else w.dtype,
+                inp = torch.zeros(ctx.x_geometry[0], dtype=grad.dtype if ctx.autocast[0] else w.dtype,
                                   device=grad.device)
             leaves = (inp.detach().requires_grad_(need_x), w.detach().requires_grad_(need_w))
             with torch.enable_grad(), torch.autocast(grad.device.type, dtype=ctx.autocast[1],
@@ -210,10 +210,10 @@ class _DropITEinsum(torch.autograd.Function):
             got = iter(torch.autograd.grad(out, wanted, grad))
             return tuple(next(got) if n else None for n in (need_x, need_w))
 
-        x_in = None if x_hat is None else _restore_layout(x_hat, *ctx.x_layout)
+        x_in = None if x_hat is None else _restore_layout(x_hat, *ctx.x_geometry)
         grad_x, grad_w = grads(x_in)
         if need_w:
-            DF._give_exact_grad(ctx, grad_w, lambda inp: grads(_restore_layout(inp, *ctx.x_layout))[1])
+            DF._give_exact_grad(ctx, grad_w, lambda inp: grads(_restore_layout(inp, *ctx.x_geometry))[1])
         return grad_x, grad_w, None, None, None, None, None, None
 
 

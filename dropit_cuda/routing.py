@@ -617,7 +617,7 @@ class Conversion:
         # decided at the end of the last forward, applied only now: a checkpointed block
         # recomputed during that forward's backward must save what its forward saved
         self.apply_kept()
-        if self.kept_pending and self._kept_probe is None:  # one thread's forward decides
+        if self.kept_pending and self._kept_probe is None and not transform_active():  # one thread decides
             self._kept_probe = _KeptProbe(self.layers, args)
         state.scope = pack_cache.Scope().open()
 
@@ -761,13 +761,20 @@ class _KeptProbe:
         self.seen: dict[int, list[tuple[Any, int]]] = {}
         # the model's own inputs: whether the caller keeps them during backward is not known here
         leaves, _ = torch.utils._pytree.tree_flatten(inputs)
-        self.inputs = {t.untyped_storage().data_ptr() for t in leaves
-                       if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        self.inputs = set()
+        for t in leaves:
+            try:
+                self.inputs.add(t.untyped_storage().data_ptr())
+            except (AttributeError, NotImplementedError, RuntimeError, TypeError):
+                pass  # not a tensor, or one without a storage of its own
         for layer in layers:
             layer.probe = self
 
     def saw(self, layer: Layer, x: torch.Tensor, cached_bytes: int) -> None:
-        storage = x.untyped_storage()
+        try:
+            storage = x.untyped_storage()
+        except (NotImplementedError, RuntimeError, TypeError):  # a torch.func wrapper: not judged
+            return
         if storage.data_ptr() not in self.inputs:
             self.seen.setdefault(id(layer), []).append((storage._weak_ref(), cached_bytes))
 
