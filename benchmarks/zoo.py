@@ -225,8 +225,8 @@ class EinsumBmmBilinearNet(nn.Module):
         h = self.embed(x)  # (B, L, 16)
         e = torch.einsum("bld,hdk->hblk", h, self.heads).flatten(1, 2)  # (4, B*L, 8)
         e = e + torch.einsum("hdk,bld->hblk", self.heads, h * h).flatten(1, 2)
-        z = torch.bmm(torch.relu(e), self.mix).sum(0)  # (B*L, 8)
-        return self.out(z, torch.sin(z))
+        z = torch.bmm(torch.relu(e), self.mix).sum(0).to(self.out.weight.dtype)  # (B*L, 8); bilinear
+        return self.out(z, torch.sin(z))  # does not autocast: its operands in the weight's dtype
 
 
 # --- small nets for the transposed convolutions -------------------------------------------------
