@@ -23,7 +23,7 @@ import torch
 from . import functional as DF
 from .settings import Settings
 
-__all__ = ["Gathered", "ProductSpec", "weight_product"]
+__all__ = ["Gathered", "ProductSpec", "einsum", "weight_product"]
 
 
 @dataclass(frozen=True)
