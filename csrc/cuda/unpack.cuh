@@ -3,7 +3,8 @@
 // Bitmap index: thread t loads a run of consecutive bitmap words (one coalesced pass over the
 // chunk's words), popcounts give its count, one block scan gives each word's first value
 // position; the words and positions go to shared memory, and the dense chunk is written 16
-// bytes a lane (coalesced), each lane reading its few marked values.
+// bytes a lane (coalesced), each lane reading its few marked values (through the chunk's base
+// pointers, computed once per chunk).
 // Offsets index: the block zeroes its dense chunk (16 bytes a lane), then scatters the values.
 //
 // What a tampered index does (the CPU op raises on it; the CUDA op cannot without a host sync):
@@ -81,9 +82,9 @@ DROPIT_DEVICE void unpack_bitmap_block(const UnpackParams<Bits>& p, Sync sync = 
   for (int64_t c = simt::block_idx(); c < p.num_chunks; c += simt::grid_dim()) {
     const int L = p.chunk_len(c);
     const int k = p.chunk_keep(c);
-    const simt::gptr<const Bits> vc = p.values + c * static_cast<int64_t>(p.keep);
-    const simt::gptr<const int32_t> wc = p.bitmap + c * static_cast<int64_t>(p.words);
-    const simt::gptr<Bits> oc = p.out + c * static_cast<int64_t>(p.chunk);
+    const simt::gptr<const Bits> vc = simt::pinned(p.values + c * static_cast<int64_t>(p.keep));
+    const simt::gptr<const int32_t> wc = simt::pinned(p.bitmap + c * static_cast<int64_t>(p.words));
+    const simt::gptr<Bits> oc = simt::pinned(p.out + c * static_cast<int64_t>(p.chunk));
     const int used_words = (L + 31) >> 5;
     // Thread t: words [t*R, t*R + R), bits past the chunk's length cleared.
     const int per_thread = (used_words + nthreads - 1) / nthreads;

@@ -42,7 +42,7 @@ PackPlan plan_of(const PackJob& j) {
   PackPlan plan = plan_pack(j.geometry, j.elem_bytes, j.random, j.smem_limit, j.threads);
   if (!j.random && j.source == 0) {
     plan.source = KeySource::kSharedBits;
-    plan.dynamic_smem = static_cast<size_t>(j.geometry.chunk) * static_cast<size_t>(j.elem_bytes);
+    plan.dynamic_smem = staged_bytes(j.geometry.chunk, j.elem_bytes);
   } else if (!j.random && j.source == 1) {
     plan.source = KeySource::kGlobalBits;
     plan.dynamic_smem = 0;
