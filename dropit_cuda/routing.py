@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import functional as DF
-from .relu import MaskedReLU
+from .relu import MaskedReLU, transform_active
 from .settings import Settings
 
 __all__ = ["Conversion", "Layer", "attach", "conversion_of", "detach", "in_backward"]
@@ -319,20 +320,21 @@ class Conversion:
         self.forwards = 0  # eager training forwards seen (a compiled forward cannot count)
         self.compiled = False  # whether the last training forward ran compiled (nothing recorded)
         self.warned = False
-        self._active: list[bool] = []
         self._register()
 
     def _register(self) -> None:
         self.key = next(_KEYS)
         _CONVERSIONS[self.key] = self
-        self._mode = _Router(self)
+        # torch's mode stack is per thread, and so is a forward: each thread that runs this
+        # model keeps its own stack of entered modules and its own mode object
+        self._threads = threading.local()
+        self._thread()  # made now, not during the first (perhaps compiled) forward: no guard on it
         self._probe: Optional[_ReluProbe] = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for transient in ("key", "_mode", "_probe"):
+        for transient in ("key", "_threads", "_probe"):
             del state[transient]
-        state["_active"] = []
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -344,7 +346,7 @@ class Conversion:
     def lookup(self, w: Any) -> Optional[tuple[Layer, Settings]]:
         """The layer whose weight ``w`` is (or is a view of), and its settings, if DropIT applies to
         this product, else None; decides ``skip_first`` on the first product against a trainable
-        weight. A frozen weight is routed too: its product then caches nothing of the input."""
+        weight. A frozen weight's product is not routed: it stays torch's own call."""
         if not isinstance(w, torch.Tensor):
             return None
         index = self._find(w)
@@ -352,8 +354,9 @@ class Conversion:
             index = self._find(w._base)
         if index is None:
             return None
-        if w.requires_grad:
-            _skip_first(self.key, index)
+        if not w.requires_grad:  # nothing to cache: torch's own call runs
+            return None
+        _skip_first(self.key, index)
         layer, settings = self.layers[index], _settings_of(self.key, index)
         if settings is None or not layer.module.training:
             return None
@@ -367,22 +370,30 @@ class Conversion:
 
     # -- forward bookkeeping -----------------------------------------------------------------
 
+    def _thread(self) -> "_ThreadState":
+        state = getattr(self._threads, "state", None)
+        if state is None:
+            state = self._threads.state = _ThreadState(_Router(self))
+        return state
+
     def enter(self, module: nn.Module) -> None:
-        if not self._active:
+        state = self._thread()
+        if not state.active:
             if not (torch.is_grad_enabled() and module.training):
-                self._active.append(False)
+                state.active.append(False)
                 return
-            self._start_forward()
-        self._active.append(True)
+            self._start_forward(state.mode)
+        state.active.append(True)
 
     def exit(self, raised: bool = False) -> None:
-        if not self._active or not self._active.pop():
+        state = self._thread()
+        if not state.active or not state.active.pop():
             return
-        if not self._active:
-            self._end_forward(raised)
+        if not state.active:
+            self._end_forward(state.mode, raised)
 
-    def _start_forward(self) -> None:
-        self._mode.__enter__()
+    def _start_forward(self, mode: "_Router") -> None:
+        mode.__enter__()
         if torch.compiler.is_compiling():
             self.compiled = True  # a write only: reading mutable state here would add guards
             return
@@ -392,17 +403,18 @@ class Conversion:
         self.forwards += 1
         for layer in self.layers:
             layer.reset_stats()
-        if self.relu_pending:
+        # one thread's plain forward decides (under a transform the ReLUs are torch.relu)
+        if self.relu_pending and self._probe is None and not transform_active():
             self._probe = _ReluProbe(self.relus)
             self._probe.start()
 
-    def _end_forward(self, raised: bool) -> None:
-        self._mode.__exit__(None, None, None)
+    def _end_forward(self, mode: "_Router", raised: bool) -> None:
+        mode.__exit__(None, None, None)
         for layer in self.layers:
             layer.derived = None
         if torch.compiler.is_compiling() or in_backward():
             return
-        if self._probe is not None:
+        if self._probe is not None and self._probe.thread == threading.get_ident():
             probe, self._probe = self._probe, None
             if raised:  # a forward cut short says nothing: the next one decides
                 probe.cancel()
@@ -430,6 +442,17 @@ class Conversion:
                 UserWarning, stacklevel=2)
 
 
+class _ThreadState:
+    """One thread's forward through a conversion: the entered modules (True where the mode was
+    entered) and the mode object it pushes on that thread's torch-function mode stack."""
+
+    __slots__ = ("active", "mode")
+
+    def __init__(self, mode: _Router) -> None:
+        self.active: list[bool] = []
+        self.mode = mode
+
+
 class _ReluProbe:
     """On the first training forward: which MaskedReLU outputs something keeps alive anyway.
 
@@ -447,13 +470,14 @@ class _ReluProbe:
         self.relus = relus
         self.outputs: dict[int, list[tuple[int, int, int]]] = {id(m): [] for _, m in relus}
         self.handles: list[Any] = []
+        self.thread = threading.get_ident()  # other threads' forwards are not watched
 
     def start(self) -> None:
         for _, m in self.relus:
             self.handles.append(m.register_forward_hook(self._watch))
 
     def _watch(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor) and threading.get_ident() == self.thread:
             storage = output.untyped_storage()
             mask_bytes = (output.numel() + 31) // 32 * 4
             self.outputs[id(module)].append((storage._weak_ref(), storage.nbytes(), mask_bytes))
