@@ -75,7 +75,7 @@ inline PackParams<Bits> make_pack_params(const ChunkGeometry& g, const Bits* x, 
 }
 
 // Threads per block for chunks of D.
-inline int pack_threads(int64_t D) { return D <= 4096 ? 256 : 512; }
+inline int pack_threads(int64_t D) { return D <= 1024 ? 128 : (D <= 4096 ? 256 : 512); }
 
 struct PackPlan : LaunchPlan {
   KeySource source = KeySource::kSharedBits;

@@ -57,25 +57,29 @@ inline UnpackParams<Bits> make_unpack_params(const ChunkGeometry& g, const Bits*
   return p;
 }
 
-// Threads per block for chunks of D: about one bitmap word per thread (multiples of 32, up to 1024).
+// Threads per block for chunks of D: about one bitmap word per thread (multiples of 32, up to 1024),
+// at least 64 (32 blocks of 64 fill an SM's 2048 threads; small chunks then pay their per-chunk
+// scan and barriers on two warps, not four).
 inline int unpack_threads(int64_t D) {
   const int64_t words = (D + 31) / 32;
-  return words <= 128 ? 128 : (words <= 256 ? 256 : (words <= 512 ? 512 : 1024));
+  return words <= 64 ? 64 : (words <= 128 ? 128 : (words <= 256 ? 256 : (words <= 512 ? 512 : 1024)));
 }
 
-inline LaunchPlan plan_unpack(const ChunkGeometry& g, int threads = 0) {
-  return launch_plan(g.num_chunks, 1, threads > 0 ? threads : unpack_threads(g.chunk));
+// Dynamic shared memory of the bitmap body: a word and the position of its first value, per word
+// of a chunk (16 KB at D = 65536, within the 48 KB a launch gets without opting in; sized to the
+// chunk, so that small chunks leave room for many blocks per SM). The offsets body takes none.
+inline LaunchPlan plan_unpack(const ChunkGeometry& g, bool bitmap, int threads = 0) {
+  return launch_plan(g.num_chunks, 1, threads > 0 ? threads : unpack_threads(g.chunk),
+                     bitmap ? 2 * sizeof(uint32_t) * static_cast<size_t>(g.words) : 0);
 }
 
 namespace kernels {
 
-// Shared memory of the bitmap body: a word and the position of its first value, per word.
-constexpr int kUnpackMaxWords = static_cast<int>(kMaxChunk / 32);
-
+// Needs 2 * words * 4 bytes of dynamic shared memory (plan_unpack).
 template <typename Bits, typename Sync = simt::BlockSync>
 DROPIT_DEVICE void unpack_bitmap_block(const UnpackParams<Bits>& p, Sync sync = Sync()) {
   constexpr int V = simt::kVec16<Bits>;  // elements per 16-byte store; 32 % V == 0
-  DROPIT_SHARED(uint32_t, words, 2 * kUnpackMaxWords);
+  const simt::sptr<uint32_t> words = simt::dynamic_shared<uint32_t>();
   DROPIT_SHARED(uint32_t, slots, 32);
   const int tid = simt::thread_idx();
   const int nthreads = simt::block_dim();

@@ -65,11 +65,12 @@ template <typename Bits>
 void unpack_typed(const UnpackJob& j) {
   const UnpackParams<Bits> p = make_unpack_params<Bits>(
       j.geometry, static_cast<const Bits*>(j.values), j.bitmap, j.offsets, static_cast<Bits*>(j.out));
-  const LaunchPlan plan = plan_unpack(j.geometry, j.threads);
+  const LaunchPlan plan = plan_unpack(j.geometry, j.bitmap != nullptr, j.threads);
   const int64_t grid = j.grid > 0 ? j.grid : plan.grid;
   const TestSync sync{j.drop_barrier};
   if (j.bitmap) {
-    simt::host::launch(grid, plan.threads, 0, [&] { kernels::unpack_bitmap_block<Bits>(p, sync); }, j.options);
+    simt::host::launch(grid, plan.threads, plan.dynamic_smem, [&] { kernels::unpack_bitmap_block<Bits>(p, sync); },
+                       j.options);
   } else {
     simt::host::launch(grid, plan.threads, 0, [&] { kernels::unpack_offsets_block<Bits>(p, sync); }, j.options);
   }
