@@ -235,8 +235,8 @@ def test_constant_column_on_the_threshold(simt, dtype):
     tie = mags[3].item()
     assert (mags > tie).sum() < keep <= (mags >= tie).sum() and (mags == tie).sum() >= 256
     for bitmap in (True, False):
-        for threads in (256, 512):
-            check(simt, x, gamma, D, bitmap, threads=threads, unpack_threads=512)
+        for threads, order in ((256, "forward"), (512, "forward"), (512, "shuffled:5")):
+            check(simt, x, gamma, D, bitmap, threads=threads, unpack_threads=512, order=order)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
