@@ -16,6 +16,25 @@ products too) and left by forward hooks; nested entries only count. Weights are 
 product runs (by identity with the module's current parameter, or the view's base), so parameters
 swapped in during the forward (FSDP2's unsharded parameters) are found too.
 
+Routing every torch function call through a Python mode costs microseconds each, which sets the
+step time of an eager model that is not huge. So the first complete eager training forward (the
+*observed* one) also notes, for every product against a covered weight, the innermost hooked
+module running at the time; afterwards the routing narrows (:meth:`Conversion._narrow`):
+
+- a weight DropIT caches whose owner is a stock ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (zero padding)
+  / Hugging Face ``Conv1D``, and whose products all came from that owner's own forward, gets a
+  *direct* forward (:class:`_Direct`, set on the module instance) that makes the product through
+  DropIT with no mode at all;
+- the mode is entered only around the modules that need it: owners of a covered weight whose
+  forward is anything else (attention, parametrized weights, custom modules) and the modules in
+  which the observed forward used a covered weight of another module (torchvision's Swin);
+- dense layers (``None`` settings, ``skip_first``) need nothing: torch's own product runs.
+
+The hooks of every other module are removed (a module with hooks takes torch's slow call path).
+Should a layer's settings change between dense and DropIT, the next training forward is observed
+again with the full routing. A forward traced by ``torch.compile`` observes nothing (it runs with
+whatever routing the last eager forward left).
+
 The per-layer record also keeps what the last training forward did (op, calls, dense and cached
 bytes) for :func:`dropit_cuda.report`, decides ``skip_first`` on the first training forward, and
 decides which swapped-in ``MaskedReLU`` actually free memory (see :func:`dropit_cuda.convert`).
@@ -225,6 +244,8 @@ class _Router(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.conversion._touched is not None:  # an observed forward: which weights it uses
+            self.conversion.touch(args, kwargs)
         if torch.is_grad_enabled():
             route = _ROUTES.get(func)
             if route is not None:
@@ -243,7 +264,7 @@ class _Router(TorchFunctionMode):
 
 
 class _Enter:
-    """Forward pre-hook: enter the conversion's mode (outermost training call only)."""
+    """Forward pre-hook: enter the conversion's forward (outermost training call only)."""
 
     def __init__(self, conversion: "Conversion") -> None:
         self.conversion = conversion
@@ -253,7 +274,7 @@ class _Enter:
 
 
 class _Exit:
-    """Forward hook (``always_call``): leave the conversion's mode."""
+    """Forward hook (``always_call``): leave the conversion's forward."""
 
     def __init__(self, conversion: "Conversion") -> None:
         self.conversion = conversion
@@ -261,6 +282,95 @@ class _Exit:
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
         # torch calls an always_call hook with output None when the forward raised
         self.conversion.exit(raised=output is None and sys.exc_info()[0] is not None)
+
+
+class _RouteEnter:
+    """Forward pre-hook of a module that needs the mode once the routing narrowed: enter it."""
+
+    def __init__(self, conversion: "Conversion") -> None:
+        self.conversion = conversion
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.conversion.route_enter(module)
+
+
+class _RouteExit:
+    """Forward hook (``always_call``) of a module that needs the mode: leave it."""
+
+    def __init__(self, conversion: "Conversion") -> None:
+        self.conversion = conversion
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.conversion.route_exit()
+
+
+# --- direct forwards: a stock layer's own product, without the mode -----------------------------
+
+
+def _hf_conv1d() -> Optional[type]:
+    """Hugging Face's ``Conv1D`` class, if transformers is already imported (a model using it
+    imported it)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def _direct_kind(module: nn.Module, attr: str) -> Optional[str]:
+    """``"linear"``, ``"conv"`` or ``"addmm"`` when ``module``'s own forward is torch's (or
+    Hugging Face's) stock forward that makes exactly one product against ``module.attr``, which
+    :class:`_Direct` then makes itself; None for any other module (its products need the mode)."""
+    if attr != "weight" or "forward" in module.__dict__:
+        return None
+    cls = type(module)
+    if cls.forward is nn.Linear.forward:
+        return "linear"
+    for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if cls.forward is base.forward and cls._conv_forward is base._conv_forward:
+            return "conv" if module.padding_mode == "zeros" else None
+    conv1d = _hf_conv1d()
+    if conv1d is not None and cls.forward is conv1d.forward:
+        return "addmm"
+    return None
+
+
+class _Direct:
+    """The forward of a stock layer whose weight DropIT caches, set on the module instance once the
+    observed forward showed that the layer's own forward makes all its products: the very call the
+    mode would route (same arguments, same DropIT function), without the mode. Where the mode is
+    active anyway (inside a module that needs it), not training, or without autograd, it runs the
+    class's own forward."""
+
+    def __init__(self, conversion: "Conversion", index: int, kind: str) -> None:
+        self.conversion = conversion
+        self.index = index
+        self.kind = kind
+        self.layer = conversion.layers[index]
+        self.arg = "x" if kind == "addmm" else "input"  # the name of the forward's argument
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.layer.module
+        if len(args) == 1 and not kwargs:
+            x = args[0]
+        elif not args and len(kwargs) == 1 and self.arg in kwargs:
+            x = kwargs[self.arg]
+        else:  # as the class's forward takes (or rejects) them
+            return type(module).forward(module, *args, **kwargs)
+        conversion = self.conversion
+        if conversion.mode_on() or not (module.training and torch.is_grad_enabled()):
+            return type(module).forward(module, x)  # the mode routes it, or nothing to route
+        w = module._parameters.get("weight")
+        settings = conversion.settings_for(self.index, w) if isinstance(w, torch.Tensor) else None
+        if settings is None:
+            return type(module).forward(module, x)
+        bias = module._parameters.get("bias")
+        if self.kind == "linear":
+            return DF.linear_with(x, w, bias, settings, self.layer, "linear")
+        if self.kind == "addmm":  # Hugging Face's Conv1D: addmm(bias, x as a matrix, weight)
+            size_out = x.size()[:-1] + (module.nf,)
+            out = DF.linear_with(x.view(-1, x.size(-1)), w.t(), bias, settings, self.layer, "addmm")
+            return out.view(size_out)
+        nd = w.dim() - 2
+        return DF.conv_with(x, w, bias, module.stride, module.padding, module.dilation, module.groups,
+                            settings, False, 0, self.layer, f"conv{nd}d")
 
 
 class _Derived:
@@ -273,7 +383,7 @@ class _Derived:
         self.layer.derived = output
 
 
-HOOK_TYPES = (_Enter, _Exit, _Derived)
+HOOK_TYPES = (_Enter, _Exit, _RouteEnter, _RouteExit, _Derived)
 
 # Conversions by key, for decisions that torch.compile must take as constants (see _skip_first).
 _CONVERSIONS: "weakref.WeakValueDictionary[int, Conversion]" = weakref.WeakValueDictionary()
@@ -309,7 +419,8 @@ def _settings_of(key: int, index: int) -> Optional[Settings]:
 class Conversion:
     """What :func:`dropit_cuda.convert` attached to a model (``model._dropit_conversion``)."""
 
-    def __init__(self, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool) -> None:
+    def __init__(self, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool,
+                 hooked: list[nn.Module]) -> None:
         self.layers = layers
         self.relus = relus  # (name, MaskedReLU) swapped in; decided on the first training forward
         self.first_pending = skip_first
@@ -319,7 +430,12 @@ class Conversion:
         self.forwards = 0  # eager training forwards seen (a compiled forward cannot count)
         self.compiled = False  # whether the last training forward ran compiled (nothing recorded)
         self.warned = False
-        self._active: list[bool] = []
+        #: the root first, then every module that leads to a covered weight (hooked while observing)
+        self.hooked = hooked
+        #: once narrowed: which layers were dense then (a change makes the next forward observed)
+        self.narrowed: Optional[tuple[bool, ...]] = None
+        self._parametrized = [layer for layer in layers if layer.parametrized]
+        self._active: list[int] = []
         self._register()
 
     def _register(self) -> None:
@@ -327,10 +443,20 @@ class Conversion:
         _CONVERSIONS[self.key] = self
         self._mode = _Router(self)
         self._probe: Optional[_ReluProbe] = None
+        #: while an observed forward runs: the hooked modules entered, innermost last, and for
+        #: each layer index the innermost hooked modules in which a product used its weight
+        self._mode_all = False  # whether the mode is on for the whole current forward
+        self._routing: list[bool] = []  # route_enter's entries: whether each entered the mode
+        self._stack: list[nn.Module] = []
+        self._seen: Optional[dict[int, dict[int, nn.Module]]] = None
+        #: while an observed forward runs: layer index by id of its weight, and the indices of
+        #: the weights any torch function took (in a product or not)
+        self._weight_ids: dict[int, int] = {}
+        self._touched: Optional[set[int]] = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for transient in ("key", "_mode", "_probe"):
+        for transient in ("key", "_mode", "_probe", "_mode_all", "_routing", "_stack", "_seen", "_weight_ids", "_touched"):
             del state[transient]
         state["_active"] = []
         return state
@@ -352,12 +478,39 @@ class Conversion:
             index = self._find(w._base)
         if index is None:
             return None
+        if self._seen is not None:  # (an observed forward, not traced: see touch)
+            where = self._stack[-1] if self._stack else None
+            self._seen.setdefault(index, {})[id(where)] = where
+        settings = self.settings_for(index, w)
+        return None if settings is None else (self.layers[index], settings)
+
+    def settings_for(self, index: int, w: torch.Tensor) -> Optional[Settings]:
+        """The settings of a product against layer ``index``'s weight ``w``, None where it stays
+        dense (a dense layer, or its owner not training); decides ``skip_first`` on the first
+        product against a trainable weight."""
         if w.requires_grad:
             _skip_first(self.key, index)
-        layer, settings = self.layers[index], _settings_of(self.key, index)
-        if settings is None or not layer.module.training:
+        settings = _settings_of(self.key, index)
+        if settings is None or not self.layers[index].module.training:
             return None
-        return layer, settings
+        return settings
+
+    def touch(self, args: tuple, kwargs: dict) -> None:
+        """Notes the covered weights among a torch function's tensor arguments (observed forward).
+        Under torch.compile the observation is cancelled instead: a traced part of the forward
+        leaves no record at run time (the write is replayed by the compiled code), so the
+        routing must not narrow from it."""
+        if torch.compiler.is_compiling():
+            self._seen = self._touched = None
+            return
+        ids = self._weight_ids
+        for a in itertools.chain(args, kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                index = ids.get(id(a))
+                if index is None and a._base is not None:
+                    index = ids.get(id(a._base))
+                if index is not None:
+                    self._touched.add(index)
 
     def _find(self, w: torch.Tensor) -> Optional[int]:
         for i, layer in enumerate(self.layers):
@@ -367,23 +520,54 @@ class Conversion:
 
     # -- forward bookkeeping -----------------------------------------------------------------
 
+    def mode_on(self) -> bool:
+        """Whether the mode routes products now: inside a routed module once the routing narrowed
+        (a direct forward then leaves its product to the mode)."""
+        return bool(self._routing) and self._routing[0]
+
     def enter(self, module: nn.Module) -> None:
+        """A hooked module starts: the outermost call of a training forward starts the forward
+        (and, unless the routing narrowed, enters the mode for all of it)."""
         if not self._active:
             if not (torch.is_grad_enabled() and module.training):
                 self._active.append(False)
                 return
             self._start_forward()
         self._active.append(True)
+        if self._seen is not None and not torch.compiler.is_compiling():
+            self._stack.append(module)
 
     def exit(self, raised: bool = False) -> None:
         if not self._active or not self._active.pop():
             return
+        if self._seen is not None and self._stack and not torch.compiler.is_compiling():
+            self._stack.pop()
         if not self._active:
             self._end_forward(raised)
 
+    def route_enter(self, module: nn.Module) -> None:
+        """A module that needs the mode starts (once the routing narrowed): the outermost one
+        enters the mode if it trains with autograd on."""
+        if self._routing:
+            self._routing.append(False)
+        elif torch.is_grad_enabled() and module.training:
+            self._mode.__enter__()
+            self._routing.append(True)
+        else:
+            self._routing.append(False)
+
+    def route_exit(self) -> None:
+        if self._routing and self._routing.pop():
+            self._mode.__exit__(None, None, None)
+
     def _start_forward(self) -> None:
-        self._mode.__enter__()
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self.narrowed is not None and self.narrowed != self._dense():
+            self._widen()  # a layer turned dense or DropIT: observe this forward again
+        self._mode_all = self.narrowed is None
+        if self._mode_all:
+            self._mode.__enter__()
+        if compiling:
             self.compiled = True  # a write only: reading mutable state here would add guards
             return
         if in_backward():
@@ -392,16 +576,23 @@ class Conversion:
         self.forwards += 1
         for layer in self.layers:
             layer.reset_stats()
+        if self.narrowed is None:
+            self._seen, self._touched = {}, set()
+            self._weight_ids = {id(w): i for i, w in enumerate(layer.current() for layer in self.layers)
+                                if w is not None}
         if self.relu_pending:
             self._probe = _ReluProbe(self.relus)
             self._probe.start()
 
     def _end_forward(self, raised: bool) -> None:
-        self._mode.__exit__(None, None, None)
-        for layer in self.layers:
+        if self._mode_all:
+            self._mode.__exit__(None, None, None)
+        for layer in self._parametrized:
             layer.derived = None
         if torch.compiler.is_compiling() or in_backward():
             return
+        seen, touched, self._seen, self._touched, self._weight_ids = self._seen, self._touched, None, None, {}
+        self._stack.clear()
         if self._probe is not None:
             probe, self._probe = self._probe, None
             if raised:  # a forward cut short says nothing: the next one decides
@@ -412,6 +603,56 @@ class Conversion:
         if not self.warned and not raised:
             self.warned = True
             self._warn_unused()
+        if seen is not None and not raised and not self.first_pending:
+            self._narrow(seen, touched)
+
+    # -- narrowing the routing after the observed forward ------------------------------------
+
+    def _dense(self) -> tuple[bool, ...]:
+        return tuple(layer.settings is None for layer in self.layers)
+
+    def _narrow(self, seen: dict[int, dict[int, nn.Module]], touched: set[int]) -> None:
+        """Direct forwards for the stock layers whose own forward made all their products, the
+        mode only around the modules that need it, no hooks on the others (see the module
+        docstring). ``seen``: per layer index, the innermost hooked modules of its products in the
+        observed forward; ``touched``: the layers whose weight any torch function took there. An
+        owner whose weight the observed forward used in no product but in other ops (an embedding
+        table, a position embedding, a class token) needs no mode; one whose weight it did not use
+        at all (an expert no token reached) keeps the mode, to route whatever it does later."""
+        routed: dict[int, nn.Module] = {}
+        direct: list[tuple[Layer, _Direct]] = []
+        for index, layer in enumerate(self.layers):
+            if layer.settings is None:
+                continue  # dense: torch's own product, wherever it is made
+            kind = None if layer.parametrized else _direct_kind(layer.module, layer.attr)
+            if kind is not None:
+                direct.append((layer, _Direct(self, index, kind)))
+            elif index in seen or index not in touched:
+                routed[id(layer.module)] = layer.module
+            for where in seen.get(index, {}).values():
+                if where is None:  # a product outside every hooked module: keep it all routed
+                    return
+                if where is not layer.module or kind is None:
+                    routed[id(where)] = where
+        root = self.hooked[0]
+        for module in self.hooked:
+            if module is not root:
+                _remove_hooks(module, self)
+        for module in routed.values():
+            module.register_forward_pre_hook(_RouteEnter(self))
+            module.register_forward_hook(_RouteExit(self), always_call=True)
+        for layer, forward in direct:
+            layer.module.__dict__["forward"] = forward
+        self.narrowed = self._dense()
+
+    def _widen(self) -> None:
+        """Back to the full routing of an observed forward: hooks on every module of
+        ``self.hooked``, no direct forward."""
+        for module in self.hooked:
+            _remove_hooks(module, self)
+            _remove_direct(module, self)
+            _hook(module, self)
+        self.narrowed = None
 
     def _warn_unused(self) -> None:
         unused = []
@@ -487,17 +728,31 @@ class _ReluProbe:
 # --- attaching and detaching a conversion -------------------------------------------------------
 
 
-def _remove_hooks(module: nn.Module) -> None:
+def _remove_hooks(module: nn.Module, conversion: Optional[Conversion] = None) -> None:
+    """Removes the hooks of ``conversion`` (of any conversion if None) from ``module``."""
     always = getattr(module, "_forward_hooks_always_called", {})
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
-        for key in [k for k, h in hooks.items() if isinstance(h, HOOK_TYPES)]:
+        for key in [k for k, h in hooks.items() if isinstance(h, HOOK_TYPES)
+                    and (conversion is None or getattr(h, "conversion", None) is conversion)]:
             del hooks[key]
             always.pop(key, None)
 
 
+def _remove_direct(module: nn.Module, conversion: Optional[Conversion] = None) -> None:
+    """Removes a direct forward of ``conversion`` (of any conversion if None) from ``module``."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, _Direct) and (conversion is None or forward.conversion is conversion):
+        del module.__dict__["forward"]
+
+
+def _hook(module: nn.Module, conversion: Conversion) -> None:
+    module.register_forward_pre_hook(_Enter(conversion))
+    module.register_forward_hook(_Exit(conversion), always_call=True)
+
+
 def detach(model: nn.Module) -> None:
-    """Removes every conversion inside ``model``: hooks, records, and the ReLU swaps it made
-    (DropIT module classes stay)."""
+    """Removes every conversion inside ``model``: hooks, direct forwards, records, and the ReLU
+    swaps it made (DropIT module classes stay)."""
     for module in model.modules():
         conversion = module.__dict__.pop("_dropit_conversion", None)
         for _, relu in conversion.relus if conversion is not None else ():
@@ -505,30 +760,30 @@ def detach(model: nn.Module) -> None:
                 relu.to_plain()
     for module in model.modules():
         _remove_hooks(module)
+        _remove_direct(module)
         module.__dict__.pop("_dropit_layers", None)
 
 
 def attach(root: nn.Module, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool) -> Conversion:
     """Attaches a conversion of ``layers`` to ``root``: records and hooks (see :mod:`.routing`)."""
-    conversion = Conversion(layers, relus, skip_first)
-    root.__dict__["_dropit_conversion"] = conversion
     by_name = dict(root.named_modules())
     for layer in layers:
         layer.module.__dict__.setdefault("_dropit_layers", {})[layer.attr] = layer
-        if layer.parametrized:
-            layer.module.parametrizations[layer.attr].register_forward_hook(_Derived(layer))
     # the root, the owners and every module between them
     hooked: set[str] = {""}
     for name, m in by_name.items():
         if "_dropit_layers" in m.__dict__:
             parts = name.split(".")
             hooked.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    for name in hooked:
-        module = by_name[name]
-        module.register_forward_pre_hook(_Enter(conversion))
-        module.register_forward_hook(_Exit(conversion), always_call=True)
+    modules = [root] + [m for name, m in by_name.items() if name in hooked and m is not root]
+    conversion = Conversion(layers, relus, skip_first, modules)
+    root.__dict__["_dropit_conversion"] = conversion
+    for layer in layers:
+        if layer.parametrized:
+            layer.module.parametrizations[layer.attr].register_forward_hook(_Derived(layer))
+    for module in modules:
+        _hook(module, conversion)
     return conversion
-
 
 
 def conversion_of(model: nn.Module) -> Optional[Conversion]:
