@@ -13,8 +13,12 @@ cast inside the function: its low-precision copy is not kept for backward (the b
 the weight again, which gives the same bits), so a DropIT layer keeps neither the dense input nor
 a weight copy alive.
 
-These functions support a single backward pass (``retain_graph=True`` allows repeating it);
-double backward (``create_graph=True``) raises a RuntimeError.
+These functions support a single backward pass (``retain_graph=True`` allows repeating it).
+Under ``create_graph=True`` (and ``torch.func.grad``, which uses it) the gradients are computed as
+usual; differentiating them again raises a RuntimeError naming DropIT. Forward-mode AD
+(``torch.autograd.forward_ad``, ``torch.func.jvp``) is exact: the tangent needs the dense operands
+only during the forward. ``torch.func.vmap`` raises: a cache packed over the whole batch has no
+per-sample meaning.
 
 The products of a model converted by :func:`dropit_cuda.convert` are routed to
 :func:`linear_with` / :func:`conv_with` (also used for ``addmm``/``mm``/``matmul`` against a
@@ -50,9 +54,48 @@ _IntOrTuple = Union[int, Sequence[int]]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 _DOUBLE_BACKWARD = (
-    "DropIT layers do not support double backward (create_graph=True): their backward pass "
-    "uses a compressed copy of the input and is not itself differentiable"
+    b"DropIT layers do not support double backward: their backward pass uses a compressed copy "
+    b"of the input and is not itself differentiable (dropit_cuda.revert(model), or "
+    b"convert(..., exclude=[...]) for the layers a double backward goes through)"
 )
+
+
+def _differentiating_transforms() -> int:
+    """How many ``torch.func`` grad/jvp transforms are active on this thread."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return sum(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
+
+
+def _once_differentiable(backward: Callable) -> Callable:
+    """Runs ``backward`` without recording a graph. Under ``create_graph=True`` (which
+    ``torch.func.grad`` always uses) the gradients it returns are valid; only differentiating
+    them again raises, naming DropIT (torch's ``once_differentiable``, with our message)."""
+
+    def wrapper(ctx, *grads):
+        if torch.compiler.is_compiling():  # a traced backward is differentiated by AOTAutograd's rules
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # torch.func: tensors of a transform cannot be marked; a second derivative is
+            # possible only if another grad/jvp transform encloses this one
+            if _differentiating_transforms() > 1:
+                raise RuntimeError(_DOUBLE_BACKWARD.decode())
+            return out
+        if not (torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads)):
+            return out
+        tensors = [i for i, t in enumerate(out) if isinstance(t, torch.Tensor)]
+        guarded = torch._C._functions.DelayedError(_DOUBLE_BACKWARD, len(tensors))(
+            *[out[i].detach().requires_grad_() for i in tensors])
+        out = list(out)
+        for i, t in zip(tensors, guarded if isinstance(guarded, tuple) else (guarded,)):
+            out[i] = t
+        return tuple(out)
+
+    wrapper.__name__, wrapper.__doc__ = backward.__name__, backward.__doc__
+    return wrapper
 
 
 # --- shared pieces ------------------------------------------------------------------------------
@@ -64,8 +107,12 @@ def _record(layer: Any, op: str, x: torch.Tensor, cached: Optional[strategies.Ca
         layer.record(op, x.nbytes, 0 if cached is None else cached.nbytes)
 
 
-def _needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _caches(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether DropIT has anything to cache: a weight gradient to compute, from a dense input it
+    can pack. Everywhere else the product is torch's own call (exact by construction on every
+    machine, whatever BLAS kernel it picks): a frozen weight, no autograd, a sparse input."""
+    # (nested inputs go on: dense_input refuses them by name)
+    return torch.is_grad_enabled() and weight.requires_grad and (x.layout == torch.strided or x.is_nested)
 
 
 def _cast_dtype(*tensors: Optional[torch.Tensor]) -> Optional[torch.dtype]:
@@ -89,8 +136,9 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[t
 def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor, settings: Settings, channel_dim: int,
                 layer: Any, op: str) -> None:
     """Saves the weight (the master copy, never autocast's) and, when the weight gradient is
-    needed, the compressed input."""
+    needed, the compressed input (called from ``setup_context``)."""
     cached = None
+    ctx.weight_dtype = weight.dtype
     if ctx.needs_input_grad[1]:
         x = dense_input(x)
         cached = strategies.get(settings.strategy).cache(x, settings, channel_dim)
@@ -104,10 +152,45 @@ def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor, settings: Settings, 
 
 
 def _restore(ctx, cast: Optional[torch.dtype]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The weight as the forward used it and the unpacked input (None when not cached)."""
+    """The weight as the forward used it and the unpacked input (None when not cached).
+
+    ``ctx.saved_tensors`` is read here and nowhere else, once per backward: a second read fails
+    under non-reentrant checkpointing and any ``saved_tensors_hooks`` whose unpack may run once."""
     weight, *tensors = ctx.saved_tensors
     x_hat = None if ctx.cache_meta is None else ctx.cache_meta.with_tensors(tensors).unpack()
     return (weight if cast is None else weight.to(cast)), x_hat
+
+
+def _forward_ad() -> bool:
+    """Whether forward-mode AD is on (``torch.autograd.forward_ad`` or ``torch.func.jvp``)."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+def _save_for_jvp(ctx, x: torch.Tensor, weight: torch.Tensor, output: torch.Tensor) -> None:
+    """Forward AD needs the dense operands, and only during the forward itself: ``jvp`` runs right
+    after ``setup_context``, so nothing is kept for the backward pass."""
+    if _forward_ad():
+        ctx.save_for_forward(x, weight)
+        ctx.out_shape = tuple(output.shape)
+
+
+def _add_bias_tangent(ctx, out_t: Optional[torch.Tensor], bias_t: Optional[torch.Tensor],
+                      channel_dim: int) -> Optional[torch.Tensor]:
+    """The output tangent plus the bias tangent broadcast along ``channel_dim`` of the output."""
+    if bias_t is None:
+        return out_t
+    shape = [1] * len(ctx.out_shape)
+    shape[channel_dim] = -1
+    bias_t = bias_t.reshape(shape)
+    return bias_t.expand(ctx.out_shape) if out_t is None else out_t + bias_t
+
+
+def _unsupported_vmap(info, in_dims, *args):
+    raise RuntimeError(
+        "dropit_cuda: torch.func.vmap is not supported through a DropIT product (its cache is "
+        "packed per chunk of the whole batch, so per-sample gradients have no DropIT meaning). "
+        "Run vmap on the plain model: dropit_cuda.revert(model), or leave these layers out with "
+        "convert(..., exclude=[...])")
 
 
 # The hook of dc.fidelity: while it records, ``layer.watch`` is set (see dropit_cuda/fidelity.py),
@@ -194,19 +277,24 @@ def _plan_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) ->
 
 class _DropITLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, settings, cast, layer, op):
+    def forward(x, weight, bias, settings, cast, layer, op):
         w = weight if cast is None else weight.to(cast)
         with torch.autocast(x.device.type, enabled=False):
-            out = F.linear(x, w, bias)
-        ctx.plan = _plan_linear(x, w, bias)
-        ctx.cast = cast
-        _save_input(ctx, x, weight, settings, -1, layer, op)
-        return out
+            return F.linear(x, w, bias)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, settings, cast, layer, op = inputs
+        ctx.plan = _plan_linear(x, weight, bias)
+        ctx.cast = cast
+        _save_input(ctx, x, weight, settings, -1, layer, op)
+        _save_for_jvp(ctx, x, weight, output)
+
+    vmap = staticmethod(_unsupported_vmap)
+
+    @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
-            raise RuntimeError(_DOUBLE_BACKWARD)
         plan: _MatmulPlan = ctx.plan
         w, x_hat = _restore(ctx, ctx.cast)
         grad_x = grad_w = grad_b = None
@@ -227,7 +315,7 @@ class _DropITLinear(torch.autograd.Function):
                     grad = g2.t().mm(mat1)
                 else:
                     grad = mat1.t().mm(g2).t()
-                return grad if ctx.cast is None else grad.to(ctx.saved_tensors[0].dtype)
+                return grad if ctx.cast is None else grad.to(ctx.weight_dtype)
 
             grad_w = weight_grad(x_hat)
             _give_exact_grad(ctx, grad_w, weight_grad)
@@ -236,16 +324,34 @@ class _DropITLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+class _DropITLinearJvp(_DropITLinear):
+    """With forward-mode AD (dynamo cannot trace a Function that defines ``jvp``, so only forward
+    AD uses this one)."""
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        x, weight = ctx.saved_for_forward
+        cast = ctx.cast
+        with torch.autocast(x.device.type, enabled=False):
+            out_t = None if x_t is None else F.linear(x_t, weight if cast is None else weight.to(cast))
+            if weight_t is not None:
+                term = F.linear(x, weight_t if cast is None else weight_t.to(cast))
+                out_t = term if out_t is None else out_t + term
+        return _add_bias_tangent(ctx, out_t, bias_t, -1)
+
+
+
 def linear_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], settings: Settings,
                 layer: Any = None, op: str = "linear") -> torch.Tensor:
     """``F.linear(x, weight, bias)`` caching the input as ``settings`` say (settings already
     validated; ``layer`` receives what was cached)."""
+    if not _caches(x, weight):
+        return F.linear(x, weight, bias)
     cast = _cast_dtype(x, weight, bias)
     x, bias = _cast(x, cast), _cast(bias, cast)
     w_cast = cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None
-    if not _needs_autograd(x, weight, bias):
-        return F.linear(x, weight, bias)
-    return _DropITLinear.apply(x, weight, bias, settings, w_cast, layer, op)
+    fn = _DropITLinearJvp if _forward_ad() else _DropITLinear
+    return fn.apply(x, weight, bias, settings, w_cast, layer, op)
 
 
 def linear(
@@ -293,21 +399,26 @@ class ConvParams:
 
 class _DropITConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, params, settings, cast, layer, op):
+    def forward(x, weight, bias, params, settings, cast, layer, op):
         w = weight if cast is None else weight.to(cast)
         with torch.autocast(x.device.type, enabled=False):
-            out = torch.ops.aten.convolution(x, w, bias, *params.args())
+            return torch.ops.aten.convolution(x, w, bias, *params.args())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, params, settings, cast, layer, op = inputs
         ctx.params = params
         ctx.cast = cast
         ctx.x_shape = tuple(x.shape)
         ctx.bias_sizes = None if bias is None else [bias.shape[0]]
         _save_input(ctx, x, weight, settings, 1, layer, op)
-        return out
+        _save_for_jvp(ctx, x, weight, output)
+
+    vmap = staticmethod(_unsupported_vmap)
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
-            raise RuntimeError(_DOUBLE_BACKWARD)
         w, x_hat = _restore(ctx, ctx.cast)
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
@@ -317,13 +428,35 @@ class _DropITConv(torch.autograd.Function):
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad_out, inp, w, ctx.bias_sizes, *ctx.params.args(), need)
             if need[1] and ctx.cast is not None:
-                grad_w = grad_w.to(ctx.saved_tensors[0].dtype)
+                grad_w = grad_w.to(ctx.weight_dtype)
             return grad_x, grad_w, grad_b
 
         grad_x, grad_w, grad_b = grads(x_hat)
         if need[1]:  # the same call (same mask), so that gamma = 0 gives the same bits
             _give_exact_grad(ctx, grad_w, lambda inp: grads(inp)[1])
         return grad_x, grad_w, grad_b if need[2] else None, None, None, None, None, None
+
+
+class _DropITConvJvp(_DropITConv):
+    """With forward-mode AD (see :class:`_DropITLinearJvp`)."""
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        x, weight = ctx.saved_for_forward
+        cast, args = ctx.cast, ctx.params.args()
+        with torch.autocast(x.device.type, enabled=False):
+            parts = []
+            if x_t is not None:
+                parts.append(torch.ops.aten.convolution(x_t, weight if cast is None else weight.to(cast), None, *args))
+            if weight_t is not None:
+                parts.append(torch.ops.aten.convolution(x, weight_t if cast is None else weight_t.to(cast), None, *args))
+            out_t = parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)
+        return _add_bias_tangent(ctx, out_t, bias_t, 1)
+
+
+
+_TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_TORCH_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def _tuple(value: _IntOrTuple, n: int, name: str) -> tuple[int, ...]:
@@ -349,6 +482,8 @@ def conv_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     nd = weight.dim() - 2
     if nd not in (1, 2, 3):
         raise ValueError(f"weight must be 3-D, 4-D or 5-D, got {weight.dim()}-D")
+    torch_args = (x, weight, bias, stride, padding, output_padding, groups, dilation) if transposed \
+        else (x, weight, bias, stride, padding, dilation, groups)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     stride = _tuple(stride, nd, "stride")
@@ -379,16 +514,16 @@ def conv_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     else:
         padding = _tuple(padding, nd, "padding")
     output_padding = _tuple(output_padding, nd, "output_padding") if transposed else (0,) * nd
+    if not _caches(x, weight):  # after the checks above, so that errors do not depend on it
+        return (_TORCH_CONV_TRANSPOSE if transposed else _TORCH_CONV)[nd](*torch_args)
     params = ConvParams(stride, padding, dilation, transposed, output_padding, groups)
 
     cast = _cast_dtype(x, weight, bias)
     x, bias = _cast(x, cast), _cast(bias, cast)
     w_cast = cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None
-    if _needs_autograd(x, weight, bias):
-        op = op or f"conv{'_transpose' if transposed else ''}{nd}d"
-        out = _DropITConv.apply(x, weight, bias, params, settings, w_cast, layer, op)
-    else:
-        out = torch.ops.aten.convolution(x, _cast(weight, cast), bias, *params.args())
+    op = op or f"conv{'_transpose' if transposed else ''}{nd}d"
+    fn = _DropITConvJvp if _forward_ad() else _DropITConv
+    out = fn.apply(x, weight, bias, params, settings, w_cast, layer, op)
     return out.squeeze(0) if unbatched else out
 
 

@@ -166,11 +166,18 @@ def masked_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if not (torch.is_grad_enabled() and x.requires_grad) or x.dtype not in _MASK_DTYPES:
+    if not (torch.is_grad_enabled() and x.requires_grad) or x.dtype not in _MASK_DTYPES or transform_active():
         return torch.relu_(x) if inplace else torch.relu(x)
     if inplace:
         _check_inplace(x)
     return _MaskedReLUFunction.apply(x, inplace)
+
+
+def transform_active() -> bool:
+    """Whether forward-mode AD or a ``torch.func`` transform is active: the mask's saving is for a
+    plain backward pass, so there ``torch.relu`` itself runs (same values, its own derivatives)."""
+    return (torch.autograd.forward_ad._current_level >= 0
+            or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 class MaskedReLU(nn.ReLU):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import functional as DF
-from .relu import MaskedReLU
+from .relu import MaskedReLU, transform_active
 from .settings import Settings
 
 __all__ = ["Conversion", "Layer", "attach", "conversion_of", "detach", "in_backward"]
@@ -238,14 +239,15 @@ _OPAQUE = _rebind_functional()
 class _Router(TorchFunctionMode):
     """Sends a converted model's products against covered weights to the DropIT functions."""
 
-    def __init__(self, conversion: "Conversion") -> None:
+    def __init__(self, conversion: "Conversion", state: "_ThreadState") -> None:
         super().__init__()
         self.conversion = conversion
+        self.state = state
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.conversion._touched is not None:  # an observed forward: which weights it uses
-            self.conversion.touch(args, kwargs)
+        if self.state.touched is not None:  # an observed forward: which weights it uses
+            self.state.touch(args, kwargs)
         if torch.is_grad_enabled():
             route = _ROUTES.get(func)
             if route is not None:
@@ -435,30 +437,21 @@ class Conversion:
         #: once narrowed: which layers were dense then (a change makes the next forward observed)
         self.narrowed: Optional[tuple[bool, ...]] = None
         self._parametrized = [layer for layer in layers if layer.parametrized]
-        self._active: list[int] = []
         self._register()
 
     def _register(self) -> None:
         self.key = next(_KEYS)
         _CONVERSIONS[self.key] = self
-        self._mode = _Router(self)
+        # torch's mode stack is per thread, and so is a forward: each thread that runs this
+        # model keeps its own stack of entered modules and its own mode object
+        self._threads = threading.local()
+        self._thread()  # made now, not during the first (perhaps compiled) forward: no guard on it
         self._probe: Optional[_ReluProbe] = None
-        #: while an observed forward runs: the hooked modules entered, innermost last, and for
-        #: each layer index the innermost hooked modules in which a product used its weight
-        self._mode_all = False  # whether the mode is on for the whole current forward
-        self._routing: list[bool] = []  # route_enter's entries: whether each entered the mode
-        self._stack: list[nn.Module] = []
-        self._seen: Optional[dict[int, dict[int, nn.Module]]] = None
-        #: while an observed forward runs: layer index by id of its weight, and the indices of
-        #: the weights any torch function took (in a product or not)
-        self._weight_ids: dict[int, int] = {}
-        self._touched: Optional[set[int]] = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for transient in ("key", "_mode", "_probe", "_mode_all", "_routing", "_stack", "_seen", "_weight_ids", "_touched"):
+        for transient in ("key", "_threads", "_probe"):
             del state[transient]
-        state["_active"] = []
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -470,7 +463,7 @@ class Conversion:
     def lookup(self, w: Any) -> Optional[tuple[Layer, Settings]]:
         """The layer whose weight ``w`` is (or is a view of), and its settings, if DropIT applies to
         this product, else None; decides ``skip_first`` on the first product against a trainable
-        weight. A frozen weight is routed too: its product then caches nothing of the input."""
+        weight. A frozen weight's product is not routed: it stays torch's own call."""
         if not isinstance(w, torch.Tensor):
             return None
         index = self._find(w)
@@ -478,39 +471,24 @@ class Conversion:
             index = self._find(w._base)
         if index is None:
             return None
-        if self._seen is not None:  # (an observed forward, not traced: see touch)
-            where = self._stack[-1] if self._stack else None
-            self._seen.setdefault(index, {})[id(where)] = where
+        state = self._thread()
+        if state.seen is not None:  # (an observed forward, not traced: see touch)
+            where = state.stack[-1] if state.stack else None
+            state.seen.setdefault(index, {})[id(where)] = where
         settings = self.settings_for(index, w)
         return None if settings is None else (self.layers[index], settings)
 
     def settings_for(self, index: int, w: torch.Tensor) -> Optional[Settings]:
         """The settings of a product against layer ``index``'s weight ``w``, None where it stays
-        dense (a dense layer, or its owner not training); decides ``skip_first`` on the first
-        product against a trainable weight."""
-        if w.requires_grad:
-            _skip_first(self.key, index)
+        torch's own call (a frozen weight, a dense layer, its owner not training); decides
+        ``skip_first`` on the first product against a trainable weight."""
+        if not w.requires_grad:  # nothing to cache: torch's own call runs
+            return None
+        _skip_first(self.key, index)
         settings = _settings_of(self.key, index)
         if settings is None or not self.layers[index].module.training:
             return None
         return settings
-
-    def touch(self, args: tuple, kwargs: dict) -> None:
-        """Notes the covered weights among a torch function's tensor arguments (observed forward).
-        Under torch.compile the observation is cancelled instead: a traced part of the forward
-        leaves no record at run time (the write is replayed by the compiled code), so the
-        routing must not narrow from it."""
-        if torch.compiler.is_compiling():
-            self._seen = self._touched = None
-            return
-        ids = self._weight_ids
-        for a in itertools.chain(args, kwargs.values()):
-            if isinstance(a, torch.Tensor):
-                index = ids.get(id(a))
-                if index is None and a._base is not None:
-                    index = ids.get(id(a._base))
-                if index is not None:
-                    self._touched.add(index)
 
     def _find(self, w: torch.Tensor) -> Optional[int]:
         for i, layer in enumerate(self.layers):
@@ -520,53 +498,64 @@ class Conversion:
 
     # -- forward bookkeeping -----------------------------------------------------------------
 
+    def _thread(self) -> "_ThreadState":
+        state = getattr(self._threads, "state", None)
+        if state is None:
+            state = self._threads.state = _ThreadState(self)
+        return state
+
     def mode_on(self) -> bool:
-        """Whether the mode routes products now: inside a routed module once the routing narrowed
-        (a direct forward then leaves its product to the mode)."""
-        return bool(self._routing) and self._routing[0]
+        """Whether the mode routes products now on this thread: inside a routed module once the
+        routing narrowed (a direct forward then leaves its product to the mode)."""
+        routing = self._thread().routing
+        return bool(routing) and routing[0]
 
     def enter(self, module: nn.Module) -> None:
         """A hooked module starts: the outermost call of a training forward starts the forward
         (and, unless the routing narrowed, enters the mode for all of it)."""
-        if not self._active:
+        state = self._thread()
+        if not state.active:
             if not (torch.is_grad_enabled() and module.training):
-                self._active.append(False)
+                state.active.append(False)
                 return
-            self._start_forward()
-        self._active.append(True)
-        if self._seen is not None and not torch.compiler.is_compiling():
-            self._stack.append(module)
+            self._start_forward(state)
+        state.active.append(True)
+        if state.seen is not None and not torch.compiler.is_compiling():
+            state.stack.append(module)
 
     def exit(self, raised: bool = False) -> None:
-        if not self._active or not self._active.pop():
+        state = self._thread()
+        if not state.active or not state.active.pop():
             return
-        if self._seen is not None and self._stack and not torch.compiler.is_compiling():
-            self._stack.pop()
-        if not self._active:
-            self._end_forward(raised)
+        if state.seen is not None and state.stack and not torch.compiler.is_compiling():
+            state.stack.pop()
+        if not state.active:
+            self._end_forward(state, raised)
 
     def route_enter(self, module: nn.Module) -> None:
         """A module that needs the mode starts (once the routing narrowed): the outermost one
         enters the mode if it trains with autograd on."""
-        if self._routing:
-            self._routing.append(False)
+        state = self._thread()
+        if state.routing:
+            state.routing.append(False)
         elif torch.is_grad_enabled() and module.training:
-            self._mode.__enter__()
-            self._routing.append(True)
+            state.mode.__enter__()
+            state.routing.append(True)
         else:
-            self._routing.append(False)
+            state.routing.append(False)
 
     def route_exit(self) -> None:
-        if self._routing and self._routing.pop():
-            self._mode.__exit__(None, None, None)
+        state = self._thread()
+        if state.routing and state.routing.pop():
+            state.mode.__exit__(None, None, None)
 
-    def _start_forward(self) -> None:
+    def _start_forward(self, state: "_ThreadState") -> None:
         compiling = torch.compiler.is_compiling()
         if not compiling and self.narrowed is not None and self.narrowed != self._dense():
             self._widen()  # a layer turned dense or DropIT: observe this forward again
-        self._mode_all = self.narrowed is None
-        if self._mode_all:
-            self._mode.__enter__()
+        state.mode_all = self.narrowed is None
+        if state.mode_all:
+            state.mode.__enter__()
         if compiling:
             self.compiled = True  # a write only: reading mutable state here would add guards
             return
@@ -577,23 +566,22 @@ class Conversion:
         for layer in self.layers:
             layer.reset_stats()
         if self.narrowed is None:
-            self._seen, self._touched = {}, set()
-            self._weight_ids = {id(w): i for i, w in enumerate(layer.current() for layer in self.layers)
-                                if w is not None}
-        if self.relu_pending:
+            state.observe(self.layers)
+        # one thread's plain forward decides (under a transform the ReLUs are torch.relu)
+        if self.relu_pending and self._probe is None and not transform_active():
             self._probe = _ReluProbe(self.relus)
             self._probe.start()
 
-    def _end_forward(self, raised: bool) -> None:
-        if self._mode_all:
-            self._mode.__exit__(None, None, None)
+    def _end_forward(self, state: "_ThreadState", raised: bool) -> None:
+        if state.mode_all:
+            state.mode.__exit__(None, None, None)
         for layer in self._parametrized:
             layer.derived = None
         if torch.compiler.is_compiling() or in_backward():
             return
-        seen, touched, self._seen, self._touched, self._weight_ids = self._seen, self._touched, None, None, {}
-        self._stack.clear()
-        if self._probe is not None:
+        seen, touched = state.seen, state.touched
+        state.observe(None)
+        if self._probe is not None and self._probe.thread == threading.get_ident():
             probe, self._probe = self._probe, None
             if raised:  # a forward cut short says nothing: the next one decides
                 probe.cancel()
@@ -671,6 +659,51 @@ class Conversion:
                 UserWarning, stacklevel=2)
 
 
+class _ThreadState:
+    """One thread's forward through a conversion: the entered modules (True where a training
+    forward runs), the mode object it pushes on that thread's torch-function mode stack, whether
+    it did for the whole forward, the entries of the modules that need the mode (True where one
+    entered it) and, during an observed forward, what :meth:`Conversion._narrow` decides from."""
+
+    __slots__ = ("active", "mode", "mode_all", "routing", "stack", "seen", "touched", "weight_ids")
+
+    def __init__(self, conversion: "Conversion") -> None:
+        self.active: list[bool] = []
+        self.mode = _Router(conversion, self)
+        self.mode_all = False
+        self.routing: list[bool] = []
+        self.observe(None)
+
+    def observe(self, layers: Optional[list[Layer]]) -> None:
+        """Starts observing a forward over ``layers`` (None: stops)."""
+        #: the hooked modules entered, innermost last
+        self.stack: list[nn.Module] = []
+        #: per layer index, the innermost hooked modules in which a product used its weight
+        self.seen: Optional[dict[int, dict[int, nn.Module]]] = None if layers is None else {}
+        #: the indices of the layers whose weight any torch function took (in a product or not)
+        self.touched: Optional[set[int]] = None if layers is None else set()
+        #: layer index by id of its weight
+        self.weight_ids: dict[int, int] = {} if layers is None else {
+            id(w): i for i, w in enumerate(layer.current() for layer in layers) if w is not None}
+
+    def touch(self, args: tuple, kwargs: dict) -> None:
+        """Notes the covered weights among a torch function's tensor arguments (observed forward).
+        Under torch.compile the observation is cancelled instead: a traced part of the forward
+        leaves no record at run time (the write is replayed by the compiled code), so the
+        routing must not narrow from it."""
+        if torch.compiler.is_compiling():
+            self.seen = self.touched = None
+            return
+        ids = self.weight_ids
+        for a in itertools.chain(args, kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                index = ids.get(id(a))
+                if index is None and a._base is not None:
+                    index = ids.get(id(a._base))
+                if index is not None:
+                    self.touched.add(index)
+
+
 class _ReluProbe:
     """On the first training forward: which MaskedReLU outputs something keeps alive anyway.
 
@@ -688,13 +721,14 @@ class _ReluProbe:
         self.relus = relus
         self.outputs: dict[int, list[tuple[int, int, int]]] = {id(m): [] for _, m in relus}
         self.handles: list[Any] = []
+        self.thread = threading.get_ident()  # other threads' forwards are not watched
 
     def start(self) -> None:
         for _, m in self.relus:
             self.handles.append(m.register_forward_hook(self._watch))
 
     def _watch(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor) and threading.get_ident() == self.thread:
             storage = output.untyped_storage()
             mask_bytes = (output.numel() + 31) // 32 * 4
             self.outputs[id(module)].append((storage._weak_ref(), storage.nbytes(), mask_bytes))

@@ -208,21 +208,25 @@ def test_cache_holds_packed_input_not_dense(strategy, padding_mode):
     assert conv.weight.grad is not None
 
 
-def test_nothing_of_input_cached_without_weight_grad():
+def test_frozen_weight_is_torchs_own_product():
+    # nothing to cache: torch's own call, saving exactly what torch saves (a linear keeps only its
+    # weight; a convolution's node keeps its input too, as in the plain model)
     torch.manual_seed(7)
     lin = nn.Linear(16, 8).requires_grad_(False)
     conv = nn.Conv2d(4, 4, 3).requires_grad_(False)
     x = torch.randn(3, 16, requires_grad=True)
     xc = torch.randn(2, 4, 7, 7, requires_grad=True)
+    for op, ref, inp, w in ((lambda: DF.linear(x, lin.weight, lin.bias), lambda: F.linear(x, lin.weight, lin.bias), x, lin.weight),
+                            (lambda: DF.conv2d(xc, conv.weight, conv.bias), lambda: F.conv2d(xc, conv.weight, conv.bias), xc, conv.weight)):
+        out, saved = saved_tensors(op)
+        want, want_saved = saved_tensors(ref)
+        storages = [sorted(t.untyped_storage().data_ptr() for t in ts) for ts in (saved, want_saved)]
+        assert storages[0] == storages[1]
+        assert torch.equal(out, want)
+        (g,) = torch.autograd.grad(out.sum(), [inp])
+        assert torch.equal(g, torch.autograd.grad(want.sum(), [inp])[0])
     out, saved = saved_tensors(lambda: DF.linear(x, lin.weight, lin.bias))
-    assert all(t is lin.weight for t in saved)
-    (gx,) = torch.autograd.grad(out.sum(), [x])
-    torch.testing.assert_close(gx, lin.weight.sum(0).expand(3, 16))
-    outc, saved = saved_tensors(lambda: DF.conv2d(xc, conv.weight, conv.bias))
-    assert all(t is conv.weight for t in saved)
-    (gxc,) = torch.autograd.grad(outc, [xc], torch.ones_like(outc))
-    want = torch.autograd.grad(F.conv2d(xc, conv.weight, conv.bias).sum(), [xc])[0]
-    torch.testing.assert_close(gxc, want)
+    assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for t in saved)
 
 
 def test_no_autograd_means_plain_op():
@@ -250,13 +254,18 @@ def test_double_backward_raises():
     lin = nn.Linear(4, 3)
     x = torch.randn(2, 4, requires_grad=True)
     out = DF.linear(x, lin.weight, lin.bias, gamma=0.5)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+    # the first gradient is the plain one; only differentiating it again raises
+    (want,) = torch.autograd.grad(F.linear(x, lin.weight, lin.bias).pow(2).sum(), [x])
+    assert torch.equal(gx, want)
+    with pytest.raises(RuntimeError, match="DropIT layers do not support double backward"):
+        gx.sum().backward()
     conv = nn.Conv1d(2, 2, 3)
     xc = torch.randn(1, 2, 6, requires_grad=True)
     outc = DF.conv1d(xc, conv.weight, conv.bias)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(outc.pow(2).sum(), [xc], create_graph=True)
+    (gxc,) = torch.autograd.grad(outc.pow(2).sum(), [xc], create_graph=True)
+    with pytest.raises(RuntimeError, match="dropit_cuda.revert"):
+        gxc.sum().backward()
 
 
 # --- bad arguments ------------------------------------------------------------------------------

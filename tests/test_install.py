@@ -42,6 +42,45 @@ def test_package_metadata_keeps_demo_dependencies_optional():
     assert names(project["optional-dependencies"]["demo"]) == set(EXTRA_PACKAGES.values())
 
 
+def _imported_top_modules(folder: Path) -> set[str]:
+    """Top-level modules the Python files under ``folder`` import (any depth, importorskip too)."""
+    import ast
+
+    found = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip"
+                  and node.args and isinstance(node.args[0], ast.Constant)):
+                found.add(node.args[0].value.split(".")[0])
+    return found
+
+
+def test_test_extra_installs_what_the_tests_import():
+    """``pip install ".[test]"`` must bring every third-party package the tests and the benchmarks
+    they run import (a module counts as third-party when an installed distribution provides it)."""
+    import importlib.metadata as md
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = list(project["dependencies"])
+    for req in extras["test"]:
+        wanted += extras[req[len("dropit_cuda["):-1]] if req.startswith("dropit_cuda[") else [req]
+    declared = {re.split(r"[<>=!~\[ ]", r)[0].strip().lower().replace("_", "-") for r in wanted}
+    provides = md.packages_distributions()
+    needed = {}
+    for module in _imported_top_modules(ROOT / "tests") | _imported_top_modules(ROOT / "benchmarks"):
+        for dist in provides.get(module, []):
+            needed.setdefault(dist.lower().replace("_", "-"), module)
+    missing = {d: m for d, m in needed.items() if d not in declared and d != "dropit-cuda"}
+    assert not missing, f"imported by tests/benchmarks but not in the [test] extra: {missing}"
+
+
 def test_jit_build_without_ninja_names_it(monkeypatch):
     from torch.utils import cpp_extension
 
