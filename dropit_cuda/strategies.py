@@ -83,6 +83,11 @@ class Cached:
         """The dense tensor: the input's shape, dtype, device and layout, dropped elements 0."""
         return self.strategy.unpack(self.tensors, self.meta)
 
+    def restore(self, tensors) -> torch.Tensor:
+        """The dense tensor from ``tensors``, this cache's own tensors as the autograd function's
+        backward gets them back (see :meth:`Strategy.restore`)."""
+        return self.strategy.restore(tuple(tensors), self.meta)
+
 
 class Strategy:
     """How a layer's input is compressed for backward. Subclasses implement ``pack``/``unpack``
@@ -101,6 +106,11 @@ class Strategy:
     def nbytes(self, shape, dtype: torch.dtype, gamma: float, chunk: int, channel_dim: int = 1) -> int:
         """Bytes the cache of a tensor of ``shape`` and ``dtype`` holds at these settings."""
         raise NotImplementedError
+
+    def restore(self, tensors: tuple, meta: Any) -> torch.Tensor:
+        """``unpack`` for a cache the same forward made (the backward of a DropIT product): a
+        strategy may skip checks there that guard a cache from elsewhere."""
+        return self.unpack(tensors, meta)
 
     def cache(self, x: torch.Tensor, settings: Settings, channel_dim: int) -> Cached:
         tensors, meta = self.pack(x.detach(), settings.gamma, settings.chunk, channel_dim)
@@ -144,11 +154,16 @@ class _Chunked(Strategy):
         return None
 
     def pack(self, x, gamma, chunk, channel_dim):
-        p = ops.pack(x, gamma, chunk, random_seed=self.seed())
-        return p.tensors(), p.with_tensors(None, None)
+        # settings were checked when made; the metadata keeps no tensor (they go to save_for_backward)
+        p = ops.pack_checked(x, gamma, chunk, random_seed=self.seed())
+        meta = Packed(None, None, p.index_kind, p.shape, p.dtype, p.device, p.memory_format, chunk, gamma)
+        return p.tensors(), meta
 
     def unpack(self, tensors, meta: Packed):
         return ops.unpack(meta.with_tensors(*tensors))
+
+    def restore(self, tensors, meta: Packed):
+        return ops.unpack_trusted(tensors[0], tensors[1], meta)
 
     def nbytes(self, shape, dtype, gamma, chunk, channel_dim=1):
         g = ops.Geometry(_numel(shape), chunk, gamma)
