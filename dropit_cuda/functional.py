@@ -115,7 +115,8 @@ def _eager_twin(cls: type) -> type:
         cls.setup_context(ctx, args, out)
         return out
 
-    return type(f"{cls.__name__}Eager", (torch.autograd.Function,),
+    # the same name: its graph nodes read as the original's (_DropITLinearBackward ...)
+    return type(cls.__name__, (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(cls.backward),
                  "__doc__": _eager_twin.__doc__})
 
@@ -169,6 +170,17 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[t
     return t.to(dtype)
 
 
+def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.dtype]]:
+    """``x`` and ``bias`` as autocast casts them for a linear/conv op, and the dtype the weight is
+    cast to inside the autograd function (None: used as it is)."""
+    cast = _cast_dtype(x, weight, bias)
+    if cast is None:  # autocast off: nothing to cast
+        return x, bias, None
+    x, bias = _cast(x, cast), _cast(bias, cast)
+    return x, bias, (cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None)
+
+
 def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor, settings: Settings, channel_dim: int,
                 layer: Any, op: str) -> None:
     """Saves the weight (the master copy, never autocast's) and, when the weight gradient is
@@ -177,7 +189,7 @@ def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor, settings: Settings, 
     ctx.weight_dtype = weight.dtype
     if ctx.needs_input_grad[1]:
         x = dense_input(x)
-        cached = strategies.get(settings.strategy).cache(x, settings, channel_dim)
+        cached = strategies.REGISTRY[settings.strategy].cache(x, settings, channel_dim)  # validated
         ctx.cache_meta = cached.with_tensors(())
         ctx.save_for_backward(weight, *cached.tensors)
     else:
@@ -385,9 +397,7 @@ def linear_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     validated; ``layer`` receives what was cached)."""
     if not _caches(x, weight):
         return F.linear(x, weight, bias)
-    cast = _cast_dtype(x, weight, bias)
-    x, bias = _cast(x, cast), _cast(bias, cast)
-    w_cast = cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None
+    x, bias, w_cast = _autocast_operands(x, weight, bias)
     fn = _function(_DropITLinear, _DropITLinearJvp, _DropITLinearEager)
     return fn.apply(x, weight, bias, settings, w_cast, layer, op)
 
@@ -558,9 +568,7 @@ def conv_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         return (_TORCH_CONV_TRANSPOSE if transposed else _TORCH_CONV)[nd](*torch_args)
     params = ConvParams(stride, padding, dilation, transposed, output_padding, groups)
 
-    cast = _cast_dtype(x, weight, bias)
-    x, bias = _cast(x, cast), _cast(bias, cast)
-    w_cast = cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None
+    x, bias, w_cast = _autocast_operands(x, weight, bias)
     op = op or f"conv{'_transpose' if transposed else ''}{nd}d"
     fn = _function(_DropITConv, _DropITConvJvp, _DropITConvEager)
     out = fn.apply(x, weight, bias, params, settings, w_cast, layer, op)

@@ -155,9 +155,8 @@ class _Chunked(Strategy):
 
     def pack(self, x, gamma, chunk, channel_dim):
         # settings were checked when made; the metadata keeps no tensor (they go to save_for_backward)
-        p = ops.pack_checked(x, gamma, chunk, random_seed=self.seed())
-        meta = Packed(None, None, p.index_kind, p.shape, p.dtype, p.device, p.memory_format, chunk, gamma)
-        return p.tensors(), meta
+        values, index, kind, memory_format = ops.pack_tensors(x, gamma, chunk, random_seed=self.seed())
+        return (values, index), Packed(None, None, kind, x.shape, x.dtype, x.device, memory_format, chunk, gamma)
 
     def unpack(self, tensors, meta: Packed):
         return ops.unpack(meta.with_tensors(*tensors))
@@ -344,16 +343,17 @@ class RandomChannel(_Channels):
 
 # --- registry ---------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, Strategy] = {
+#: every strategy by name (look names from elsewhere up with :func:`get`, which checks them)
+REGISTRY: dict[str, Strategy] = {
     s.name: s for s in (ParallelMinK(), MinK(), Random(), MinKChannel(), RandomChannel())
 }
-assert tuple(_REGISTRY) == STRATEGY_NAMES
+assert tuple(REGISTRY) == STRATEGY_NAMES
 STRATEGIES = STRATEGY_NAMES
 
 
 def get(name: str) -> Strategy:
     """The strategy object called ``name`` (TypeError/ValueError naming ``strategy`` otherwise)."""
-    return _REGISTRY[check_strategy(name)]
+    return REGISTRY[check_strategy(name)]
 
 
 def compress(
