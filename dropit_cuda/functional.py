@@ -13,6 +13,9 @@ cast inside the function: its low-precision copy is not kept for backward (the b
 the weight again, which gives the same bits), so a DropIT layer keeps neither the dense input nor
 a weight copy alive.
 
+DTensor inputs and weights (tensor and sequence parallelism) run torch's DTensor ops; what is
+packed is each rank's local input (see :mod:`dropit_cuda.dtensor`).
+
 These functions support a single backward pass (``retain_graph=True`` allows repeating it).
 Under ``create_graph=True`` (and ``torch.func.grad``, which uses it) the gradients are computed as
 usual; differentiating them again raises a RuntimeError naming DropIT. Forward-mode AD
@@ -34,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import strategies
+from . import dtensor, strategies
 from .ops import dense_input
 from .settings import DEFAULT_CHUNK, DEFAULT_GAMMA, DEFAULT_STRATEGY, Settings
 
@@ -184,28 +187,33 @@ def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor, settings: Settings, channel_dim: int,
                 layer: Any, op: str) -> None:
     """Saves the weight (the master copy, never autocast's) and, when the weight gradient is
-    needed, the compressed input (called from ``setup_context``)."""
+    needed, the compressed input (called from ``setup_context``; of a DTensor, this rank's local
+    tensor: see :mod:`dropit_cuda.dtensor`)."""
     cached = None
     ctx.weight_dtype = weight.dtype
+    x_local, ctx.x_layout = dtensor.local(x)
     if ctx.needs_input_grad[1]:
-        x = dense_input(x)
-        cached = strategies.REGISTRY[settings.strategy].cache(x, settings, channel_dim)  # validated
+        x_local = dense_input(x_local)
+        cached = strategies.REGISTRY[settings.strategy].cache(x_local, settings, channel_dim)  # validated
         ctx.cache_meta = cached.with_tensors(())
         ctx.save_for_backward(weight, *cached.tensors)
     else:
         ctx.cache_meta = None
         ctx.save_for_backward(weight)
-    _record(layer, op, x, cached)
+    _record(layer, op, x_local, cached)
     _keep_exact_input(ctx, x, layer, channel_dim)
 
 
 def _restore(ctx, cast: Optional[torch.dtype]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The weight as the forward used it and the unpacked input (None when not cached).
+    """The weight as the forward used it and the unpacked input (None when not cached), a
+    DTensor laid out as the input was where the input was one.
 
     ``ctx.saved_tensors`` is read here and nowhere else, once per backward: a second read fails
     under non-reentrant checkpointing and any ``saved_tensors_hooks`` whose unpack may run once."""
     weight, *tensors = ctx.saved_tensors
-    x_hat = None if ctx.cache_meta is None else ctx.cache_meta.restore(tensors)
+    x_hat = None
+    if ctx.cache_meta is not None:
+        x_hat = dtensor.rewrap(ctx.x_layout, ctx.cache_meta.restore(tensors))
     return (weight if cast is None else weight.to(cast)), x_hat
 
 
@@ -254,7 +262,7 @@ def _keep_exact_input(ctx, x: torch.Tensor, layer: Any, channel_dim: int) -> Non
         return
     # a reference, not a copy (memory as in the plain model); its version tells if it changed
     ctx.watch, ctx.exact_input, ctx.exact_version = watch, x.detach(), x._version
-    watch.saw(x, channel_dim)
+    watch.saw(dtensor.local_of(x), channel_dim)
 
 
 def _give_exact_grad(ctx, grad_w: torch.Tensor, weight_grad: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -266,7 +274,8 @@ def _give_exact_grad(ctx, grad_w: torch.Tensor, weight_grad: Callable[[torch.Ten
             "dropit_cuda.fidelity: the input of a DropIT layer was modified in place after the "
             "layer used it, so its exact weight gradient cannot be computed (a plain model would "
             "fail the same way)")
-    ctx.watch.add(grad_w, weight_grad(x))
+    # this rank's gradients (of a DTensor weight: its shard, or its share of a partial sum)
+    ctx.watch.add(dtensor.local_of(grad_w), dtensor.local_of(weight_grad(x)))
     ctx.exact_input = None
 
 
@@ -372,6 +381,45 @@ class _DropITLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+class _Recast:
+    """A saved low-precision copy of a frozen weight, kept as the master weight and the view."""
+
+    __slots__ = ("weight", "dtype", "size", "stride", "offset")
+
+    def __init__(self, weight: torch.Tensor, copy: torch.Tensor) -> None:
+        self.weight, self.dtype = weight, copy.dtype
+        self.size, self.stride, self.offset = copy.size(), copy.stride(), copy.storage_offset()
+
+    def tensor(self) -> torch.Tensor:
+        # the same cast of the same weight gives the same bits
+        return self.weight.to(self.dtype).as_strided(self.size, self.stride, self.offset)
+
+
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """torch's own ``F.linear``. Under autocast, with a weight that needs no gradient (LoRA's base
+    weights), its low-precision copy is not kept for backward: the weight is cast here, as autocast
+    casts it (autocast leaves a tensor already in its dtype as it is), and the one tensor the
+    product saves, that copy, is cast again from the master weight when backward needs it."""
+    cast = _cast_dtype(x, weight, bias)
+    if (cast is None or weight.requires_grad or not x.requires_grad or not torch.is_grad_enabled()
+            or not weight.is_floating_point() or weight.dtype in (torch.float64, cast)
+            or torch.compiler.is_compiling()):
+        return F.linear(x, weight, bias)
+    low = weight.to(cast)
+    storage = low.untyped_storage().data_ptr()
+
+    def pack(t: torch.Tensor) -> Any:
+        if t.dtype == cast and t.device == low.device and t.untyped_storage().data_ptr() == storage:
+            return _Recast(weight, t)
+        return t
+
+    def unpack(saved: Any) -> torch.Tensor:
+        return saved.tensor() if isinstance(saved, _Recast) else saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return F.linear(x, low, bias)
+
+
 class _DropITLinearJvp(_DropITLinear):
     """With forward-mode AD (dynamo cannot trace a Function that defines ``jvp``, so only forward
     AD uses this one)."""
@@ -396,7 +444,7 @@ def linear_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """``F.linear(x, weight, bias)`` caching the input as ``settings`` say (settings already
     validated; ``layer`` receives what was cached)."""
     if not _caches(x, weight):
-        return F.linear(x, weight, bias)
+        return _torch_linear(x, weight, bias)
     x, bias, w_cast = _autocast_operands(x, weight, bias)
     fn = _function(_DropITLinear, _DropITLinearJvp, _DropITLinearEager)
     return fn.apply(x, weight, bias, settings, w_cast, layer, op)
@@ -470,8 +518,9 @@ class _DropITConv(torch.autograd.Function):
         w, x_hat = _restore(ctx, ctx.cast)
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
-        if x_hat is None:
-            x_hat = grad_out.new_empty(1).expand(ctx.x_shape)  # the input gradient needs its shape only
+        if x_hat is None:  # the input gradient needs its shape only
+            x_hat = dtensor.rewrap(ctx.x_layout, dtensor.local_of(grad_out).new_empty(1).expand(
+                ctx.x_shape if ctx.x_layout is None else ctx.x_layout.local_shape))
         def grads(inp: torch.Tensor) -> tuple:
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad_out, inp, w, ctx.bias_sizes, *ctx.params.args(), need)

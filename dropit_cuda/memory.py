@@ -33,6 +33,8 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from .dtensor import local_of
+
 __all__ = ["LayerTypeMemory", "MemoryReport", "ModuleMemory", "measure"]
 
 _LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
@@ -217,6 +219,7 @@ def _clip(s: str, n: int) -> str:
 
 def _storage_key(t: torch.Tensor) -> tuple[tuple, int]:
     """(key identifying the memory ``t`` lives in, bytes of that memory)."""
+    t = local_of(t)  # a DTensor's memory on this rank is its local tensor's
     try:
         st = t.untyped_storage()
         ptr, nbytes = st.data_ptr(), st.nbytes()

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _native
+from . import _native, dtensor
 
 _native.load()
 
@@ -168,6 +168,9 @@ def masked_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     if not (torch.is_grad_enabled() and x.requires_grad) or x.dtype not in _MASK_DTYPES or transform_active():
         return torch.relu_(x) if inplace else torch.relu(x)
+    if dtensor.is_dtensor(x):  # masked on this rank's local tensor; torch's ReLU where not exact
+        out = None if inplace else dtensor.on_local(masked_relu, x)
+        return out if out is not None else torch.relu_(x) if inplace else torch.relu(x)
     if inplace:
         _check_inplace(x)
     return _MaskedReLUFunction.apply(x, inplace)

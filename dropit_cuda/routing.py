@@ -55,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import dtensor
 from . import functional as DF
 from .relu import MaskedReLU, transform_active
 from .settings import Settings
@@ -146,7 +147,7 @@ def _route_matmul(op: str) -> Callable:
         if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2 or x.dim() < 1:
             return NotImplemented
         found = conv.lookup(w)
-        if found is None:
+        if found is None or not w.requires_grad:  # frozen: torch's own product, as called
             return NotImplemented
         return DF.linear_with(x, w.t(), None, found[1], found[0], op)
 
@@ -161,7 +162,7 @@ def _route_addmm(conv: "Conversion", args, kwargs):
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(x, torch.Tensor) or x.dim() != 2:
         return NotImplemented
     found = conv.lookup(w)
-    if found is None:
+    if found is None or not w.requires_grad:  # frozen: torch's own product, as called
         return NotImplemented
     return DF.linear_with(x, w.t(), b, found[1], found[0], "addmm")
 
@@ -463,7 +464,7 @@ class Conversion:
     def lookup(self, w: Any) -> Optional[tuple[Layer, Settings]]:
         """The layer whose weight ``w`` is (or is a view of), and its settings, if DropIT applies to
         this product, else None; decides ``skip_first`` on the first product against a trainable
-        weight. A frozen weight's product is not routed: it stays torch's own call."""
+        weight. A frozen weight's product caches nothing: the DropIT functions run torch's own call."""
         if not isinstance(w, torch.Tensor):
             return None
         index = self._find(w)
@@ -480,11 +481,10 @@ class Conversion:
 
     def settings_for(self, index: int, w: torch.Tensor) -> Optional[Settings]:
         """The settings of a product against layer ``index``'s weight ``w``, None where it stays
-        torch's own call (a frozen weight, a dense layer, its owner not training); decides
-        ``skip_first`` on the first product against a trainable weight."""
-        if not w.requires_grad:  # nothing to cache: torch's own call runs
-            return None
-        _skip_first(self.key, index)
+        dense (a dense layer, or its owner not training); decides ``skip_first`` on the first
+        product against a trainable weight."""
+        if w.requires_grad:
+            _skip_first(self.key, index)
         settings = _settings_of(self.key, index)
         if settings is None or not self.layers[index].module.training:
             return None
@@ -729,6 +729,7 @@ class _ReluProbe:
 
     def _watch(self, module: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(output, torch.Tensor) and threading.get_ident() == self.thread:
+            output = dtensor.local_of(output)  # a DTensor's memory is its local tensor
             storage = output.untyped_storage()
             mask_bytes = (output.numel() + 31) // 32 * 4
             self.outputs[id(module)].append((storage._weak_ref(), storage.nbytes(), mask_bytes))

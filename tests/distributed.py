@@ -1,4 +1,4 @@
-"""Running a test body in 2 CPU processes on gloo, and leaving nothing of gloo behind."""
+"""Running a test body in 2 (or 4) CPU processes on gloo, and leaving nothing of gloo behind."""
 
 import gc
 import os
@@ -19,7 +19,7 @@ import torch._dynamo  # noqa: F401,E402
 
 import dropit_cuda  # noqa: F401,E402  built (if JIT) in this process, before two workers load it at once
 
-WORLD = 2
+WORLD = 2  # the default number of ranks
 
 
 def _threads():
@@ -36,12 +36,12 @@ def _threads():
     return sorted(names)
 
 
-def _worker(rank, body, rendezvous, check_teardown):
+def _worker(rank, body, rendezvous, check_teardown, world):
     torch.set_num_threads(1)
     if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # both ranks on the loopback interface
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # all ranks on the loopback interface
     threads_before = _threads()
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     group = weakref.ref(dist.group.WORLD)
     try:
         body(rank)
@@ -56,18 +56,25 @@ def _worker(rank, body, rendezvous, check_teardown):
         assert _threads() == threads_before, f"rank {rank}: threads {threads_before} -> {_threads()}"
 
 
-def run_on_two_ranks(body, tmp_path, timeout: float = 180.0, check_teardown: bool = True) -> None:
-    """Runs ``body(rank)`` (a module-level function) in 2 processes joined in a gloo group and,
-    with ``check_teardown``, checks that the group object and gloo's threads are gone when the
-    worker returns.
+def run_on_ranks(body, tmp_path, world: int = WORLD, timeout: float = 180.0,
+                 check_teardown: bool = True) -> None:
+    """Runs ``body(rank)`` (a module-level function) in ``world`` processes joined in a gloo group
+    and, with ``check_teardown``, checks that the group object and gloo's threads are gone when
+    the worker returns.
 
     A file rendezvous in the test's own folder: no port to race for with other test runs on the
     same machine (a free port picked and released can be taken before rank 0 binds it, and a run
     that finds another run's store joins the wrong group)."""
-    ctx = mp.spawn(_worker, args=(body, str(tmp_path / "rendezvous"), check_teardown), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(body, str(tmp_path / "rendezvous"), check_teardown, world), nprocs=world,
+                   join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError(f"workers did not finish in {timeout:.0f} s")
+
+
+def run_on_two_ranks(body, tmp_path, timeout: float = 180.0, check_teardown: bool = True) -> None:
+    """:func:`run_on_ranks` on 2 ranks."""
+    run_on_ranks(body, tmp_path, 2, timeout, check_teardown)

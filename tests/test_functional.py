@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import dropit_cuda as dc
 from dropit_cuda import functional as DF
@@ -358,3 +359,32 @@ def test_padded_conv_gamma09_caches_padded_input(padding_mode):
     padded = F.pad(x.detach(), [1, 1, 2, 2], mode=padding_mode)
     x_hat = dc.unpack(dc.pack(padded, 0.9, 32))
     _assert_same(gw, _exact_weight_grad_conv(x_hat, conv.weight, conv.bias, gout))
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_frozen_weight_under_autocast_keeps_no_low_precision_copy(checkpointed):
+    # LoRA's base weights: torch's own product, but its bf16 weight copy is cast again in backward
+    # instead of being kept; gradients bit for bit those of the plain call
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16).requires_grad_(False)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    g = torch.randn(2, 5, 16)
+
+    def run(fn):
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(x, lin.weight, lin.bias)
+        if checkpointed:
+            out = checkpoint(step, use_reentrant=False)
+            saved = []
+        else:
+            out, saved = saved_tensors(step)
+        (gx,) = torch.autograd.grad(out, x, g.to(out.dtype))
+        return out, saved, gx
+
+    out, saved, gx = run(lambda x, w, b: DF.linear(x, w, b, gamma=0.9))
+    want, want_saved, want_gx = run(F.linear)
+    assert torch.equal(out, want) and torch.equal(gx, want_gx)
+    if not checkpointed:
+        assert any(t.dtype == torch.bfloat16 and t.numel() == lin.weight.numel() for t in want_saved)
+        assert not any(t.dtype == torch.bfloat16 and t.numel() == lin.weight.numel() for t in saved)
