@@ -33,14 +33,19 @@ that share.
     python benchmarks/bench_kernel_cost.py --sass sass.json --json cost.json
     python benchmarks/bench_kernel_cost.py --dtypes float32 --chunks 16384 --gammas 0.9
 
-Today's kernels' figures (recorded before the redesign) are read from --baseline and shown
-beside the new ones.
+Cases: float32 and bfloat16, D = 1024 / 16384 / 65536, gamma = 0.5 and 0.9, and the data of
+``data()``: normal, ReLU-like, misaligned (a view one element into its storage) and tie-heavy (a
+constant column on the threshold). Today's kernels' figures (recorded before the redesign) are
+read from --baseline, the previous version's (issue 13's kernels, recorded with this script) from
+--previous, and shown beside the new ones, then the issue's targets (misaligned, tie-heavy and
+D = 1024 against normal data at D = 16384).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -59,15 +64,32 @@ from simt.build import load  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 BITS = {2: "u16", 4: "u32", 8: "u64"}
 BASELINE = ROOT / "benchmarks" / "results" / "kernel_cost_baseline.json"
+PREVIOUS = ROOT / "benchmarks" / "results" / "kernel_cost_issue13.json"
 SEEN = ["global_load_instr", "global_store_instr", "shared_load_instr", "shared_store_instr",
         "shared_atomic_instr", "ballots", "shuffles", "matches", "warp_syncs", "barrier_warps"]
 
 
-def data(kind: str, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """``normal``: standard normal; ``relu``: ReLU of it (half zeros)."""
+DATA = ["normal", "relu", "misaligned", "ties"]
+
+
+def data(kind: str, n: int, dtype: torch.dtype, seed: int, chunk: int, gamma: float) -> torch.Tensor:
+    """``normal``: standard normal; ``relu``: ReLU of it (half zeros); ``misaligned``: normal data
+    in a view one element into its storage (no chunk starts on a 16-byte boundary); ``ties``: a
+    64-column normal matrix (flattened) whose column 3 holds, in each chunk, one magnitude just above
+    the chunk's keep-th largest among the rest: the threshold falls among D/64 tied keys, which all
+    land on the same lanes of every warp."""
+    if kind == "misaligned":
+        return data("normal", n + 1, dtype, seed, chunk, gamma)[1:]
     x = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     if kind == "relu":
         x = x.clamp_min(0)
+    if kind == "ties":
+        cols, keep = 64, chunk - math.floor(gamma * chunk)
+        assert chunk % cols == 0 and n % chunk == 0, "ties: whole chunks of whole rows"
+        m = x.to(dtype).double().view(n // chunk, chunk // cols, cols)
+        others = torch.cat([m[:, :, :3], m[:, :, 4:]], dim=2).abs().flatten(1)
+        m[:, :, 3] = others.sort(dim=1, descending=True).values[:, max(0, keep - 100)].unsqueeze(1)
+        x = m.flatten()
     return x.to(dtype)
 
 
@@ -199,7 +221,7 @@ def summarise(stats: dict, n: int, chunks: int, model: tuple[float, float] | Non
 
 def measure(simt, dtype: str, chunk: int, gamma: float, kind: str, chunks: int, sass: dict) -> list[dict]:
     n = chunk * chunks
-    x = data(kind, n, DTYPES[dtype], seed=chunk)
+    x = data(kind, n, DTYPES[dtype], seed=chunk, chunk=chunk, gamma=gamma)
     es = x.element_size()
     plan = simt.pack_plan(n, gamma, chunk, es)
     values, index = simt.pack(x, gamma, chunk, True, profile=True)
@@ -237,7 +259,13 @@ def case(r: dict) -> str:
     return f"{r['op']:6} {r['dtype']:8} {r['chunk']:>6} {r['gamma']:>5} {r['data']:6}"
 
 
-def print_tables(rows: list[dict], baseline: dict[tuple, dict]) -> None:
+def modelled_per_32(r: dict | None) -> float | None:
+    """Modelled warp instructions per 32 elements of a row (None without SASS or row)."""
+    v = r["per_element"]["modelled_warp_instructions"] if r else None
+    return None if v is None else 32 * v
+
+
+def print_tables(rows: list[dict], baseline: dict[tuple, dict], previous: dict[tuple, dict]) -> None:
     print("Per element (global bytes; shared accesses by lanes; warp instructions):")
     print(f"{CASE} | {'B read':>7} {'B writ':>7} | {'sh ld':>6} {'sh st':>6} {'atom':>6} | {'seen':>6} {'model':>7}")
     for r in rows:
@@ -255,16 +283,38 @@ def print_tables(rows: list[dict], baseline: dict[tuple, dict]) -> None:
               f"{fmt(c['shared_wavefronts'], 8, 0)} {fmt(c['global_sectors'], 8, 0)} | "
               f"{fmt(c['seen_warp_instructions'], 8, 0)} {fmt(c['modelled_warp_instructions'], 9, 0)} "
               f"{fmt(r['matched_share'], 7, 2)}")
-    if not baseline:
+    if not (baseline or previous):
         return
-    print("\nModelled warp instructions per element, today's kernels (baseline) against these:")
-    print(f"{CASE} | {'baseline':>8} {'now':>7} {'fewer':>6}")
+    print("\nModelled warp instructions per 32 elements: today's kernels (baseline, before the redesign), the"
+          " previous version (issue 13's) and these:")
+    print(f"{CASE} | {'baseline':>8} {'previous':>8} {'now':>7}")
     for r in rows:
-        b = baseline.get(key(r))
-        old = b["per_element"]["modelled_warp_instructions"] if b else None
-        new = r["per_element"]["modelled_warp_instructions"]
-        ratio = old / new if old and new else None
-        print(f"{case(r)} | {fmt(old, 8, 3)} {fmt(new, 7, 3)} {fmt(ratio, 5, 1)}x")
+        print(f"{case(r)} | {fmt(modelled_per_32(baseline.get(key(r))), 8, 1)} "
+              f"{fmt(modelled_per_32(previous.get(key(r))), 8, 1)} {fmt(modelled_per_32(r), 7, 1)}")
+
+
+def print_targets(rows: list[dict]) -> None:
+    """The issue's targets where the rows hold their cases: D = 16384, gamma = 0.9, per 32
+    elements, and the misaligned, tie-heavy and D = 1024 cases against normal data at D = 16384."""
+    by = {key(r): r for r in rows}
+    lines = []
+    for op in ("pack", "unpack"):
+        for dtype in DTYPES:
+            ref = modelled_per_32(by.get((op, dtype, 16384, 0.9, "normal")))
+            if ref is None:
+                continue
+            parts = [f"{op:6} {dtype:8} D=16384 normal {ref:6.1f}"]
+            for label, k in (("misaligned", (op, dtype, 16384, 0.9, "misaligned")),
+                             ("ties", (op, dtype, 16384, 0.9, "ties")),
+                             ("D=1024", (op, dtype, 1024, 0.9, "normal"))):
+                v = modelled_per_32(by.get(k))
+                if v is not None:
+                    parts.append(f"{label} {v:6.1f} ({v / ref:.2f}x)")
+            lines.append(" | ".join(parts))
+    if lines:
+        print("\nTargets (gamma = 0.9, modelled warp instructions per 32 elements; ratios against normal data at"
+              " D = 16384):")
+        print("\n".join(lines))
 
 
 def main() -> None:
@@ -272,19 +322,20 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     ap.add_argument("--chunks", nargs="+", type=int, default=[1024, 16384, 65536], help="chunk sizes D")
     ap.add_argument("--gammas", nargs="+", type=float, default=[0.5, 0.9])
-    ap.add_argument("--data", nargs="+", default=["normal", "relu"], choices=["normal", "relu"])
+    ap.add_argument("--data", nargs="+", default=DATA, choices=DATA)
     ap.add_argument("--elements", type=int, default=65536,
                     help="elements per case, rounded up to whole chunks (at least 2 chunks)")
     ap.add_argument("--sass", help="JSON of .ci/sass_count.py for these kernels (gives R)")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--baseline", default=str(BASELINE), help="JSON of an earlier run to compare against")
+    ap.add_argument("--previous", default=str(PREVIOUS),
+                    help="JSON of the kernels before this version (issue 13's), shown beside too")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
 
     sass = json.loads(Path(args.sass).read_text())[args.arch] if args.sass else {}
-    baseline = {}
-    if args.baseline and os.path.exists(args.baseline):
-        baseline = {key(r): r for r in json.loads(Path(args.baseline).read_text())["results"]}
+    baseline, previous = ({key(r): r for r in json.loads(Path(f).read_text())["results"]} if f and os.path.exists(f)
+                          else {} for f in (args.baseline, args.previous))
     simt = load(debug_info=bool(sass))  # line tables, to match the profile's sites to SASS
     rows = []
     for dtype in args.dtypes:
@@ -293,7 +344,8 @@ def main() -> None:
             for gamma in args.gammas:
                 for kind in args.data:
                     rows.extend(measure(simt, dtype, chunk, gamma, kind, chunks, sass))
-    print_tables(rows, baseline)
+    print_tables(rows, baseline, previous)
+    print_targets(rows)
     if args.json:
         meta = {"sass": args.sass, "arch": args.arch, "torch": torch.__version__}
         Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))

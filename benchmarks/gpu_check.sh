@@ -2,8 +2,9 @@
 # The GPU-machine check, in one shot: on a machine with a CUDA GPU, torch (2.11 or newer) and nvcc,
 # no network, builds the extension just in time with its CUDA kernels (for this GPU's architecture
 # only, to be quick), runs the CUDA tests (tests/test_cuda.py and the CUDA cases of
-# tests/test_relu_mask.py) and the GPU benchmarks (bench_select, bench_relu_mask, a short
-# bench_memory).
+# tests/test_relu_mask.py) and the GPU benchmarks (bench_train_step: GPT-2 small and ResNet-50
+# training steps plain vs converted, eager and compiled, and pack/unpack bandwidth against the
+# device's copy; bench_select, bench_relu_mask, a short bench_memory).
 #
 # OUTDIR receives two files: summary.txt (the machine, each step's status and seconds, the tail
 # of each step's log) and gpu_check.tar.gz (every log, the tests' JUnit XML, the benchmarks' JSON
@@ -99,13 +100,20 @@ step build 150 "$PY" -c "import json, dropit_cuda as dc; info = dc.extension_inf
 build_rc=$?
 if [ $build_rc -eq 0 ] || [ $build_rc -eq 124 ] || [ $build_rc -eq 137 ]; then
   # Most important first: when time runs short, the last steps are the ones cut.
-  step test_cuda 70 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py tests/test_relu_mask.py \
+  step test_cuda 60 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py tests/test_relu_mask.py \
     -k "cuda or CUDA" --junitxml="$WORK/test_cuda.xml"
-  step bench_select 40 "$PY" benchmarks/bench_select.py --device cuda --numel 67108864 --chunk 16384 \
+  # What users ask first: a training step of GPT-2 small and ResNet-50, plain vs converted (step
+  # time, peak memory), and pack/unpack bandwidth against the device's copy bandwidth; compiled
+  # models in a step of their own (compilation takes most of it), after the eager figures.
+  step train_eager 45 "$PY" benchmarks/bench_train_step.py --device cuda --parts bandwidth train \
+    --modes eager --json "$WORK/train_eager.json"
+  step train_compiled 80 "$PY" benchmarks/bench_train_step.py --device cuda --parts train \
+    --modes compiled --json "$WORK/train_compiled.json"
+  step bench_select 25 "$PY" benchmarks/bench_select.py --device cuda --numel 67108864 --chunk 16384 \
     --gamma 0.9 --json "$WORK/bench_select.json"
-  step bench_relu_mask 20 "$PY" benchmarks/bench_relu_mask.py --device cuda --numel 67108864 --repeats 5 \
+  step bench_relu_mask 15 "$PY" benchmarks/bench_relu_mask.py --device cuda --numel 67108864 --repeats 5 \
     --json "$WORK/bench_relu_mask.json"
-  step bench_memory 60 "$PY" benchmarks/bench_memory.py --device cuda --steps 5 --warmup 2 --markdown \
+  step bench_memory 40 "$PY" benchmarks/bench_memory.py --device cuda --steps 5 --warmup 2 --markdown \
     --json "$WORK/bench_memory.json" --plot "$WORK/bench_memory.png"
   # Not here: benchmarks/bench_kernel_cost.py, the kernels' modelled cost on the host SIMT layer.
   # It needs no GPU (CI and the CPU machines run it); this script runs only what needs the GPU.

@@ -89,6 +89,9 @@ def test_indices(simt):
     ("store_to_read_only", "global store .* read-only buffer in"),
     ("shared_past_end", "shared load of 4 bytes .* outside the block's shared memory"),
     ("misaligned_vector", "global load of 16 bytes .* misaligned"),
+    ("misaligned_vector_store", "global store of 16 bytes .* misaligned"),
+    ("misaligned_shared_vector", "shared load of 8 bytes .* misaligned"),
+    ("misaligned_scalar", "global load of 4 bytes .* misaligned"),
 ])
 def test_misuse_is_reported(simt, what, message):
     with pytest.raises(RuntimeError, match=message):

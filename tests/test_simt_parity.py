@@ -7,6 +7,8 @@ big chunks come with few chunks. (About 30 s on two cores, plus about 90 s to co
 """
 
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,93 @@ def test_chunks_past_2_31_elements(simt, dtype):
     kept = select_fast(random_keys_from(seed, start, tail.numel()), D, 0.9)
     np.testing.assert_array_equal(bit_patterns(values), np.concatenate([bits[c * D + p] for c, p in enumerate(kept)]))
     np.testing.assert_array_equal(index.numpy().astype(np.int64), np.concatenate(kept))
+
+
+# ---- inputs that used to push the kernels off their fast paths (issue 21) ----
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_views(simt, dtype):
+    # Views with a storage offset: the chunk's first element sits at every offset from a 16-byte
+    # boundary, and with D not a multiple of the 16-byte vector width every chunk starts
+    # elsewhere. The layer registers only the view's own bytes, so a load before its first
+    # element or past its last fails the launch; a misaligned vector access fails it too.
+    per16 = 16 // torch.tensor([], dtype=dtype).element_size()
+    base = randn(3 * 1001 + 2 * per16, dtype, 21)
+    for offset in range(per16 + 1):
+        for chunk, n in ((1001, 3 * 1001), (1000, 2 * 1000 + 3), (4096, 4096 + 5)):
+            x = base[offset:offset + n]
+            assert x.storage_offset() == offset and x.is_contiguous()
+            for bitmap in (True, False):
+                check(simt, x, 0.9, chunk, bitmap, threads=256, unpack_threads=128)
+    # Unpack into and from views too: values and the bitmap at an offset.
+    x = randn(3 * 4096, dtype, 22)
+    values, index = torch.ops.dropit_cuda.pack(x, 0.9, 4096, True, None)
+    shifted = torch.cat([values[:1], values])[1:]  # same values, one element further on
+    out = simt.unpack(shifted, index, x.numel(), 0.9, 4096, True)
+    assert same_bytes(out, torch.ops.dropit_cuda.unpack(values, index, x.numel(), 0.9, 4096, True))
+
+
+def constant_column(rows: int, cols: int, col: int, rank: int, dtype, seed: int, first: int) -> torch.Tensor:
+    """A (rows, cols) normal matrix (in `dtype`) with column `col` set to the `rank`-th largest
+    magnitude of the other columns in the `first` rows, flattened: its ties repeat every `cols`
+    elements, so they fall on the same lanes of every warp."""
+    m = randn(rows * cols, torch.float64, seed).view(rows, cols).to(dtype).double()
+    others = torch.cat([m[:first, :col], m[:first, col + 1:]], dim=1).abs().flatten()
+    m[:, col] = others.sort(descending=True).values[rank]
+    return m.flatten().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_constant_column_on_the_threshold(simt, dtype):
+    # 16384-element chunks of a 64-column matrix whose column 3 holds one magnitude 256 times per
+    # chunk, just above the keep-th largest of the rest: the threshold falls among its ties, which
+    # all sit on the same lanes (more than a lane's share of the candidate buffer). Checked here on
+    # the input, independently of the kernels.
+    D, gamma = 16384, 0.9
+    keep = D - math.floor(gamma * D)
+    x = constant_column(2 * D // 64, 64, 3, keep - 100, dtype, 23, first=D // 64)
+    mags = x[:D].double().abs()
+    tie = mags[3].item()
+    assert (mags > tie).sum() < keep <= (mags >= tie).sum() and (mags == tie).sum() >= 256
+    for bitmap in (True, False):
+        for threads, order in ((256, "forward"), (512, "forward"), (512, "shuffled:5")):
+            check(simt, x, gamma, D, bitmap, threads=threads, unpack_threads=512, order=order)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_all_equal_magnitudes_large_chunks(simt, dtype):
+    # Every key in the threshold's bucket: the most crowded bucket there is, at the chunk sizes
+    # where the fast paths matter.
+    for D in (16384, 65536):
+        x = torch.tensor([1.5, -1.5]).repeat(D).to(dtype)
+        for bitmap in (True, False):
+            check(simt, x, 0.9, D, bitmap, threads=512, unpack_threads=1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_and_inf_large_chunks(simt, dtype):
+    # NaN (both signs) above +inf above every finite key, scattered through normal data.
+    D = 16384
+    x = randn(2 * D, torch.float64, 24)
+    idx = torch.randperm(2 * D, generator=torch.Generator().manual_seed(25))
+    x[idx[:300]] = math.nan
+    x[idx[300:400]] = -math.nan
+    x[idx[400:900]] = math.inf
+    x[idx[900:1000]] = -math.inf
+    for gamma in (0.9, 0.99):
+        for bitmap in (True, False):
+            check(simt, x.to(dtype), gamma, D, bitmap, threads=512, unpack_threads=512)
+
+
+# Chunk sizes from 1 to the largest: powers of two, one either side, and odd ones.
+CHUNK_SIZES = [1, 2, 3, 5, 8, 31, 32, 33, 100, 255, 256, 257, 1023, 1024, 1025, 2047, 4095, 4096, 4097, 8191,
+               16383, 16384, 16385, 32768, 65535, 65536]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_chunk_size(simt, dtype):
+    for D in CHUNK_SIZES:
+        n = 2 * D + max(1, D // 3) if D < 4096 else D + D // 3  # a short last chunk
+        x = randn(n, dtype, 26 + D)
+        for bitmap in (True, False):
+            check(simt, x, 0.9, D, bitmap)

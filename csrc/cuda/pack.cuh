@@ -2,11 +2,15 @@
 //
 //  1. One wide digit: a 4096-bin histogram of each key's top 12 bits, with plain shared atomics
 //     (zeros and other digit-0 keys are counted by difference, not by atomics). The chunk is read
-//     from global memory 16 bytes a lane where it is aligned, and staged in shared memory when it
-//     fits. One block scan over the bins picks the bucket of the keep-th largest key.
+//     from global memory 16 bytes a lane over its 16-byte aligned middle (the few elements before
+//     and after it one at a time), and staged in shared memory when it fits. One block scan over
+//     the bins picks the bucket of the keep-th largest key.
 //  2. Unless that bucket is kept whole, its keys (a few percent of the chunk for real data) are
 //     gathered into shared memory, and narrower digits (select.cuh) finish the select on them
-//     alone. A bucket too crowded for the buffer is refined over the whole chunk instead.
+//     alone: each lane's keys go to its own slot, those past a full slot to a shared overflow
+//     area (ties that all fall on one lane, as a constant column's do). A bucket that overflows
+//     the buffer (4096 32-bit keys: a quarter of a float32 chunk of 16384) is refined over the
+//     whole chunk instead.
 //  3. Compaction: warps ballot "above the bucket" and "in it" into bitmap words (warp w a run of
 //     consecutive words), one block scan over per-thread counts orders them, and each thread
 //     writes the bitmap words it owns and their kept values (ties go to the lower index).
@@ -71,18 +75,24 @@ inline PackParams<Bits> make_pack_params(const ChunkGeometry& g, const Bits* x, 
 }
 
 // Threads per block for chunks of D.
-inline int pack_threads(int64_t D) { return D <= 4096 ? 256 : 512; }
+inline int pack_threads(int64_t D) { return D <= 1024 ? 128 : (D <= 4096 ? 256 : 512); }
 
 struct PackPlan : LaunchPlan {
   KeySource source = KeySource::kSharedBits;
 };
+
+// Dynamic shared memory of a staged chunk: the chunk, and up to 16 bytes more, since it is staged
+// at the same offset from a 16-byte boundary as it has in global memory.
+inline size_t staged_bytes(int64_t chunk, int elem_bytes) {
+  return static_cast<size_t>(chunk) * static_cast<size_t>(elem_bytes) + 16;
+}
 
 // `smem_limit`: the most shared memory (static + dynamic) a block may use on the device (its
 // opt-in maximum); `static_smem`: the staged kernel's static shared memory as compiled.
 // Magnitude keys are staged in shared memory when the chunk fits.
 inline PackPlan plan_pack(const ChunkGeometry& g, int elem_bytes, bool random, size_t smem_limit, int threads = 0,
                           size_t static_smem = kPackStaticSmem) {
-  const size_t staged = static_cast<size_t>(g.chunk) * static_cast<size_t>(elem_bytes);
+  const size_t staged = staged_bytes(g.chunk, elem_bytes);
   PackPlan plan;
   plan.source = random ? KeySource::kRandom
                        : (staged + static_smem <= smem_limit ? KeySource::kSharedBits : KeySource::kGlobalBits);
@@ -125,19 +135,34 @@ struct ChunkKeys {
   }
 };
 
-// Calls f(v) for the elements of the chunk, v a Vec of 16 bytes of them at a time (kLoadAhead
-// loads in flight per thread) where `src` is 16-byte aligned, a Vec of one element otherwise and
-// for the tail. With `stage`, the bits are also stored to the same place of `staged`.
+// Elements before the first 16-byte boundary at or after `address` (a pointer to T; all of them
+// when it is not even aligned to T), up to `len`.
+template <typename T>
+DROPIT_DEVICE int head_to_16(uintptr_t address, int len) {
+  const int head = address % sizeof(T) != 0 ? len : static_cast<int>((16 - address % 16) % 16 / sizeof(T));
+  return head < len ? head : len;
+}
+
+// Calls f(v) for the elements of the chunk: v a Vec of 16 bytes of them at a time (kLoadAhead
+// loads in flight per thread) for the 16-byte aligned middle of `src`, a Vec of one element for the
+// head before it and the tail after it. With `stage`, the bits are also stored to the same place
+// of `staged`, which must be congruent to `src` modulo 16 bytes (its vector stores stay aligned).
 template <int kLoadAhead, typename Bits, typename Src, typename F>
 DROPIT_DEVICE void for_each_element(Src src, int L, bool stage, simt::sptr<Bits> staged, const F& f) {
   constexpr int V = simt::kVec16<Bits>;
   const int tid = simt::thread_idx();
   const int nthreads = simt::block_dim();
-  const int nvec = simt::address(src) % 16 == 0 ? L / V : 0;
+  const int head = head_to_16<Bits>(simt::address(src), L);
+  const int nvec = (L - head) / V;
   const int step = nthreads * V;  // elements between a thread's consecutive vectors
+  if (tid < head) {  // head < V <= nthreads
+    const Bits bits = src[tid];
+    if (stage) staged[tid] = bits;
+    f(simt::Vec<Bits, 1>{{bits}});
+  }
   int i = tid;
-  Src from = src + tid * V;
-  simt::sptr<Bits> to = staged + tid * V;
+  Src from = src + (head + tid * V);
+  simt::sptr<Bits> to = staged + (head + tid * V);
   for (; i + (kLoadAhead - 1) * nthreads < nvec; i += kLoadAhead * nthreads) {
     simt::Vec<Bits, V> v[kLoadAhead];
 DROPIT_UNROLL
@@ -159,7 +184,7 @@ DROPIT_UNROLL
       to += step;
     }
   }
-  for (int e = nvec * V + tid; e < L; e += nthreads) {
+  for (int e = head + nvec * V + tid; e < L; e += nthreads) {
     const Bits bits = src[e];
     if (stage) staged[e] = bits;
     f(simt::Vec<Bits, 1>{{bits}});
@@ -200,20 +225,24 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   constexpr int kWideShift = kKeyBits - kWideBits;
   // Candidates: lane slot l (lane l of any warp) holds up to kPerLane keys, its i-th at i*32 + l,
   // so lanes storing or reading their own slots touch distinct banks, and nobody contends for a
-  // counter (an atomic on one address, nvcc aggregates across the warp at some cost).
-  constexpr int kPerLane = static_cast<int>(kPackWideBytes / sizeof(Key) / 32);
+  // counter (an atomic on one address, nvcc aggregates across the warp at some cost). A quarter
+  // of the buffer, after the slots, takes the keys of slots that are full, through one block
+  // counter: ties that all land in one lane (a constant column) stay among the candidates.
+  constexpr int kBufferKeys = static_cast<int>(kPackWideBytes / sizeof(Key));
+  constexpr int kPerLane = kBufferKeys * 3 / 4 / 32;
+  constexpr int kOverflow = kBufferKeys - 32 * kPerLane;
   constexpr bool kStaged = Src == KeySource::kSharedBits;
   DROPIT_SHARED(uint32_t, wide, kWideBins + 32);  // wide bins (then candidates, then bitmap words), spares
   DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // narrow bins
   DROPIT_SHARED(uint64_t, slots, 32);             // block scans; warp 0's selection
-  DROPIT_SHARED(uint32_t, sel, 4);                // chosen bin, keys above it, keys in it
+  DROPIT_SHARED(uint32_t, sel, 4);                // chosen bin, keys above it, keys in it; overflow count
   DROPIT_SHARED(uint32_t, gathered, 32);          // candidates per lane slot
   const simt::sptr<uint32_t> slots32 = simt::ptr_cast<uint32_t>(slots);
   static_assert(kMaxChunk < (1 << 20), "need and count of a selection fit 20 bits");
   const simt::sptr<Key> candidates = simt::ptr_cast<Key>(wide);
   const simt::sptr<uint32_t> masks = wide;  // per bitmap word: keys above the bucket, keys >= its lowest
-  simt::sptr<Bits> staged = nullptr;
-  if constexpr (kStaged) staged = simt::dynamic_shared<Bits>();
+  simt::sptr<Bits> staged_base = nullptr;
+  if constexpr (kStaged) staged_base = simt::dynamic_shared<Bits>();
 
   const int tid = simt::thread_idx();
   const int nthreads = simt::block_dim();
@@ -226,6 +255,9 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     const int k = p.chunk_keep(c);
     const int64_t xbase = c * static_cast<int64_t>(p.chunk);
     const simt::gptr<const Bits> xc = p.x + xbase;
+    // Staged at xc's offset from a 16-byte boundary: the aligned middle moves by vectors.
+    const simt::sptr<Bits> staged =
+        kStaged ? staged_base + static_cast<int>(simt::address(xc) % 16 / sizeof(Bits)) : staged_base;
     const ChunkKeys<Bits, Key, Src> keys{xc, staged, p.seed, xbase};
     // The chunk's outputs, formed where they are written (fewer registers live across the select).
     auto outputs = [&] {
@@ -250,6 +282,7 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     // ---- 1. the wide digit ----
     for (int i = tid; i < kWideBins / 4; i += nthreads) simt::store_vec(wide + 4 * i, simt::Vec<uint32_t, 4>{});
     if (tid < 32) gathered[tid] = 0u;
+    if (tid == 0) sel[3] = 0u;
     sync(kWideCleared);
     // Digit 0 (zeros among them, half of a ReLU output) goes to the lane's spare counter: no
     // branch, no atomics piling on one bin; choose_bin counts bin 0 by difference.
@@ -281,25 +314,46 @@ DROPIT_UNROLL
           ++j;
         }
         if (match != 0) {
-          uint32_t slot = simt::atomic_add_shared(gathered + lane, static_cast<uint32_t>(simt::popc(match)));
+          const uint32_t n = static_cast<uint32_t>(simt::popc(match));
+          uint32_t slot = simt::atomic_add_shared(gathered + lane, n);
           j = 0;
+          if (slot + n <= static_cast<uint32_t>(kPerLane)) {
 DROPIT_UNROLL
-          for (const Key key : ks.v) {
-            if ((match >> j) & 1u) {
-              if (slot < static_cast<uint32_t>(kPerLane)) candidates[slot * 32 + lane] = key;
-              ++slot;
+            for (const Key key : ks.v) {
+              if ((match >> j) & 1u) {
+                candidates[slot * 32 + lane] = key;
+                ++slot;
+              }
+              ++j;
             }
-            ++j;
+          } else {  // the lane's slot is full: the keys past its end go to the overflow area
+            const uint32_t room = slot < static_cast<uint32_t>(kPerLane) ? kPerLane - slot : 0u;
+            uint32_t o = simt::atomic_add_shared(sel + 3, n - room);
+DROPIT_UNROLL
+            for (const Key key : ks.v) {
+              if ((match >> j) & 1u) {
+                const bool own = slot < static_cast<uint32_t>(kPerLane);
+                if (own || o < static_cast<uint32_t>(kOverflow))
+                  candidates[own ? slot * 32 + lane : 32 * kPerLane + o] = key;
+                o += own ? 0u : 1u;
+                ++slot;
+              }
+              ++j;
+            }
           }
         }
       });
       sync(kCandidatesGathered);
-      const uint32_t mine = gathered[lane];  // every warp takes the same decision
-      if (simt::ballot(mine > static_cast<uint32_t>(kPerLane)) == 0) {
-        // Warp 0 alone, lane l on slot l; then it shares the selection through `slots`.
+      const uint32_t overflowed = sel[3];  // every warp takes the same decision
+      if (overflowed <= static_cast<uint32_t>(kOverflow)) {
+        // Warp 0 alone, lane l on slot l and every 32nd overflowed key; then it shares the
+        // selection through `slots`.
         if (warp == 0) {
+          const uint32_t gathered_here = gathered[lane];
+          const uint32_t mine = gathered_here < static_cast<uint32_t>(kPerLane) ? gathered_here : kPerLane;
           auto own_candidates = [&](const auto& f) {
             for (uint32_t i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
+            for (uint32_t i = lane; i < overflowed; i += 32) f(static_cast<Key>(candidates[32 * kPerLane + i]));
           };
           narrow_selection(WarpTeam(), s, own_candidates, narrow, slots32, sel, sync);
           if (lane == 0) {

@@ -116,7 +116,7 @@ at::Tensor unpack_cuda(const at::Tensor& values, const at::Tensor& index, int64_
   at::Tensor out = at::empty({numel}, values.options());
   if (numel == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(values.device().index()).stream();
-  const LaunchPlan plan = plan_unpack(g);
+  const LaunchPlan plan = plan_unpack(g, bitmap);
   dispatch_bits(values.scalar_type(), [&](auto tag) {
     using Bits = decltype(tag);
     const UnpackParams<Bits> p = make_unpack_params<Bits>(
@@ -126,7 +126,7 @@ at::Tensor unpack_cuda(const at::Tensor& values, const at::Tensor& index, int64_
         static_cast<Bits*>(out.data_ptr()));
     const unsigned grid = static_cast<unsigned>(plan.grid);
     if (bitmap) {
-      unpack_bitmap_kernel<Bits><<<grid, plan.threads, 0, stream>>>(p);
+      unpack_bitmap_kernel<Bits><<<grid, plan.threads, plan.dynamic_smem, stream>>>(p);
     } else {
       unpack_offsets_kernel<Bits><<<grid, plan.threads, 0, stream>>>(p);
     }

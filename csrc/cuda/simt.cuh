@@ -124,6 +124,16 @@ DROPIT_DEVICE uintptr_t address(const gptr<T>& p) {
   return reinterpret_cast<uintptr_t>(p.get());
 }
 
+// p, computed once: the compiler no longer sees how, so it keeps p in a register instead of
+// rebuilding it from the kernel's parameters at every access (as it does for an address that is
+// a parameter plus a 64-bit product plus an index, when it has registers to spare).
+template <typename T>
+DROPIT_DEVICE gptr<T> pinned(const gptr<T>& p) {
+  T* q = p.get();
+  asm("" : "+l"(q));
+  return gptr<T>(q);
+}
+
 // The same memory seen as U (a shared array reused for another purpose).
 template <typename U, typename T>
 DROPIT_DEVICE U* ptr_cast(T* p) {
@@ -320,6 +330,11 @@ DROPIT_SIMT_INLINE T atomic_add_shared(sptr<T> p, T v) {
 template <typename T, host::Space S>
 DROPIT_SIMT_INLINE uintptr_t address(const Ptr<T, S>& p) {
   return reinterpret_cast<uintptr_t>(p.get());
+}
+
+template <typename T>
+DROPIT_SIMT_INLINE gptr<T> pinned(const gptr<T>& p) {
+  return p;
 }
 
 template <typename U, typename T, host::Space S>

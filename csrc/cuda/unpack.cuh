@@ -3,7 +3,8 @@
 // Bitmap index: thread t loads a run of consecutive bitmap words (one coalesced pass over the
 // chunk's words), popcounts give its count, one block scan gives each word's first value
 // position; the words and positions go to shared memory, and the dense chunk is written 16
-// bytes a lane (coalesced), each lane reading its few marked values.
+// bytes a lane (coalesced), each lane reading its few marked values (through the chunk's base
+// pointers, computed once per chunk).
 // Offsets index: the block zeroes its dense chunk (16 bytes a lane), then scatters the values.
 //
 // What a tampered index does (the CPU op raises on it; the CUDA op cannot without a host sync):
@@ -56,34 +57,38 @@ inline UnpackParams<Bits> make_unpack_params(const ChunkGeometry& g, const Bits*
   return p;
 }
 
-// Threads per block for chunks of D: about one bitmap word per thread (multiples of 32, up to 1024).
+// Threads per block for chunks of D: about one bitmap word per thread (multiples of 32, up to 1024),
+// at least 64 (32 blocks of 64 fill an SM's 2048 threads; small chunks then pay their per-chunk
+// scan and barriers on two warps, not four).
 inline int unpack_threads(int64_t D) {
   const int64_t words = (D + 31) / 32;
-  return words <= 128 ? 128 : (words <= 256 ? 256 : (words <= 512 ? 512 : 1024));
+  return words <= 64 ? 64 : (words <= 128 ? 128 : (words <= 256 ? 256 : (words <= 512 ? 512 : 1024)));
 }
 
-inline LaunchPlan plan_unpack(const ChunkGeometry& g, int threads = 0) {
-  return launch_plan(g.num_chunks, 1, threads > 0 ? threads : unpack_threads(g.chunk));
+// Dynamic shared memory of the bitmap body: a word and the position of its first value, per word
+// of a chunk (16 KB at D = 65536, within the 48 KB a launch gets without opting in; sized to the
+// chunk, so that small chunks leave room for many blocks per SM). The offsets body takes none.
+inline LaunchPlan plan_unpack(const ChunkGeometry& g, bool bitmap, int threads = 0) {
+  return launch_plan(g.num_chunks, 1, threads > 0 ? threads : unpack_threads(g.chunk),
+                     bitmap ? 2 * sizeof(uint32_t) * static_cast<size_t>(g.words) : 0);
 }
 
 namespace kernels {
 
-// Shared memory of the bitmap body: a word and the position of its first value, per word.
-constexpr int kUnpackMaxWords = static_cast<int>(kMaxChunk / 32);
-
+// Needs 2 * words * 4 bytes of dynamic shared memory (plan_unpack).
 template <typename Bits, typename Sync = simt::BlockSync>
 DROPIT_DEVICE void unpack_bitmap_block(const UnpackParams<Bits>& p, Sync sync = Sync()) {
   constexpr int V = simt::kVec16<Bits>;  // elements per 16-byte store; 32 % V == 0
-  DROPIT_SHARED(uint32_t, words, 2 * kUnpackMaxWords);
+  const simt::sptr<uint32_t> words = simt::dynamic_shared<uint32_t>();
   DROPIT_SHARED(uint32_t, slots, 32);
   const int tid = simt::thread_idx();
   const int nthreads = simt::block_dim();
   for (int64_t c = simt::block_idx(); c < p.num_chunks; c += simt::grid_dim()) {
     const int L = p.chunk_len(c);
     const int k = p.chunk_keep(c);
-    const simt::gptr<const Bits> vc = p.values + c * static_cast<int64_t>(p.keep);
-    const simt::gptr<const int32_t> wc = p.bitmap + c * static_cast<int64_t>(p.words);
-    const simt::gptr<Bits> oc = p.out + c * static_cast<int64_t>(p.chunk);
+    const simt::gptr<const Bits> vc = simt::pinned(p.values + c * static_cast<int64_t>(p.keep));
+    const simt::gptr<const int32_t> wc = simt::pinned(p.bitmap + c * static_cast<int64_t>(p.words));
+    const simt::gptr<Bits> oc = simt::pinned(p.out + c * static_cast<int64_t>(p.chunk));
     const int used_words = (L + 31) >> 5;
     // Thread t: words [t*R, t*R + R), bits past the chunk's length cleared.
     const int per_thread = (used_words + nthreads - 1) / nthreads;

@@ -42,7 +42,7 @@ PackPlan plan_of(const PackJob& j) {
   PackPlan plan = plan_pack(j.geometry, j.elem_bytes, j.random, j.smem_limit, j.threads);
   if (!j.random && j.source == 0) {
     plan.source = KeySource::kSharedBits;
-    plan.dynamic_smem = static_cast<size_t>(j.geometry.chunk) * static_cast<size_t>(j.elem_bytes);
+    plan.dynamic_smem = staged_bytes(j.geometry.chunk, j.elem_bytes);
   } else if (!j.random && j.source == 1) {
     plan.source = KeySource::kGlobalBits;
     plan.dynamic_smem = 0;
@@ -65,11 +65,12 @@ template <typename Bits>
 void unpack_typed(const UnpackJob& j) {
   const UnpackParams<Bits> p = make_unpack_params<Bits>(
       j.geometry, static_cast<const Bits*>(j.values), j.bitmap, j.offsets, static_cast<Bits*>(j.out));
-  const LaunchPlan plan = plan_unpack(j.geometry, j.threads);
+  const LaunchPlan plan = plan_unpack(j.geometry, j.bitmap != nullptr, j.threads);
   const int64_t grid = j.grid > 0 ? j.grid : plan.grid;
   const TestSync sync{j.drop_barrier};
   if (j.bitmap) {
-    simt::host::launch(grid, plan.threads, 0, [&] { kernels::unpack_bitmap_block<Bits>(p, sync); }, j.options);
+    simt::host::launch(grid, plan.threads, plan.dynamic_smem, [&] { kernels::unpack_bitmap_block<Bits>(p, sync); },
+                       j.options);
   } else {
     simt::host::launch(grid, plan.threads, 0, [&] { kernels::unpack_offsets_block<Bits>(p, sync); }, j.options);
   }

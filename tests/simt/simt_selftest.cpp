@@ -76,6 +76,16 @@ void misuse(const std::string& what) {
     } else if (what == "misaligned_vector") {
       const simt::Vec<float, 4> v = simt::load_vec<4>(src + (t % 8 == 0 ? 1 : 0));
       dst[t] = v.v[0];
+    } else if (what == "misaligned_vector_store") {
+      simt::store_vec(dst + 4 * (t % 15) + 2, simt::Vec<float, 4>{});  // 8-byte aligned only
+    } else if (what == "misaligned_shared_vector") {
+      DROPIT_SHARED(uint32_t, cells, 64);
+      cells[t] = 1u;
+      simt::sync();
+      dst[t] = static_cast<float>(simt::load_vec<2>(cells + (t | 1)).v[0]);  // 4-byte aligned only
+    } else if (what == "misaligned_scalar") {
+      // A 4-byte load at a 2-byte offset: faults on a GPU like a misaligned vector.
+      dst[t] = simt::gptr<const float>(reinterpret_cast<const float*>(reinterpret_cast<const char*>(in.data()) + 2))[t % 32];
     } else if (what == "divergent_barrier") {
       if (t < 32) simt::sync();  // the second warp never arrives
     } else if (what == "divergent_warp_op") {
