@@ -30,6 +30,7 @@ weight: ``x @ W`` is ``linear(x, W.t())``).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -79,6 +80,8 @@ def _once_differentiable(backward: Callable) -> Callable:
     def wrapper(ctx, *grads):
         if torch.compiler.is_compiling():  # a traced backward is differentiated by AOTAutograd's rules
             return backward(ctx, *grads)
+        if not torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None:
+            return backward(ctx, *grads)  # no graph to record, nothing to guard (the common case)
         with torch.no_grad():
             out = backward(ctx, *grads)
         if torch._C._functorch.peek_interpreter_stack() is not None:
@@ -102,6 +105,40 @@ def _once_differentiable(backward: Callable) -> Callable:
 
 
 # --- shared pieces ------------------------------------------------------------------------------
+
+
+def _eager_twin(cls: type) -> type:
+    """``cls`` (``forward`` + ``setup_context``) as a classic ``forward(ctx, ...)`` Function with
+    the same code, for plain eager calls: torch binds the arguments of a ``setup_context``
+    Function with ``inspect.signature`` on every call (about 100 microseconds of host time), a
+    classic one's not. ``torch.func`` transforms and ``torch.compile`` need the original."""
+
+    def forward(ctx, *args):
+        out = cls.forward(*args)
+        cls.setup_context(ctx, args, out)
+        return out
+
+    # the same name: its graph nodes read as the original's (_DropITLinearBackward ...)
+    return type(cls.__name__, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(cls.backward),
+                 "__doc__": _eager_twin.__doc__})
+
+
+def _function(cls: type, jvp_cls: type, eager_cls: type) -> type:
+    """Which of a product's autograd Functions this call takes (see :func:`_eager_twin`)."""
+    if _forward_ad():
+        return jvp_cls
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return cls
+    return eager_cls
+
+
+def _no_autocast(device_type: str):
+    """Autocast off for the product itself (its operands are cast already); a no-op context where
+    autocast is off anyway, which costs nothing to enter."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _record(layer: Any, op: str, x: torch.Tensor, cached: Optional[strategies.Cached], shared: bool = False) -> None:
@@ -137,6 +174,17 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[t
     out = t.to(dtype)
     pack_cache.alias(t, out)  # the casts of one tensor share one pack
     return out
+
+
+def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.dtype]]:
+    """``x`` and ``bias`` as autocast casts them for a linear/conv op, and the dtype the weight is
+    cast to inside the autograd function (None: used as it is)."""
+    cast = _cast_dtype(x, weight, bias)
+    if cast is None:  # autocast off: nothing to cast
+        return x, bias, None
+    x, bias = _cast(x, cast), _cast(bias, cast)
+    return x, bias, (cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None)
 
 
 def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor, settings: Settings, channel_dim: int,
@@ -185,7 +233,7 @@ def restore_packed(ctx) -> tuple[tuple, Optional[torch.Tensor]]:
         return tuple(kept), tensors[0]
     x_hat = None
     if ctx.cache_meta is not None:
-        x_hat = dtensor.rewrap(ctx.x_layout, ctx.cache_meta.with_tensors(tensors).unpack())
+        x_hat = dtensor.rewrap(ctx.x_layout, ctx.cache_meta.restore(tensors))
     return tuple(kept), x_hat
 
 
@@ -314,7 +362,7 @@ class _DropITLinear(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, settings, cast, layer, op):
         w = weight if cast is None else weight.to(cast)
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             return F.linear(x, w, bias)
 
     @staticmethod
@@ -414,6 +462,8 @@ class _DropITLinearJvp(_DropITLinear):
         return _add_bias_tangent(ctx, out_t, bias_t, -1)
 
 
+_DropITLinearEager = _eager_twin(_DropITLinear)
+
 
 def linear_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], settings: Settings,
                 layer: Any = None, op: str = "linear") -> torch.Tensor:
@@ -421,10 +471,8 @@ def linear_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     validated; ``layer`` receives what was cached)."""
     if not _caches(x, weight):
         return _torch_linear(x, weight, bias)
-    cast = _cast_dtype(x, weight, bias)
-    x, bias = _cast(x, cast), _cast(bias, cast)
-    w_cast = cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None
-    fn = _DropITLinearJvp if _forward_ad() else _DropITLinear
+    x, bias, w_cast = _autocast_operands(x, weight, bias)
+    fn = _function(_DropITLinear, _DropITLinearJvp, _DropITLinearEager)
     return fn.apply(x, weight, bias, settings, w_cast, layer, op)
 
 
@@ -475,7 +523,7 @@ class _DropITConv(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, params, settings, cast, layer, op):
         w = weight if cast is None else weight.to(cast)
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             return torch.ops.aten.convolution(x, w, bias, *params.args())
 
     @staticmethod
@@ -528,6 +576,8 @@ class _DropITConvJvp(_DropITConv):
             out_t = parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)
         return _add_bias_tangent(ctx, out_t, bias_t, 1)
 
+
+_DropITConvEager = _eager_twin(_DropITConv)
 
 
 _TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -593,11 +643,9 @@ def conv_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         return (_TORCH_CONV_TRANSPOSE if transposed else _TORCH_CONV)[nd](*torch_args)
     params = ConvParams(stride, padding, dilation, transposed, output_padding, groups)
 
-    cast = _cast_dtype(x, weight, bias)
-    x, bias = _cast(x, cast), _cast(bias, cast)
-    w_cast = cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None
+    x, bias, w_cast = _autocast_operands(x, weight, bias)
     op = op or f"conv{'_transpose' if transposed else ''}{nd}d"
-    fn = _DropITConvJvp if _forward_ad() else _DropITConv
+    fn = _function(_DropITConv, _DropITConvJvp, _DropITConvEager)
     out = fn.apply(x, weight, bias, params, settings, w_cast, layer, op)
     return out.squeeze(0) if unbatched else out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -309,11 +310,30 @@ def pack(
         raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
     if random_seed is not None and (isinstance(random_seed, bool) or not isinstance(random_seed, int)):
         raise TypeError(f"random_seed must be an int or None, got {type(random_seed).__name__}")
-    flat, memory_format = _memory_order(x.detach())
-    kind = Geometry(flat.numel(), chunk, gamma).resolve_index(index)
-    seed = None if random_seed is None else random_seed & 0x7FFFFFFFFFFFFFFF
-    values, idx = torch.ops.dropit_cuda.pack(flat, gamma, chunk, kind == "bitmap", seed)
+    values, idx, kind, memory_format = pack_tensors(x, gamma, chunk, index, random_seed)
     return Packed(values, idx, kind, x.shape, x.dtype, x.device, memory_format, chunk, gamma)
+
+
+def pack_tensors(x: torch.Tensor, gamma: float, chunk: int, index: str = "auto",
+                 random_seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, str, torch.memory_format]:
+    """:func:`pack` of arguments already checked (a DropIT layer's validated settings), as
+    ``(values, index, index_kind, memory_format)``."""
+    flat, memory_format = _memory_order(x.detach())
+    if index == "auto":
+        n = flat.numel()
+        # memoised for eager calls (this runs on every DropIT product); traced as it is
+        if torch.compiler.is_compiling():
+            index = Geometry(n, chunk, gamma).resolve_index(index)
+        else:
+            index = _auto_index(n, chunk, gamma)
+    seed = None if random_seed is None else random_seed & 0x7FFFFFFFFFFFFFFF
+    values, idx = torch.ops.dropit_cuda.pack(flat, gamma, chunk, index == "bitmap", seed)
+    return values, idx, index, memory_format
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_index(numel: int, chunk: int, gamma: float) -> str:
+    return Geometry(numel, chunk, gamma).resolve_index("auto")
 
 
 def unpack(p: Packed) -> torch.Tensor:
@@ -328,10 +348,17 @@ def unpack(p: Packed) -> torch.Tensor:
     if not isinstance(p, Packed):
         raise TypeError(f"p must be a dropit_cuda.Packed, got {type(p).__name__}")
     p.validate()
-    flat = torch.ops.dropit_cuda.unpack(
-        p.values, p.index, p.numel, p.gamma, p.chunk, p.index_kind == "bitmap"
-    )
-    return from_memory_order(flat, p.shape, p.memory_format)
+    return unpack_trusted(p.values, p.index, p)
+
+
+def unpack_trusted(values: torch.Tensor, index: torch.Tensor, meta: Packed) -> torch.Tensor:
+    """:func:`unpack` of ``values`` and ``index`` under ``meta``'s metadata, without the Python
+    validation: for a cache that the very forward which packed it hands to its backward (the
+    metadata is the forward's own; the op itself still checks the tensors' dtypes and sizes
+    against it, and the CPU kernel the index contents)."""
+    flat = torch.ops.dropit_cuda.unpack(values, index, meta.numel, meta.gamma, meta.chunk,
+                                        meta.index_kind == "bitmap")
+    return from_memory_order(flat, meta.shape, meta.memory_format)
 
 
 # The fakes compute their sizes from symbolic ints under torch.compile(dynamic=True): the pack

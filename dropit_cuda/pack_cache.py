@@ -81,7 +81,7 @@ def alias(source: torch.Tensor, copy: torch.Tensor) -> None:
 
 def cache(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[strategies.Cached, bool]:
     """``x`` packed as ``settings`` say, and whether the pack is shared with an earlier product."""
-    strategy = strategies.get(settings.strategy)
+    strategy = strategies.REGISTRY[settings.strategy]  # settings are validated
     if torch.compiler.is_compiling():  # checked first: reading the thread's state would add guards
         return strategy.cache(x, settings, channel_dim), False
     scope = _current()

@@ -16,6 +16,25 @@ products too) and left by forward hooks; nested entries only count. Weights are 
 product runs (by identity with the module's current parameter, or the view's base), so parameters
 swapped in during the forward (FSDP2's unsharded parameters) are found too.
 
+Routing every torch function call through a Python mode costs microseconds each, which sets the
+step time of an eager model that is not huge. So the first complete eager training forward (the
+*observed* one) also notes, for every product against a covered weight, the innermost hooked
+module running at the time; afterwards the routing narrows (:meth:`Conversion._narrow`):
+
+- a weight DropIT caches whose owner is a stock ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (zero padding)
+  / Hugging Face ``Conv1D``, and whose products all came from that owner's own forward, gets a
+  *direct* forward (:class:`_Direct`, set on the module instance) that makes the product through
+  DropIT with no mode at all;
+- the mode is entered only around the modules that need it: owners of a covered weight whose
+  forward is anything else (attention, parametrized weights, custom modules) and the modules in
+  which the observed forward used a covered weight of another module (torchvision's Swin);
+- dense layers (``None`` settings, ``skip_first``) need nothing: torch's own product runs.
+
+The hooks of every other module are removed (a module with hooks takes torch's slow call path).
+Should a layer's settings change between dense and DropIT, the next training forward is observed
+again with the full routing. A forward traced by ``torch.compile`` observes nothing (it runs with
+whatever routing the last eager forward left).
+
 The per-layer record also keeps what the last training forward did (op, calls, dense and cached
 bytes) for :func:`dropit_cuda.report`, decides ``skip_first`` on the first training forward, and
 decides which swapped-in ``MaskedReLU`` actually free memory (see :func:`dropit_cuda.convert`).
@@ -82,6 +101,8 @@ class Layer:
         #: the products save their input as it is (something else keeps it alive): dense, but
         #: still through DropIT, which keeps no autocast copy of the weight
         self.keep_input = False
+        #: a product against this weight that DropIT does not cover, once seen: (op, why)
+        self.uncovered: Optional[tuple[str, str]] = None
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -89,8 +110,6 @@ class Layer:
         self.calls = 0
         self.dense_bytes = 0
         self.cached_bytes = 0
-        #: a product against this weight that DropIT does not cover: (op, why), else None
-        self.uncovered: Optional[tuple[str, str]] = None
 
     def record(self, op: str, dense_bytes: int, cached_bytes: int, x: Optional[torch.Tensor] = None) -> None:
         """Called by the autograd functions when they cache this weight's input ``x`` (bytes 0
@@ -380,12 +399,15 @@ _OPAQUE = _rebind_functional()
 class _Router(TorchFunctionMode):
     """Sends a converted model's products against covered weights to the DropIT functions."""
 
-    def __init__(self, conversion: "Conversion") -> None:
+    def __init__(self, conversion: "Conversion", state: "_ThreadState") -> None:
         super().__init__()
         self.conversion = conversion
+        self.state = state
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.state.touched is not None:  # an observed forward: which weights it uses
+            self.state.touch(args, kwargs)
         if torch.is_grad_enabled():
             route = _ROUTES.get(func)
             if route is not None:
@@ -404,7 +426,7 @@ class _Router(TorchFunctionMode):
 
 
 class _Enter:
-    """Forward pre-hook: enter the conversion's mode (outermost training call only)."""
+    """Forward pre-hook: enter the conversion's forward (outermost training call only)."""
 
     def __init__(self, conversion: "Conversion") -> None:
         self.conversion = conversion
@@ -414,7 +436,7 @@ class _Enter:
 
 
 class _Exit:
-    """Forward hook (``always_call``): leave the conversion's mode."""
+    """Forward hook (``always_call``): leave the conversion's forward."""
 
     def __init__(self, conversion: "Conversion") -> None:
         self.conversion = conversion
@@ -422,6 +444,95 @@ class _Exit:
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
         # torch calls an always_call hook with output None when the forward raised
         self.conversion.exit(raised=output is None and sys.exc_info()[0] is not None)
+
+
+class _RouteEnter:
+    """Forward pre-hook of a module that needs the mode once the routing narrowed: enter it."""
+
+    def __init__(self, conversion: "Conversion") -> None:
+        self.conversion = conversion
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.conversion.route_enter(module)
+
+
+class _RouteExit:
+    """Forward hook (``always_call``) of a module that needs the mode: leave it."""
+
+    def __init__(self, conversion: "Conversion") -> None:
+        self.conversion = conversion
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.conversion.route_exit()
+
+
+# --- direct forwards: a stock layer's own product, without the mode -----------------------------
+
+
+def _hf_conv1d() -> Optional[type]:
+    """Hugging Face's ``Conv1D`` class, if transformers is already imported (a model using it
+    imported it)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def _direct_kind(module: nn.Module, attr: str) -> Optional[str]:
+    """``"linear"``, ``"conv"`` or ``"addmm"`` when ``module``'s own forward is torch's (or
+    Hugging Face's) stock forward that makes exactly one product against ``module.attr``, which
+    :class:`_Direct` then makes itself; None for any other module (its products need the mode)."""
+    if attr != "weight" or "forward" in module.__dict__:
+        return None
+    cls = type(module)
+    if cls.forward is nn.Linear.forward:
+        return "linear"
+    for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if cls.forward is base.forward and cls._conv_forward is base._conv_forward:
+            return "conv" if module.padding_mode == "zeros" else None
+    conv1d = _hf_conv1d()
+    if conv1d is not None and cls.forward is conv1d.forward:
+        return "addmm"
+    return None
+
+
+class _Direct:
+    """The forward of a stock layer whose weight DropIT caches, set on the module instance once the
+    observed forward showed that the layer's own forward makes all its products: the very call the
+    mode would route (same arguments, same DropIT function), without the mode. Where the mode is
+    active anyway (inside a module that needs it), not training, or without autograd, it runs the
+    class's own forward."""
+
+    def __init__(self, conversion: "Conversion", index: int, kind: str) -> None:
+        self.conversion = conversion
+        self.index = index
+        self.kind = kind
+        self.layer = conversion.layers[index]
+        self.arg = "x" if kind == "addmm" else "input"  # the name of the forward's argument
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.layer.module
+        if len(args) == 1 and not kwargs:
+            x = args[0]
+        elif not args and len(kwargs) == 1 and self.arg in kwargs:
+            x = kwargs[self.arg]
+        else:  # as the class's forward takes (or rejects) them
+            return type(module).forward(module, *args, **kwargs)
+        conversion = self.conversion
+        if conversion.mode_on() or not (module.training and torch.is_grad_enabled()):
+            return type(module).forward(module, x)  # the mode routes it, or nothing to route
+        w = module._parameters.get("weight")
+        settings = conversion.settings_for(self.index, w) if isinstance(w, torch.Tensor) else None
+        if settings is None:
+            return type(module).forward(module, x)
+        bias = module._parameters.get("bias")
+        if self.kind == "linear":
+            return DF.linear_with(x, w, bias, settings, self.layer, "linear")
+        if self.kind == "addmm":  # Hugging Face's Conv1D: addmm(bias, x as a matrix, weight)
+            size_out = x.size()[:-1] + (module.nf,)
+            out = DF.linear_with(x.view(-1, x.size(-1)), w.t(), bias, settings, self.layer, "addmm")
+            return out.view(size_out)
+        nd = w.dim() - 2
+        return DF.conv_with(x, w, bias, module.stride, module.padding, module.dilation, module.groups,
+                            settings, False, 0, self.layer, f"conv{nd}d")
 
 
 class _Derived:
@@ -434,7 +545,7 @@ class _Derived:
         self.layer.derived = output
 
 
-HOOK_TYPES = (_Enter, _Exit, _Derived)
+HOOK_TYPES = (_Enter, _Exit, _RouteEnter, _RouteExit, _Derived)
 
 # Conversions by key, for decisions that torch.compile must take as constants (see _skip_first).
 _CONVERSIONS: "weakref.WeakValueDictionary[int, Conversion]" = weakref.WeakValueDictionary()
@@ -471,7 +582,7 @@ class Conversion:
     """What :func:`dropit_cuda.convert` attached to a model (``model._dropit_conversion``)."""
 
     def __init__(self, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool,
-                 dense_where_kept: bool = True) -> None:
+                 hooked: list[nn.Module], dense_where_kept: bool = True) -> None:
         self.layers = layers
         self.relus = relus  # (name, MaskedReLU) swapped in; decided on the first training forward
         self.first_pending = skip_first
@@ -481,6 +592,11 @@ class Conversion:
         self.forwards = 0  # eager training forwards seen (a compiled forward cannot count)
         self.compiled = False  # whether the last training forward ran compiled (nothing recorded)
         self.warned = False
+        #: the root first, then every module that leads to a covered weight (hooked while observing)
+        self.hooked = hooked
+        #: once narrowed: which layers were dense then (a change makes the next forward observed)
+        self.narrowed: Optional[tuple[bool, ...]] = None
+        self._parametrized = [layer for layer in layers if layer.parametrized]
         #: leave dense the products whose input something else keeps alive (decided on the first
         #: eager training forward, see _KeptProbe)
         self.kept_pending = dense_where_kept
@@ -521,12 +637,23 @@ class Conversion:
             index = self._find(w._base)
         if index is None:
             return None
+        state = self._thread()
+        if state.seen is not None:  # (an observed forward, not traced: see touch)
+            where = state.stack[-1] if state.stack else None
+            state.seen.setdefault(index, {})[id(where)] = where
+        settings = self.settings_for(index, w)
+        return None if settings is None else (self.layers[index], settings)
+
+    def settings_for(self, index: int, w: torch.Tensor) -> Optional[Settings]:
+        """The settings of a product against layer ``index``'s weight ``w``, None where it stays
+        dense (a dense layer, or its owner not training); decides ``skip_first`` on the first
+        product against a trainable weight."""
         if w.requires_grad:
             _skip_first(self.key, index)
-        layer, settings = self.layers[index], _settings_of(self.key, index)
-        if settings is None or not layer.module.training:
+        settings = _settings_of(self.key, index)
+        if settings is None or not self.layers[index].module.training:
             return None
-        return layer, settings
+        return settings
 
     def lookup_operand(self, w: Any) -> Optional[tuple[tuple[Layer, Settings], Optional[P.Gathered]]]:
         """:meth:`lookup` for ``w`` itself or its base, else for the parameter ``w`` was gathered
@@ -580,10 +707,18 @@ class Conversion:
     def _thread(self) -> "_ThreadState":
         state = getattr(self._threads, "state", None)
         if state is None:
-            state = self._threads.state = _ThreadState(_Router(self))
+            state = self._threads.state = _ThreadState(self)
         return state
 
+    def mode_on(self) -> bool:
+        """Whether the mode routes products now on this thread: inside a routed module once the
+        routing narrowed (a direct forward then leaves its product to the mode)."""
+        routing = self._thread().routing
+        return bool(routing) and routing[0]
+
     def enter(self, module: nn.Module, args: tuple = ()) -> None:
+        """A hooked module starts: the outermost call of a training forward starts the forward
+        (and, unless the routing narrowed, enters the mode for all of it)."""
         state = self._thread()
         if not state.active:
             if not (torch.is_grad_enabled() and module.training):
@@ -591,17 +726,43 @@ class Conversion:
                 return
             self._start_forward(state, args)
         state.active.append(True)
+        if state.seen is not None and not torch.compiler.is_compiling():
+            state.stack.append(module)
 
     def exit(self, raised: bool = False) -> None:
         state = self._thread()
         if not state.active or not state.active.pop():
             return
+        if state.seen is not None and state.stack and not torch.compiler.is_compiling():
+            state.stack.pop()
         if not state.active:
             self._end_forward(state, raised)
 
+    def route_enter(self, module: nn.Module) -> None:
+        """A module that needs the mode starts (once the routing narrowed): the outermost one
+        enters the mode if it trains with autograd on."""
+        state = self._thread()
+        if state.routing:
+            state.routing.append(False)
+        elif torch.is_grad_enabled() and module.training:
+            state.mode.__enter__()
+            state.routing.append(True)
+        else:
+            state.routing.append(False)
+
+    def route_exit(self) -> None:
+        state = self._thread()
+        if state.routing and state.routing.pop():
+            state.mode.__exit__(None, None, None)
+
     def _start_forward(self, state: "_ThreadState", args: tuple = ()) -> None:
-        state.mode.__enter__()
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self.narrowed is not None and self.narrowed != self._dense():
+            self._widen()  # a layer turned dense or DropIT: observe this forward again
+        state.mode_all = self.narrowed is None
+        if state.mode_all:
+            state.mode.__enter__()
+        if compiling:
             self.compiled = True  # a write only: reading mutable state here would add guards
             return
         if in_backward():
@@ -610,6 +771,8 @@ class Conversion:
         self.forwards += 1
         for layer in self.layers:
             layer.reset_stats()
+        if self.narrowed is None:
+            state.observe(self.layers)
         # one thread's plain forward decides (under a transform the ReLUs are torch.relu)
         if self.relu_pending and self._probe is None and not transform_active():
             self._probe = _ReluProbe(self.relus)
@@ -622,12 +785,15 @@ class Conversion:
         state.scope = pack_cache.Scope().open()
 
     def _end_forward(self, state: "_ThreadState", raised: bool) -> None:
-        state.mode.__exit__(None, None, None)
-        for layer in self.layers:
+        if state.mode_all:
+            state.mode.__exit__(None, None, None)
+        for layer in self._parametrized:
             layer.derived = None
         state.gathered.clear()
         if torch.compiler.is_compiling() or in_backward():
             return
+        seen, touched = state.seen, state.touched
+        state.observe(None)
         if state.scope is not None:
             scope, state.scope = state.scope, None
             scope.close()
@@ -648,6 +814,56 @@ class Conversion:
         if not self.warned and not raised:
             self.warned = True
             self._warn_unused()
+        if seen is not None and not raised and not self.first_pending:
+            self._narrow(seen, touched)
+
+    # -- narrowing the routing after the observed forward ------------------------------------
+
+    def _dense(self) -> tuple[bool, ...]:
+        return tuple(layer.settings is None for layer in self.layers)
+
+    def _narrow(self, seen: dict[int, dict[int, nn.Module]], touched: set[int]) -> None:
+        """Direct forwards for the stock layers whose own forward made all their products, the
+        mode only around the modules that need it, no hooks on the others (see the module
+        docstring). ``seen``: per layer index, the innermost hooked modules of its products in the
+        observed forward; ``touched``: the layers whose weight any torch function took there. An
+        owner whose weight the observed forward used in no product but in other ops (an embedding
+        table, a position embedding, a class token) needs no mode; one whose weight it did not use
+        at all (an expert no token reached) keeps the mode, to route whatever it does later."""
+        routed: dict[int, nn.Module] = {}
+        direct: list[tuple[Layer, _Direct]] = []
+        for index, layer in enumerate(self.layers):
+            if layer.settings is None:
+                continue  # dense: torch's own product, wherever it is made
+            kind = None if layer.parametrized else _direct_kind(layer.module, layer.attr)
+            if kind is not None:
+                direct.append((layer, _Direct(self, index, kind)))
+            elif index in seen or index not in touched:
+                routed[id(layer.module)] = layer.module
+            for where in seen.get(index, {}).values():
+                if where is None:  # a product outside every hooked module: keep it all routed
+                    return
+                if where is not layer.module or kind is None:
+                    routed[id(where)] = where
+        root = self.hooked[0]
+        for module in self.hooked:
+            if module is not root:
+                _remove_hooks(module, self)
+        for module in routed.values():
+            module.register_forward_pre_hook(_RouteEnter(self))
+            module.register_forward_hook(_RouteExit(self), always_call=True)
+        for layer, forward in direct:
+            layer.module.__dict__["forward"] = forward
+        self.narrowed = self._dense()
+
+    def _widen(self) -> None:
+        """Back to the full routing of an observed forward: hooks on every module of
+        ``self.hooked``, no direct forward."""
+        for module in self.hooked:
+            _remove_hooks(module, self)
+            _remove_direct(module, self)
+            _hook(module, self)
+        self.narrowed = None
 
     def _warn_unused(self) -> None:
         unused = []
@@ -675,18 +891,53 @@ class Conversion:
 
 
 class _ThreadState:
-    """One thread's forward through a conversion: the entered modules (True where the mode was
-    entered) and the mode object it pushes on that thread's torch-function mode stack."""
+    """One thread's forward through a conversion: the entered modules (True where a training
+    forward runs), the mode object it pushes on that thread's torch-function mode stack, whether
+    it did for the whole forward, the entries of the modules that need the mode (True where one
+    entered it) and, during an observed forward, what :meth:`Conversion._narrow` decides from."""
 
-    __slots__ = ("active", "mode", "scope", "gathered")
+    __slots__ = ("active", "mode", "mode_all", "routing", "stack", "seen", "touched", "weight_ids", "scope",
+                 "gathered")
 
-    def __init__(self, mode: _Router) -> None:
+    def __init__(self, conversion: "Conversion") -> None:
         self.active: list[bool] = []
-        self.mode = mode
+        self.mode = _Router(conversion, self)
+        self.mode_all = False
+        self.routing: list[bool] = []
         #: this forward's packs (one per distinct input)
         self.scope: Optional[pack_cache.Scope] = None
         #: id(gathered copy) -> (weak ref of it, how it was gathered), for this forward
         self.gathered: dict[int, tuple[Any, P.Gathered]] = {}
+        self.observe(None)
+
+    def observe(self, layers: Optional[list[Layer]]) -> None:
+        """Starts observing a forward over ``layers`` (None: stops)."""
+        #: the hooked modules entered, innermost last
+        self.stack: list[nn.Module] = []
+        #: per layer index, the innermost hooked modules in which a product used its weight
+        self.seen: Optional[dict[int, dict[int, nn.Module]]] = None if layers is None else {}
+        #: the indices of the layers whose weight any torch function took (in a product or not)
+        self.touched: Optional[set[int]] = None if layers is None else set()
+        #: layer index by id of its weight
+        self.weight_ids: dict[int, int] = {} if layers is None else {
+            id(w): i for i, w in enumerate(layer.current() for layer in layers) if w is not None}
+
+    def touch(self, args: tuple, kwargs: dict) -> None:
+        """Notes the covered weights among a torch function's tensor arguments (observed forward).
+        Under torch.compile the observation is cancelled instead: a traced part of the forward
+        leaves no record at run time (the write is replayed by the compiled code), so the
+        routing must not narrow from it."""
+        if torch.compiler.is_compiling():
+            self.seen = self.touched = None
+            return
+        ids = self.weight_ids
+        for a in itertools.chain(args, kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                index = ids.get(id(a))
+                if index is None and a._base is not None:
+                    index = ids.get(id(a._base))
+                if index is not None:
+                    self.touched.add(index)
 
 
 class _ReluProbe:
@@ -802,17 +1053,31 @@ class _KeptProbe:
 # --- attaching and detaching a conversion -------------------------------------------------------
 
 
-def _remove_hooks(module: nn.Module) -> None:
+def _remove_hooks(module: nn.Module, conversion: Optional[Conversion] = None) -> None:
+    """Removes the hooks of ``conversion`` (of any conversion if None) from ``module``."""
     always = getattr(module, "_forward_hooks_always_called", {})
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
-        for key in [k for k, h in hooks.items() if isinstance(h, HOOK_TYPES)]:
+        for key in [k for k, h in hooks.items() if isinstance(h, HOOK_TYPES)
+                    and (conversion is None or getattr(h, "conversion", None) is conversion)]:
             del hooks[key]
             always.pop(key, None)
 
 
+def _remove_direct(module: nn.Module, conversion: Optional[Conversion] = None) -> None:
+    """Removes a direct forward of ``conversion`` (of any conversion if None) from ``module``."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, _Direct) and (conversion is None or forward.conversion is conversion):
+        del module.__dict__["forward"]
+
+
+def _hook(module: nn.Module, conversion: Conversion) -> None:
+    module.register_forward_pre_hook(_Enter(conversion))
+    module.register_forward_hook(_Exit(conversion), always_call=True)
+
+
 def detach(model: nn.Module) -> None:
-    """Removes every conversion inside ``model``: hooks, records, and the ReLU swaps it made
-    (DropIT module classes stay)."""
+    """Removes every conversion inside ``model``: hooks, direct forwards, records, and the ReLU
+    swaps it made (DropIT module classes stay)."""
     for module in model.modules():
         conversion = module.__dict__.pop("_dropit_conversion", None)
         for _, relu in conversion.relus if conversion is not None else ():
@@ -820,31 +1085,31 @@ def detach(model: nn.Module) -> None:
                 relu.to_plain()
     for module in model.modules():
         _remove_hooks(module)
+        _remove_direct(module)
         module.__dict__.pop("_dropit_layers", None)
 
 
 def attach(root: nn.Module, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool,
            dense_where_kept: bool = True) -> Conversion:
     """Attaches a conversion of ``layers`` to ``root``: records and hooks (see :mod:`.routing`)."""
-    conversion = Conversion(layers, relus, skip_first, dense_where_kept)
-    root.__dict__["_dropit_conversion"] = conversion
     by_name = dict(root.named_modules())
     for layer in layers:
         layer.module.__dict__.setdefault("_dropit_layers", {})[layer.attr] = layer
-        if layer.parametrized:
-            layer.module.parametrizations[layer.attr].register_forward_hook(_Derived(layer))
     # the root, the owners and every module between them
     hooked: set[str] = {""}
     for name, m in by_name.items():
         if "_dropit_layers" in m.__dict__:
             parts = name.split(".")
             hooked.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    for name in hooked:
-        module = by_name[name]
-        module.register_forward_pre_hook(_Enter(conversion))
-        module.register_forward_hook(_Exit(conversion), always_call=True)
+    modules = [root] + [m for name, m in by_name.items() if name in hooked and m is not root]
+    conversion = Conversion(layers, relus, skip_first, modules, dense_where_kept)
+    root.__dict__["_dropit_conversion"] = conversion
+    for layer in layers:
+        if layer.parametrized:
+            layer.module.parametrizations[layer.attr].register_forward_hook(_Derived(layer))
+    for module in modules:
+        _hook(module, conversion)
     return conversion
-
 
 
 def conversion_of(model: nn.Module) -> Optional[Conversion]:

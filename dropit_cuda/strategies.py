@@ -83,6 +83,11 @@ class Cached:
         """The dense tensor: the input's shape, dtype, device and layout, dropped elements 0."""
         return self.strategy.unpack(self.tensors, self.meta)
 
+    def restore(self, tensors) -> torch.Tensor:
+        """The dense tensor from ``tensors``, this cache's own tensors as the autograd function's
+        backward gets them back (see :meth:`Strategy.restore`)."""
+        return self.strategy.restore(tuple(tensors), self.meta)
+
 
 class Strategy:
     """How a layer's input is compressed for backward. Subclasses implement ``pack``/``unpack``
@@ -101,6 +106,11 @@ class Strategy:
     def nbytes(self, shape, dtype: torch.dtype, gamma: float, chunk: int, channel_dim: int = 1) -> int:
         """Bytes the cache of a tensor of ``shape`` and ``dtype`` holds at these settings."""
         raise NotImplementedError
+
+    def restore(self, tensors: tuple, meta: Any) -> torch.Tensor:
+        """``unpack`` for a cache the same forward made (the backward of a DropIT product): a
+        strategy may skip checks there that guard a cache from elsewhere."""
+        return self.unpack(tensors, meta)
 
     def cache(self, x: torch.Tensor, settings: Settings, channel_dim: int) -> Cached:
         tensors, meta = self.pack(x.detach(), settings.gamma, settings.chunk, channel_dim)
@@ -144,11 +154,15 @@ class _Chunked(Strategy):
         return None
 
     def pack(self, x, gamma, chunk, channel_dim):
-        p = ops.pack(x, gamma, chunk, random_seed=self.seed())
-        return p.tensors(), p.with_tensors(None, None)
+        # settings were checked when made; the metadata keeps no tensor (they go to save_for_backward)
+        values, index, kind, memory_format = ops.pack_tensors(x, gamma, chunk, random_seed=self.seed())
+        return (values, index), Packed(None, None, kind, x.shape, x.dtype, x.device, memory_format, chunk, gamma)
 
     def unpack(self, tensors, meta: Packed):
         return ops.unpack(meta.with_tensors(*tensors))
+
+    def restore(self, tensors, meta: Packed):
+        return ops.unpack_trusted(tensors[0], tensors[1], meta)
 
     def nbytes(self, shape, dtype, gamma, chunk, channel_dim=1):
         g = ops.Geometry(_numel(shape), chunk, gamma)
@@ -329,16 +343,17 @@ class RandomChannel(_Channels):
 
 # --- registry ---------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, Strategy] = {
+#: every strategy by name (look names from elsewhere up with :func:`get`, which checks them)
+REGISTRY: dict[str, Strategy] = {
     s.name: s for s in (ParallelMinK(), MinK(), Random(), MinKChannel(), RandomChannel())
 }
-assert tuple(_REGISTRY) == STRATEGY_NAMES
+assert tuple(REGISTRY) == STRATEGY_NAMES
 STRATEGIES = STRATEGY_NAMES
 
 
 def get(name: str) -> Strategy:
     """The strategy object called ``name`` (TypeError/ValueError naming ``strategy`` otherwise)."""
-    return _REGISTRY[check_strategy(name)]
+    return REGISTRY[check_strategy(name)]
 
 
 def compress(

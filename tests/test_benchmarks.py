@@ -133,3 +133,25 @@ def test_bench_tradeoff_counts_what_dc_memory_counts():
     work = bt.gpt(batch=2, width=64, layers=2, context=32)
     for label, model in bt.variants(work, [0.8], 0.8):
         assert bt.saved_bytes(model, work.inputs) == dc.memory.measure(model.train(), work.inputs).total_bytes, label
+
+
+def test_bench_overhead(tmp_path):
+    path = tmp_path / "overhead.json"
+    stdout = run_script("bench_overhead.py", "--gpt-layers", "2", "--gpt-width", "32", "--tokens", "4",
+                        "--product-rows", "4", "--product-width", "8", "--wide-rows", "8", "--wide-width", "16",
+                        "--warmup", "2", "--repeats", "3", "--wide-repeats", "2", "--json", str(path))
+    figures = json.loads(path.read_text())
+    rows = {(r["case"], r["variant"]): r for r in figures["rows"]}
+    assert list(rows) == [("gpt2", "plain"), ("gpt2", "routing only"), ("gpt2", "dropit"),
+                          ("product", "plain"), ("product", "dropit"), ("wide", "plain"), ("wide", "dropit")]
+    for (case, variant), r in rows.items():
+        base = rows[(case, "plain")]
+        assert r["median_us"] > 0 and r["q1_us"] <= r["median_us"] <= r["q3_us"]
+        assert r["ratio"] == r["median_us"] / base["median_us"]
+        assert r["excess_us"] == r["median_us"] - base["median_us"]
+        assert r["rounds"] == (2 if case == "wide" else 3)
+    assert "load average" in figures["load_before"] and "routing only" in stdout
+
+
+def test_bench_overhead_rejects_no_warmup():
+    assert "--warmup" in run_script("bench_overhead.py", "--warmup", "0", returncode=2)
