@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -102,6 +102,8 @@ def _timm_convnext() -> nn.Module:
 
 # --- Hugging Face transformers and peft ---------------------------------------------------------
 VOCAB = 64
+#: the experts implementations of transformers' mixture-of-experts layers that run on CPU
+EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
 
 def _gpt2(n_layer: int = 2, n_embd: int = 32, n_head: int = 2, vocab_size: int = VOCAB,
@@ -135,13 +137,20 @@ def _bert() -> nn.Module:
     return BertModel(config)  # with its pooler
 
 
-def _llama_config():
+def _llama_config(hidden: int = 32, layers: int = 2, heads: int = 2, kv_heads: int = 1, vocab: int = VOCAB,
+                  positions: int = 32):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=positions,
                        attention_dropout=0.0, tie_word_embeddings=False, use_cache=False,
                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def _llama_sized(**sizes: int) -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(_llama_config(**sizes))
 
 
 def _llama() -> nn.Module:
@@ -169,6 +178,55 @@ def _wav2vec2() -> nn.Module:
                             feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0,
                             mask_time_prob=0.0, mask_feature_prob=0.0)
     return Wav2Vec2Model(config)
+
+
+def _mixtral(impl: str, hidden: int = 32, layers: int = 2, experts: int = 4, heads: int = 4, kv_heads: int = 2,
+             intermediate: Optional[int] = None, vocab: int = VOCAB) -> Callable[[], nn.Module]:
+    """A Mixtral-style causal LM (top-2 routing) whose experts run transformers' ``impl``
+    (``eager``: a per-expert ``F.linear`` on a slice of the 3-D weight; ``batched_mm``: ``bmm``
+    against rows gathered from it; ``grouped_mm``: ``F.grouped_mm`` with offsets)."""
+
+    def build() -> nn.Module:
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        config = MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                               num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=256,
+                               router_jitter_noise=0.0, attention_dropout=0.0, tie_word_embeddings=False,
+                               use_cache=False, experts_implementation=impl, bos_token_id=0, eos_token_id=0,
+                               pad_token_id=0)
+        return MixtralForCausalLM(config)
+
+    return build
+
+
+def _mamba() -> nn.Module:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    # on CPU without the CUDA kernels its mixer runs the slow path: dt_proj.weight @ x (weight first)
+    config = MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+                         conv_kernel=4, time_step_rank=4, use_cache=False, tie_word_embeddings=False,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return MambaForCausalLM(config)
+
+
+class EinsumBmmBilinearNet(nn.Module):
+    """Weights used as raw parameters: an einsum against per-head weights (both operand orders), a
+    bmm against a 3-D weight, then a bilinear layer (whose weight DropIT reports as not covered)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.heads = nn.Parameter(0.2 * torch.randn(4, 16, 8))
+        self.mix = nn.Parameter(0.2 * torch.randn(4, 8, 8))
+        self.out = nn.Bilinear(8, 8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)  # (B, L, 16)
+        e = torch.einsum("bld,hdk->hblk", h, self.heads).flatten(1, 2)  # (4, B*L, 8)
+        e = e + torch.einsum("hdk,bld->hblk", self.heads, h * h).flatten(1, 2)
+        z = torch.bmm(torch.relu(e), self.mix).sum(0).to(self.out.weight.dtype)  # (B*L, 8); bilinear
+        return self.out(z, torch.sin(z))  # does not autocast: its operands in the weight's dtype
 
 
 # --- small nets for the transposed convolutions -------------------------------------------------
@@ -242,10 +300,32 @@ ZOO: tuple[ZooModel, ...] = (
              "Conv2d(3,8,3,s2) -> ConvTranspose2d(8,8,4,s2) -> ConvTranspose2d(8,3,3); input 2x3x16x16"),
     ZooModel("convtranspose1d3d", _train(ConvTranspose1d3dNet), _images(2, 4, 16),
              "Conv1d(4,8,3) -> ConvTranspose1d(8,8,4,s2) -> fold -> ConvTranspose3d(2,4,2,s2); input 2x4x16"),
+    *(ZooModel(f"mixtral_{impl}", _train(_mixtral(impl)), _tokens(VOCAB, 2, 16),
+               f"transformers MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, "
+               f"num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, "
+               f"num_experts_per_tok=2, experts_implementation={impl!r})); input 2x16 tokens")
+      for impl in EXPERTS_IMPLEMENTATIONS),
+    ZooModel("mamba", _train(_mamba), _tokens(VOCAB, 2, 16),
+             "transformers MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=8, "
+             "num_hidden_layers=2, expand=2, conv_kernel=4, time_step_rank=4)), slow path; input 2x16 tokens"),
+    ZooModel("einsum_bmm_bilinear", _train(EinsumBmmBilinearNet), _images(2, 5, 8),
+             "Linear(8,16) -> einsum against a (4,16,8) weight, both operand orders -> bmm against a (4,8,8) "
+             "weight -> Bilinear(8,8,6); input 2x5x8"),
 )
 
 #: measured by the benchmark only (too large for the tests)
 BENCH_ONLY: tuple[ZooModel, ...] = (
+    *(ZooModel(f"mixtral_4x256_{impl}", _train(_mixtral(impl, hidden=256, layers=4, experts=8, heads=8,
+                                                         kv_heads=2, intermediate=512, vocab=1024)),
+               _tokens(1024, 4, 128),
+               f"transformers MixtralForCausalLM(MixtralConfig(vocab_size=1024, hidden_size=256, "
+               f"intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, "
+               f"num_local_experts=8, num_experts_per_tok=2, experts_implementation={impl!r})); input 4x128 tokens")
+      for impl in EXPERTS_IMPLEMENTATIONS),
+    ZooModel("llama_4x256", _train(lambda: _llama_sized(hidden=256, layers=4, heads=8, kv_heads=2, vocab=1024, positions=256)),
+             _tokens(1024, 4, 128),
+             "transformers LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, "
+             "num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, untied)); input 4x128 tokens"),
     ZooModel("gpt2_small", _train(lambda: _gpt2(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)),
              _tokens(50257, 2, 128),
              "transformers GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=128, n_embd=768, "

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .relu import MaskedReLU
-from .routing import Conversion, Layer, attach, conversion_of, detach
+from .routing import KEPT, Conversion, Layer, attach, conversion_of, detach
 from .settings import (
     DEFAULT_CHUNK,
     DEFAULT_GAMMA,
@@ -136,6 +136,7 @@ def _probe(model: nn.Module, conversion: Conversion, example_inputs: Any) -> Non
     with unobserved_forward(model, conversion), torch.enable_grad():
         model.train()
         model(*args, **kwargs)
+    conversion.apply_kept()  # no backward of this forward will recompute anything
     conversion.warned = False  # the warning speaks of the first real training forward
 
 
@@ -149,6 +150,7 @@ def convert(
     exclude: Patterns = None,
     *,
     relu_mask: bool = True,
+    dense_where_kept: bool = True,
     example_inputs: Any = None,
 ) -> nn.Module:
     """Makes DropIT cover ``model``'s weights, in place, and returns ``model``.
@@ -191,9 +193,14 @@ def convert(
             training forward (decided from what that forward saved; under ``torch.compile`` or in
             a backward recompute nothing is decided and the ReLUs stay masked). Functional ReLUs
             (``F.relu``) are not modules and stay as they are.
+        dense_where_kept: leave dense each weight whose products' inputs something else keeps
+            alive anyway (another op's saved tensors, such as the attention output that
+            scaled-dot-product attention keeps and an output projection reads; the model's input
+            or output): packing those adds the pack and frees nothing. Decided on the first eager
+            training forward, like the ReLU masks; :func:`report` names them. False packs them.
         example_inputs: optional input (a tensor, a tuple of positional arguments, or a dict of
-            keyword arguments) for one training forward now that decides ``skip_first`` and the
-            ReLU masks (random state and buffers are restored after it).
+            keyword arguments) for one training forward now that decides ``skip_first``, the
+            ReLU masks and ``dense_where_kept`` (random state and buffers are restored after it).
 
     Raises:
         TypeError/ValueError naming the argument: bad settings (a bad value in a dict or from a
@@ -213,6 +220,8 @@ def convert(
         raise TypeError(f"skip_first must be a bool, got {type(skip_first).__name__}")
     if not isinstance(relu_mask, bool):
         raise TypeError(f"relu_mask must be a bool, got {type(relu_mask).__name__}")
+    if not isinstance(dense_where_kept, bool):
+        raise TypeError(f"dense_where_kept must be a bool, got {type(dense_where_kept).__name__}")
     inc = _patterns(include, "include")
     exc = _patterns(exclude, "exclude")
 
@@ -246,7 +255,7 @@ def convert(
 
     detach(model)
     masked = [(name, MaskedReLU.from_module(module)) for name, module in relus if selected(name)]
-    conversion = attach(model, layers, masked, skip_first)
+    conversion = attach(model, layers, masked, skip_first, dense_where_kept)
     if not any(layer.settings is not None for layer in layers):
         effect = f"only its {len(masked)} selected ReLU(s) become MaskedReLU" if masked else "it is unchanged"
         warnings.warn("dropit_cuda.convert: the model has no weight to convert (no linear/conv weight "
@@ -286,6 +295,8 @@ class LayerReport:
     calls: int
     dense_bytes: int
     cached_bytes: int
+    #: a product against this weight that DropIT does not cover, "op: not covered: why"
+    uncovered: Optional[str] = None
 
     def settings_text(self) -> str:
         """``g=0.9 parallel_min_k D=16384``, or ``dense (why)``."""
@@ -352,6 +363,7 @@ class Report(ByteTotals):
             rows.append((r.name or "(model)", r.op or "-", r.settings_text(), str(r.calls),
                          format_bytes(r.dense_bytes), format_bytes(r.cached_bytes)))
         lines = [f"DropIT report: {state}", *text_table(rows, "lllrrr")]
+        lines += [f"{r.name}: {r.uncovered}" for r in self.layers if r.uncovered]
         lines.append(f"total: {format_bytes(self.dense_bytes)} dense inputs cached as "
                      f"{format_bytes(self.cached_bytes)}")
         if self.relus:
@@ -372,11 +384,12 @@ def report(model: nn.Module) -> Report:
         raise ValueError("model is not converted (call dropit_cuda.convert(model) first)")
     rows = []
     for layer in conversion.layers:
-        if not (layer.claimed or layer.calls or layer.dense_reason == "skip_first"):
+        if not (layer.claimed or layer.calls or layer.uncovered or layer.dense_reason in ("skip_first", KEPT)):
             continue
-        s = layer.settings
+        s = None if layer.keep_input else layer.settings
+        uncovered = None if layer.uncovered is None else f"{layer.uncovered[0]}: not covered: {layer.uncovered[1]}"
         rows.append(LayerReport(layer.name, layer.op, s and s.gamma, s and s.strategy, s and s.chunk,
-                                layer.dense_reason, layer.calls, layer.dense_bytes, layer.cached_bytes))
+                                layer.dense_reason, layer.calls, layer.dense_bytes, layer.cached_bytes, uncovered))
     relus = {name: conversion.relu_decisions.get(name, "masked (undecided: no eager training forward yet)")
              for name, _ in conversion.relus}
     return Report(rows, relus, conversion.forwards, conversion.compiled, conversion.first)

@@ -70,18 +70,20 @@ class _Watch:
 @contextlib.contextmanager
 def _recording(conversion: Conversion) -> Iterator[dict[str, _Watch]]:
     """While active, every layer of ``conversion`` has a watch (``Layer.watch``). The ReLU masks
-    are not decided meanwhile: the dense inputs held for the exact gradients would make every
-    ReLU output look kept by another op."""
+    and the products left dense because their input is kept elsewhere are not decided (nor a
+    pending decision applied) meanwhile: the dense inputs held for the exact gradients would make
+    every ReLU output and product input look kept by another op."""
     watches = {}
     for layer in conversion.layers:
         layer.watch = watches[layer.name] = _Watch()
-    relu_pending, conversion.relu_pending = conversion.relu_pending, False
+    pending = conversion.relu_pending, conversion.kept_pending, conversion.kept_applied
+    conversion.relu_pending, conversion.kept_pending, conversion.kept_applied = False, False, True
     try:
         yield watches
     finally:
         for layer in conversion.layers:
             layer.watch = None
-        conversion.relu_pending = relu_pending
+        conversion.relu_pending, conversion.kept_pending, conversion.kept_applied = pending
 
 
 def _compare(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
@@ -536,7 +538,9 @@ def tune(model: nn.Module, *inputs: Any, loss_fn: Optional[LossFn] = None, min_c
       DropIT layer that computed no weight gradient in the pass (unused, frozen) keeps its γ.
 
     Bytes (``plan.cached_bytes``, ``plan.uniform``) are predicted by each layer's strategy
-    (``nbytes``) from the shapes of the inputs it cached in the pass, over the tuned layers.
+    (``nbytes``) from the shapes of the inputs it cached in the pass, over the tuned layers, each
+    layer's packs counted for it: layers that read one tensor with the same settings share one
+    pack in training, so they cache at most the prediction.
 
     Args:
         model: a model converted by :func:`dropit_cuda.convert`, in training mode.

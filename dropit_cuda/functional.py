@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import dtensor, strategies
+from . import dtensor, pack_cache, strategies
 from .ops import dense_input
 from .settings import DEFAULT_CHUNK, DEFAULT_GAMMA, DEFAULT_STRATEGY, Settings
 
@@ -141,10 +141,11 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _record(layer: Any, op: str, x: torch.Tensor, cached: Optional[strategies.Cached]) -> None:
-    """Tells ``layer`` (the conversion's record of this weight, if any) what was cached."""
+def _record(layer: Any, op: str, x: torch.Tensor, cached: Optional[strategies.Cached], shared: bool = False) -> None:
+    """Tells ``layer`` (the conversion's record of this weight, if any) what was cached; a pack
+    shared with an earlier product of the forward adds no bytes."""
     if layer is not None and not torch.compiler.is_compiling():
-        layer.record(op, x.nbytes, 0 if cached is None else cached.nbytes)
+        layer.record(op, 0 if shared else x.nbytes, 0 if cached is None or shared else cached.nbytes, x)
 
 
 def _caches(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -170,7 +171,9 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[t
         return t
     if not torch.is_autocast_enabled(t.device.type):
         return t
-    return t.to(dtype)
+    out = t.to(dtype)
+    pack_cache.alias(t, out)  # the casts of one tensor share one pack
+    return out
 
 
 def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
@@ -189,31 +192,54 @@ def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor, settings: Settings, 
     """Saves the weight (the master copy, never autocast's) and, when the weight gradient is
     needed, the compressed input (called from ``setup_context``; of a DTensor, this rank's local
     tensor: see :mod:`dropit_cuda.dtensor`)."""
-    cached = None
     ctx.weight_dtype = weight.dtype
+    save_packed(ctx, x, (weight,), settings, channel_dim, layer, op, ctx.needs_input_grad[1])
+
+
+def save_packed(ctx, x: torch.Tensor, kept: tuple, settings: Settings, channel_dim: int, layer: Any, op: str,
+                need_weight_grad: bool) -> None:
+    """Saves ``kept`` (tensors backward needs as they are: the weight, indices) and, when the
+    weight gradient is needed, ``x`` packed (of a DTensor, this rank's local tensor; one packed
+    copy per distinct input in a converted model's forward: see :mod:`dropit_cuda.pack_cache`);
+    :func:`restore_packed` gives both back."""
+    cached, shared = None, False
     x_local, ctx.x_layout = dtensor.local(x)
-    if ctx.needs_input_grad[1]:
+    ctx.raw_input = need_weight_grad and getattr(layer, "keep_input", False)
+    if ctx.raw_input:  # kept alive elsewhere anyway: saved as it is, no copy (see routing._KeptProbe)
+        ctx.cache_meta = None
+        ctx.save_for_backward(*kept, x)
+    elif need_weight_grad:
         x_local = dense_input(x_local)
-        cached = strategies.REGISTRY[settings.strategy].cache(x_local, settings, channel_dim)  # validated
+        cached, shared = pack_cache.cache(x_local, settings, channel_dim)
         ctx.cache_meta = cached.with_tensors(())
-        ctx.save_for_backward(weight, *cached.tensors)
+        ctx.save_for_backward(*kept, *cached.tensors)
     else:
         ctx.cache_meta = None
-        ctx.save_for_backward(weight)
-    _record(layer, op, x_local, cached)
-    _keep_exact_input(ctx, x, layer, channel_dim)
+        ctx.save_for_backward(*kept)
+    ctx.n_kept = len(kept)
+    _record(layer, op, x_local, cached, shared)
+    _keep_exact_input(ctx, x, layer, channel_dim, need_weight_grad)
 
 
-def _restore(ctx, cast: Optional[torch.dtype]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The weight as the forward used it and the unpacked input (None when not cached), a
-    DTensor laid out as the input was where the input was one.
+def restore_packed(ctx) -> tuple[tuple, Optional[torch.Tensor]]:
+    """What :func:`save_packed` kept, and the unpacked input (None when not cached), a DTensor
+    laid out as the input was where the input was one.
 
     ``ctx.saved_tensors`` is read here and nowhere else, once per backward: a second read fails
     under non-reentrant checkpointing and any ``saved_tensors_hooks`` whose unpack may run once."""
-    weight, *tensors = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    kept, tensors = saved[:ctx.n_kept], saved[ctx.n_kept:]
+    if ctx.raw_input:
+        return tuple(kept), tensors[0]
     x_hat = None
     if ctx.cache_meta is not None:
         x_hat = dtensor.rewrap(ctx.x_layout, ctx.cache_meta.restore(tensors))
+    return tuple(kept), x_hat
+
+
+def _restore(ctx, cast: Optional[torch.dtype]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The weight as the forward used it and the unpacked input (None when not cached)."""
+    (weight,), x_hat = restore_packed(ctx)
     return (weight if cast is None else weight.to(cast)), x_hat
 
 
@@ -255,10 +281,10 @@ def _unsupported_vmap(info, in_dims, *args):
 # unpacked copy, so at gamma = 0 both are equal bit for bit.
 
 
-def _keep_exact_input(ctx, x: torch.Tensor, layer: Any, channel_dim: int) -> None:
+def _keep_exact_input(ctx, x: torch.Tensor, layer: Any, channel_dim: int, need_weight_grad: bool) -> None:
     watch = getattr(layer, "watch", None)
     ctx.watch = None
-    if watch is None or not ctx.needs_input_grad[1] or torch.compiler.is_compiling():
+    if watch is None or not need_weight_grad or torch.compiler.is_compiling():
         return
     # a reference, not a copy (memory as in the plain model); its version tells if it changed
     ctx.watch, ctx.exact_input, ctx.exact_version = watch, x.detach(), x._version

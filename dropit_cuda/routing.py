@@ -57,10 +57,16 @@ from torch.overrides import TorchFunctionMode
 
 from . import dtensor
 from . import functional as DF
+from . import pack_cache
+from . import products as P
 from .relu import MaskedReLU, transform_active
 from .settings import Settings
 
 __all__ = ["Conversion", "Layer", "attach", "conversion_of", "detach", "in_backward"]
+
+
+#: the dense reason of a weight whose packs would free nothing (see _KeptProbe)
+KEPT = "input kept alive by another op"
 
 
 def in_backward() -> bool:
@@ -89,6 +95,14 @@ class Layer:
         #: set only while dropit_cuda.fidelity records: the autograd functions then also hand it
         #: the exact weight gradient (see functional._keep_exact_input)
         self.watch: Any = None
+        #: set only during the first training forward of a conversion that decides which products
+        #: free nothing by packing (see _KeptProbe)
+        self.probe: Any = None
+        #: the products save their input as it is (something else keeps it alive): dense, but
+        #: still through DropIT, which keeps no autocast copy of the weight
+        self.keep_input = False
+        #: a product against this weight that DropIT does not cover, once seen: (op, why)
+        self.uncovered: Optional[tuple[str, str]] = None
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -97,14 +111,22 @@ class Layer:
         self.dense_bytes = 0
         self.cached_bytes = 0
 
-    def record(self, op: str, dense_bytes: int, cached_bytes: int) -> None:
-        """Called by the autograd functions when they cache this weight's input."""
+    def record(self, op: str, dense_bytes: int, cached_bytes: int, x: Optional[torch.Tensor] = None) -> None:
+        """Called by the autograd functions when they cache this weight's input ``x`` (bytes 0
+        when the pack is shared with an earlier product of the forward)."""
         if in_backward():  # a checkpointed block recomputed: not a new forward
             return
         self.op = op
         self.calls += 1
         self.dense_bytes += dense_bytes
         self.cached_bytes += cached_bytes
+        if self.probe is not None and x is not None:
+            self.probe.saw(self, x, cached_bytes)
+
+    def record_uncovered(self, op: str, why: str) -> None:
+        """Called by the routes for a product against this weight that stays torch's own."""
+        if not in_backward() and not torch.compiler.is_compiling():
+            self.uncovered = (op, why)
 
     def current(self) -> Optional[torch.Tensor]:
         """The tensor products use as this weight now."""
@@ -114,7 +136,7 @@ class Layer:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["derived"] = state["watch"] = None
+        state["derived"] = state["watch"] = state["probe"] = None
         return state
 
     def __repr__(self) -> str:
@@ -140,18 +162,145 @@ def _route_linear(conv: "Conversion", args, kwargs):
 
 
 def _route_matmul(op: str) -> Callable:
-    """``x @ W`` (``mm``, ``matmul``, ``@``): ``linear(x, W.t())`` when ``W`` is a covered 2-D weight."""
+    """``x @ W`` (``mm``, ``matmul``, ``@``): ``linear(x, W.t())`` when ``W`` is a covered 2-D weight;
+    ``W @ x``: the weight-first product (``mm``, or ``matmul``'s ``bmm`` over a batched ``x``)."""
 
     def route(conv: "Conversion", args, kwargs):
-        x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other" if op != "mm" else "mat2")
-        if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2 or x.dim() < 1:
+        a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other" if op != "mm" else "mat2")
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or "out" in kwargs:
             return NotImplemented
-        found = conv.lookup(w)
-        if found is None or not w.requires_grad:  # frozen: torch's own product, as called
-            return NotImplemented
-        return DF.linear_with(x, w.t(), None, found[1], found[0], op)
+        if b.dim() == 2 and a.dim() >= 1:
+            found = conv.lookup(b)
+            if found is not None:
+                if not b.requires_grad:  # frozen: torch's own product, as called
+                    return NotImplemented
+                return DF.linear_with(a, b.t(), None, found[1], found[0], op)
+        if a.dim() == 2 and b.dim() >= 2 and conv.lookup(a) is not None:
+            return _weight_first(conv, a, b, op)
+        conv.note_uncovered((a, b), op, "a batched or vector weight operand")
+        return NotImplemented
 
     return route
+
+
+def _weight_first(conv: "Conversion", w: torch.Tensor, x: torch.Tensor, op: str):
+    """``W @ x`` with a 2-D weight ``W``, as ATen computes it for a weight that requires grad:
+    ``mm(W, x)`` for a 2-D ``x``; for a batched ``x``, matmul folds the batch into the rows of
+    ``x.mT()``, which is ``linear(x.mT(), W)``, transposed back and made contiguous."""
+    found = conv.lookup(w)
+    if found is None or not w.requires_grad:  # frozen: torch's own call (it folds differently)
+        return NotImplemented
+    if x.dim() == 2:
+        if not _plain_layout(x):
+            conv.note_uncovered((w,), op, "the input overlaps itself in memory (an expanded tensor)")
+            return NotImplemented
+        spec = P.ProductSpec("mm", 0, tuple(w.shape), tuple(w.stride()), tuple(x.shape), tuple(x.stride()))
+        return P.weight_product(x, w, spec, found[1], found[0], op)
+    return DF.linear_with(x.mT, w, None, found[1], found[0], op).mT.contiguous()
+
+
+def _plain_layout(t: torch.Tensor) -> bool:
+    """No dimension of more than one element has stride 0 (the packed copy can take its layout)."""
+    return all(st != 0 or sz <= 1 for sz, st in zip(t.shape, t.stride()))
+
+
+def _route_bmm(op: str) -> Callable:
+    """``bmm(a, b)`` / ``baddbmm(bias, a, b)`` with a covered weight (3-D, a slice, or rows gathered
+    from one) on either side."""
+    names = ("input", "mat2") if op == "bmm" else ("batch1", "batch2")
+
+    def route(conv: "Conversion", args, kwargs):
+        first = 0 if op == "bmm" else 1
+        a, b = _arg(args, kwargs, first, names[0]), _arg(args, kwargs, first + 1, names[1])
+        bias = None if op == "bmm" else _arg(args, kwargs, 0, "input")
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (a, b)) or "out" in kwargs:
+            return NotImplemented
+        if op == "baddbmm" and (kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3):
+            conv.note_uncovered((a, b), op, "beta or alpha other than 1")
+            return NotImplemented
+        for w_pos, (w, x) in enumerate(((a, b), (b, a))):
+            found = conv.lookup_operand(w)
+            if found is None:
+                continue
+            (layer, settings), gathered = found
+            if not _plain_layout(x):
+                conv.note_uncovered((w,), op, "the input overlaps itself in memory (an expanded tensor)")
+                return NotImplemented
+            spec = P.ProductSpec("bmm", w_pos, tuple(w.shape), tuple(w.stride()), tuple(x.shape),
+                                 tuple(x.stride()))
+            return P.weight_product(x, w, spec, settings, layer, op, bias=bias, gathered=gathered)
+        return NotImplemented
+
+    return route
+
+
+def _route_grouped_mm(conv: "Conversion", args, kwargs):
+    """``torch._grouped_mm(x, W, offs=...)`` (``F.grouped_mm``): 2-D tokens grouped by ``offs``
+    against a 3-D expert weight (or a view of one, ``W.transpose(-2, -1)``)."""
+    x, w = _arg(args, kwargs, 0, "self"), _arg(args, kwargs, 1, "mat2")
+    offs, bias, out_dtype = _arg(args, kwargs, 2, "offs"), _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "out_dtype")
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        return NotImplemented
+    found = conv.lookup(w)
+    if found is None:
+        return NotImplemented
+    why = None
+    if x.dim() != 2 or w.dim() != 3 or offs is None:
+        why = "only 2-D tokens with offsets against a 3-D weight are covered"
+    elif bias is not None or (out_dtype is not None and out_dtype != x.dtype):
+        why = "bias or out_dtype given"
+    elif x.stride(-1) != 1:
+        why = "the tokens are not row-major"
+    if why is not None:
+        conv.note_uncovered((w,), "grouped_mm", why)
+        return NotImplemented
+    spec = P.ProductSpec("grouped_mm", 1, tuple(w.shape), tuple(w.stride()), tuple(x.shape), tuple(x.stride()))
+    return P.weight_product(x, w, spec, found[1], found[0], "grouped_mm", offs=offs, autocast=False)
+
+
+def _route_getitem(conv: "Conversion", args, kwargs):
+    """``weight[index]`` with an integer index tensor: the gathered copy is noted, so that a product
+    against it keeps the weight and the index instead of the copy."""
+    w, index = args[0], args[1] if len(args) > 1 else None
+    if not isinstance(w, nn.Parameter) or torch.compiler.is_compiling():
+        return NotImplemented
+    if isinstance(index, tuple) and len(index) == 1:
+        index = index[0]
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32) or index.dim() < 1:
+        return NotImplemented
+    out = torch.Tensor.__getitem__(w, index)
+    conv.note_gathered(out, w, index)
+    return out
+
+
+def _route_uncovered(op: str, why: str, operands: Callable[[tuple, dict], tuple]) -> Callable:
+    """A product DropIT has no form for: names it in the weight's report row and passes through."""
+
+    def route(conv: "Conversion", args, kwargs):
+        conv.note_uncovered(operands(args, kwargs), op, why)
+        return NotImplemented
+
+    return route
+
+
+def _route_einsum(conv: "Conversion", args, kwargs):
+    """``torch.einsum(equation, x, W)`` or ``(equation, W, x)``: two operands, one a covered weight
+    (or a view of one), the other not."""
+    equation, rest = (args[0] if args else kwargs.get("equation")), args[1:]
+    operands = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else tuple(rest)
+    if not isinstance(equation, str) or kwargs or not all(isinstance(t, torch.Tensor) for t in operands):
+        return NotImplemented
+    if torch.compiler.is_compiling():  # its backward differentiates einsum again: not traceable
+        conv.note_uncovered(operands, "einsum", "not under torch.compile")
+        return NotImplemented
+    if len(operands) == 2:
+        for w_first in (False, True):
+            x, w = operands[::-1] if w_first else operands
+            found = conv.lookup(w)
+            if found is not None and conv.lookup(x) is None and _plain_layout(x):
+                return P.einsum(equation, x, w, w_first, found[1], found[0])
+    conv.note_uncovered(operands, "einsum", "only two operands, one of them a weight, are covered")
+    return NotImplemented
 
 
 def _route_addmm(conv: "Conversion", args, kwargs):
@@ -208,6 +357,16 @@ _ROUTES: dict[Any, Callable] = {
     F.conv_transpose2d: _route_conv(2, True),
     F.conv_transpose3d: _route_conv(3, True),
     F.pad: _route_pad,
+    torch.bmm: _route_bmm("bmm"),
+    torch.Tensor.bmm: _route_bmm("bmm"),
+    torch.baddbmm: _route_bmm("baddbmm"),
+    torch.Tensor.baddbmm: _route_bmm("baddbmm"),
+    torch._grouped_mm: _route_grouped_mm,
+    torch.Tensor.__getitem__: _route_getitem,
+    torch.einsum: _route_einsum,
+    F.bilinear: _route_uncovered("bilinear", "its input gradients need both inputs exact, so packing "
+                                 "one frees nothing",
+                                 lambda args, kwargs: (_arg(args, kwargs, 2, "weight"),)),
 }
 
 
@@ -273,7 +432,7 @@ class _Enter:
         self.conversion = conversion
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.conversion.enter(module)
+        self.conversion.enter(module, args)
 
 
 class _Exit:
@@ -423,7 +582,7 @@ class Conversion:
     """What :func:`dropit_cuda.convert` attached to a model (``model._dropit_conversion``)."""
 
     def __init__(self, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool,
-                 hooked: list[nn.Module]) -> None:
+                 hooked: list[nn.Module], dense_where_kept: bool = True) -> None:
         self.layers = layers
         self.relus = relus  # (name, MaskedReLU) swapped in; decided on the first training forward
         self.first_pending = skip_first
@@ -438,6 +597,11 @@ class Conversion:
         #: once narrowed: which layers were dense then (a change makes the next forward observed)
         self.narrowed: Optional[tuple[bool, ...]] = None
         self._parametrized = [layer for layer in layers if layer.parametrized]
+        #: leave dense the products whose input something else keeps alive (decided on the first
+        #: eager training forward, see _KeptProbe)
+        self.kept_pending = dense_where_kept
+        self.kept_decisions: dict[str, str] = {}
+        self.kept_applied = False
         self._register()
 
     def _register(self) -> None:
@@ -448,10 +612,11 @@ class Conversion:
         self._threads = threading.local()
         self._thread()  # made now, not during the first (perhaps compiled) forward: no guard on it
         self._probe: Optional[_ReluProbe] = None
+        self._kept_probe: Optional[_KeptProbe] = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for transient in ("key", "_threads", "_probe"):
+        for transient in ("key", "_threads", "_probe", "_kept_probe"):
             del state[transient]
         return state
 
@@ -490,11 +655,52 @@ class Conversion:
             return None
         return settings
 
+    def lookup_operand(self, w: Any) -> Optional[tuple[tuple[Layer, Settings], Optional[P.Gathered]]]:
+        """:meth:`lookup` for ``w`` itself or its base, else for the parameter ``w`` was gathered
+        from in this forward (then also how: parameter and index)."""
+        found = self.lookup(w)
+        if found is not None:
+            return found, None
+        got = self._thread().gathered.get(id(w)) if isinstance(w, torch.Tensor) else None
+        if got is None or got[0]() is not w:
+            return None
+        found = self.lookup(got[1].param)
+        return None if found is None else (found, got[1])
+
+    def note_gathered(self, out: torch.Tensor, param: torch.Tensor, index: torch.Tensor) -> None:
+        """Records that ``out`` is ``param[index]`` (for the rest of this forward)."""
+        if self._find(param) is not None:
+            self._thread().gathered[id(out)] = (weakref.ref(out), P.Gathered(param, index))
+
+    def note_uncovered(self, operands: tuple, op: str, why: str) -> None:
+        """Names ``op`` in the report row of each covered weight among ``operands`` (the weight, a
+        view or rows gathered from it), which this product leaves dense."""
+        for t in operands:
+            if not isinstance(t, torch.Tensor):
+                continue
+            index = self._find(t)
+            if index is None and t._base is not None:
+                index = self._find(t._base)
+            got = self._thread().gathered.get(id(t))
+            if index is None and got is not None and got[0]() is t:
+                index = self._find(got[1].param)
+            if index is not None and self.layers[index].settings is not None:
+                self.layers[index].record_uncovered(op, why)
+
     def _find(self, w: torch.Tensor) -> Optional[int]:
         for i, layer in enumerate(self.layers):
             if layer.current() is w:
                 return i
         return None
+
+    def apply_kept(self) -> None:
+        """Leaves dense, from now on, the weights the last probed forward found packing nothing
+        free (see :class:`_KeptProbe`)."""
+        if self.kept_decisions and not self.kept_applied:
+            for layer in self.layers:
+                if layer.name in self.kept_decisions:
+                    layer.keep_input, layer.dense_reason = True, KEPT
+            self.kept_applied = True
 
     # -- forward bookkeeping -----------------------------------------------------------------
 
@@ -510,7 +716,7 @@ class Conversion:
         routing = self._thread().routing
         return bool(routing) and routing[0]
 
-    def enter(self, module: nn.Module) -> None:
+    def enter(self, module: nn.Module, args: tuple = ()) -> None:
         """A hooked module starts: the outermost call of a training forward starts the forward
         (and, unless the routing narrowed, enters the mode for all of it)."""
         state = self._thread()
@@ -518,7 +724,7 @@ class Conversion:
             if not (torch.is_grad_enabled() and module.training):
                 state.active.append(False)
                 return
-            self._start_forward(state)
+            self._start_forward(state, args)
         state.active.append(True)
         if state.seen is not None and not torch.compiler.is_compiling():
             state.stack.append(module)
@@ -549,7 +755,7 @@ class Conversion:
         if state.routing and state.routing.pop():
             state.mode.__exit__(None, None, None)
 
-    def _start_forward(self, state: "_ThreadState") -> None:
+    def _start_forward(self, state: "_ThreadState", args: tuple = ()) -> None:
         compiling = torch.compiler.is_compiling()
         if not compiling and self.narrowed is not None and self.narrowed != self._dense():
             self._widen()  # a layer turned dense or DropIT: observe this forward again
@@ -571,16 +777,33 @@ class Conversion:
         if self.relu_pending and self._probe is None and not transform_active():
             self._probe = _ReluProbe(self.relus)
             self._probe.start()
+        # decided at the end of the last forward, applied only now: a checkpointed block
+        # recomputed during that forward's backward must save what its forward saved
+        self.apply_kept()
+        if self.kept_pending and self._kept_probe is None and not transform_active():  # one thread decides
+            self._kept_probe = _KeptProbe(self.layers, args)
+        state.scope = pack_cache.Scope().open()
 
     def _end_forward(self, state: "_ThreadState", raised: bool) -> None:
         if state.mode_all:
             state.mode.__exit__(None, None, None)
         for layer in self._parametrized:
             layer.derived = None
+        state.gathered.clear()
         if torch.compiler.is_compiling() or in_backward():
             return
         seen, touched = state.seen, state.touched
         state.observe(None)
+        if state.scope is not None:
+            scope, state.scope = state.scope, None
+            scope.close()
+        if self._kept_probe is not None and self._kept_probe.thread == threading.get_ident():
+            kept, self._kept_probe = self._kept_probe, None
+            if raised:
+                kept.cancel()
+            else:
+                self.kept_decisions = kept.finish()
+                self.kept_pending = False
         if self._probe is not None and self._probe.thread == threading.get_ident():
             probe, self._probe = self._probe, None
             if raised:  # a forward cut short says nothing: the next one decides
@@ -650,6 +873,14 @@ class Conversion:
             if layer.claimed and layer.settings is not None and layer.calls == 0 and not frozen \
                     and layer.module.training:
                 unused.append(layer.name)
+        uncovered = [f"{layer.name} ({layer.uncovered[0]})" for layer in self.layers
+                     if layer.uncovered is not None and layer.name not in unused]
+        if uncovered:
+            shown = ", ".join(uncovered[:8]) + (f" and {len(uncovered) - 8} more" if len(uncovered) > 8 else "")
+            warnings.warn(
+                f"dropit_cuda: {len(uncovered)} converted weight(s) took part in a product DropIT does not "
+                f"cover in the first training forward: {shown}; those products cache their input densely, "
+                "see dropit_cuda.report(model).", UserWarning, stacklevel=2)
         if unused:
             shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
             warnings.warn(
@@ -665,13 +896,18 @@ class _ThreadState:
     it did for the whole forward, the entries of the modules that need the mode (True where one
     entered it) and, during an observed forward, what :meth:`Conversion._narrow` decides from."""
 
-    __slots__ = ("active", "mode", "mode_all", "routing", "stack", "seen", "touched", "weight_ids")
+    __slots__ = ("active", "mode", "mode_all", "routing", "stack", "seen", "touched", "weight_ids", "scope",
+                 "gathered")
 
     def __init__(self, conversion: "Conversion") -> None:
         self.active: list[bool] = []
         self.mode = _Router(conversion, self)
         self.mode_all = False
         self.routing: list[bool] = []
+        #: this forward's packs (one per distinct input)
+        self.scope: Optional[pack_cache.Scope] = None
+        #: id(gathered copy) -> (weak ref of it, how it was gathered), for this forward
+        self.gathered: dict[int, tuple[Any, P.Gathered]] = {}
         self.observe(None)
 
     def observe(self, layers: Optional[list[Layer]]) -> None:
@@ -760,6 +996,60 @@ class _ReluProbe:
         self.outputs.clear()
 
 
+class _KeptProbe:
+    """On the first training forward: which DropIT products pack an input that something else
+    keeps alive anyway (an op's saved tensors, the model's output or input), so that packing it
+    adds the pack's bytes and frees none (the model's own inputs are not judged: the caller may or
+    may not keep them). Like :class:`_ReluProbe`, it holds weak references to
+    the storages of the packed inputs; a storage still alive when the forward has returned is kept
+    elsewhere. A weight all of whose packs freed nothing caches its input dense from the next
+    forward on: its products save the input itself (no copy), still through DropIT, which keeps
+    no autocast copy of the weight, unlike torch's own product."""
+
+    def __init__(self, layers: list[Layer], inputs: tuple) -> None:
+        self.thread = threading.get_ident()
+        self.layers = layers
+        self.seen: dict[int, list[tuple[Any, int]]] = {}
+        # the model's own inputs: whether the caller keeps them during backward is not known here
+        leaves, _ = torch.utils._pytree.tree_flatten(inputs)
+        self.inputs = set()
+        for t in leaves:
+            try:
+                self.inputs.add(t.untyped_storage().data_ptr())
+            except (AttributeError, NotImplementedError, RuntimeError, TypeError):
+                pass  # not a tensor, or one without a storage of its own
+        for layer in layers:
+            layer.probe = self
+
+    def saw(self, layer: Layer, x: torch.Tensor, cached_bytes: int) -> None:
+        try:
+            storage = x.untyped_storage()
+        except (NotImplementedError, RuntimeError, TypeError):  # a torch.func wrapper: not judged
+            return
+        if storage.data_ptr() not in self.inputs:
+            self.seen.setdefault(id(layer), []).append((storage._weak_ref(), cached_bytes))
+
+    def finish(self) -> dict[str, str]:
+        decisions = {}
+        for layer in self.layers:
+            seen = self.seen.get(id(layer))
+            if not seen or layer.settings is None or layer.keep_input:
+                continue
+            if all(not torch.UntypedStorage._expired(ref) for ref, _ in seen):
+                decisions[layer.name] = "dense (its input is kept alive by another op anyway)"
+        self.cancel()
+        return decisions
+
+    def cancel(self) -> None:
+        """Stops watching and lets go of the weak references, deciding nothing."""
+        for layer in self.layers:
+            layer.probe = None
+        for seen in self.seen.values():
+            for ref, _ in seen:
+                torch.UntypedStorage._free_weak_ref(ref)
+        self.seen.clear()
+
+
 # --- attaching and detaching a conversion -------------------------------------------------------
 
 
@@ -799,7 +1089,8 @@ def detach(model: nn.Module) -> None:
         module.__dict__.pop("_dropit_layers", None)
 
 
-def attach(root: nn.Module, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool) -> Conversion:
+def attach(root: nn.Module, layers: list[Layer], relus: list[tuple[str, nn.Module]], skip_first: bool,
+           dense_where_kept: bool = True) -> Conversion:
     """Attaches a conversion of ``layers`` to ``root``: records and hooks (see :mod:`.routing`)."""
     by_name = dict(root.named_modules())
     for layer in layers:
@@ -811,7 +1102,7 @@ def attach(root: nn.Module, layers: list[Layer], relus: list[tuple[str, nn.Modul
             parts = name.split(".")
             hooked.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     modules = [root] + [m for name, m in by_name.items() if name in hooked and m is not root]
-    conversion = Conversion(layers, relus, skip_first, modules)
+    conversion = Conversion(layers, relus, skip_first, modules, dense_where_kept)
     root.__dict__["_dropit_conversion"] = conversion
     for layer in layers:
         if layer.parametrized:

@@ -433,8 +433,10 @@ def test_tune_plan_caches_no_more_than_the_uniform_gamma_with_the_same_floor():
     assert plan_bytes <= uniform_bytes
     assert plan_bytes < uniform_bytes  # and here strictly fewer: some layers take a larger γ
     # the plan's byte accounting (strategy nbytes from the recorded shapes) is what gets cached
-    assert plan.cached_bytes == plan_bytes
-    assert {u.gamma: u.cached_bytes for u in plan.uniform}[best_uniform] == uniform_bytes
+    # layers reading one tensor with the same settings share one pack (layer2's shortcut and conv1
+    # here), which the per-layer prediction counts once per layer: an upper bound
+    assert plan.cached_bytes >= plan_bytes
+    assert {u.gamma: u.cached_bytes for u in plan.uniform}[best_uniform] >= uniform_bytes
 
 
 class _Tricky(nn.Module):

@@ -19,7 +19,7 @@ from torch import nn
 
 import dropit_cuda as dc
 from benchmarks.zoo import ZOO, saved_bytes
-from weight_products import expected_coverage, prepared, same, train_step
+from weight_products import expected_coverage, not_covered, prepared, same, train_step
 
 # the slowest build and steps on a 2-core CPU (33 million parameters, 3-D convolutions)
 SLOW = {"r3d_18"}
@@ -34,8 +34,8 @@ def one_thread(cpu_threads):
     cpu_threads(1)
 
 
-def converted_copy(model: nn.Module, gamma: float) -> nn.Module:
-    out = dc.convert(copy.deepcopy(model), gamma=gamma)
+def converted_copy(model: nn.Module, gamma: float, **kwargs) -> nn.Module:
+    out = dc.convert(copy.deepcopy(model), gamma=gamma, **kwargs)
     assert out is not model
     return out
 
@@ -59,7 +59,8 @@ def test_dropit_covers_every_trainable_product_weight(spec):
     covered, first = expected_coverage(list(calls))
     assert covered, "the probe found nothing to cover"
     want = train_step(copy.deepcopy(model), inputs)
-    converted = converted_copy(model, GAMMA)
+    # routing is under test here: products whose input another op keeps are packed too
+    converted = converted_copy(model, GAMMA, dense_where_kept=False)
     for step in STEPS:
         got = train_step(converted, inputs)
         assert_same_outputs(got, want)
@@ -69,6 +70,12 @@ def test_dropit_covers_every_trainable_product_weight(spec):
         assert not dense, f"{step} step: weights multiplied in the forward pass but not through DropIT: {dense}"
         assert not inexact, (f"{step} step: gradients that DropIT must leave exact changed: {inexact} "
                              f"(the first layer, kept dense by skip_first, is {sorted(first)})")
+    # weights multiplied only by products DropIT leaves dense by design are named in the report
+    names = {n: p for n, p in converted.named_parameters()}
+    rows = {r.name: r for r in dc.report(converted).layers}
+    for n in not_covered(list(calls)):
+        owner = next(layer.name for layer in converted._dropit_conversion.layers if layer.current() is names[n])
+        assert rows[owner].uncovered and "not covered" in rows[owner].uncovered, rows.get(owner)
 
 
 @pytest.mark.parametrize("spec", MODELS)

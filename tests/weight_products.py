@@ -35,8 +35,13 @@ _PRODUCTS: dict[str, tuple[int, ...]] = {
     "__rmatmul__": (0, 1),
     "bmm": (0, 1),
     "baddbmm": (1, 2),
+    "_grouped_mm": (0, 1),  # F.grouped_mm calls it
+    "bilinear": (2,),
 }
-_OPERAND_KWARGS = ("weight", "mat1", "mat2", "other", "batch1", "batch2")
+_OPERAND_KWARGS = ("weight", "mat1", "mat2", "other", "batch1", "batch2", "mat_a", "mat_b")
+#: products DropIT leaves dense by design (dc.report names them): bilinear's input gradients need
+#: both inputs exact, so packing one would free nothing
+NOT_COVERED_OPS = frozenset({"bilinear"})
 # F.multi_head_attention_forward (nn.MultiheadAttention): positions of its projection weights
 _MHA_WEIGHT_POSITIONS = {"in_proj_weight": 5, "out_proj_weight": 11}
 
@@ -83,7 +88,18 @@ class _Watcher(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name == "multi_head_attention_forward":
+        if name == "__getitem__" and isinstance(args[0], nn.Parameter):
+            # rows gathered from a weight (weight[expert_ids]) are that weight in a product
+            out = func(*args, **kwargs)
+            sources = self._sources(args[0])
+            if sources and isinstance(out, torch.Tensor):
+                self.derived[id(out)] = (out, sources)
+            return out
+        if name == "einsum":
+            rest = args[1:]
+            operands = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+            self._record(name, operands)
+        elif name == "multi_head_attention_forward":
             # handled as a whole (its inner F.linear calls run with this mode off): the input
             # projections, then the output projection
             named = {k: args[i] for k, i in _MHA_WEIGHT_POSITIONS.items() if i < len(args)}
@@ -115,10 +131,18 @@ def product_calls(model: nn.Module, inputs: tuple) -> list[ProductCall]:
 def expected_coverage(calls: list[ProductCall]) -> tuple[set[str], set[str]]:
     """(parameters DropIT must cover, parameters of the skipped first layer). The first layer is
     the first product on a trainable weight that the forward pass makes (a frozen layer before it,
-    such as a LoRA base layer, caches nothing and is not the one ``skip_first`` keeps dense)."""
+    such as a LoRA base layer, caches nothing and is not the one ``skip_first`` keeps dense).
+    Products of :data:`NOT_COVERED_OPS` are left out (see :func:`not_covered`)."""
+    calls = [c for c in calls if c.op not in NOT_COVERED_OPS]
     assert calls, "the model makes no linear/conv product on a trainable weight"
     covered = {n for c in calls[1:] for n in c.params}
     return covered, set(calls[0].params) - covered
+
+
+def not_covered(calls: list[ProductCall]) -> set[str]:
+    """Parameters multiplied only by products DropIT leaves dense by design."""
+    covered = {n for c in calls if c.op not in NOT_COVERED_OPS for n in c.params}
+    return {n for c in calls if c.op in NOT_COVERED_OPS for n in c.params} - covered
 
 
 def randomize_zero_parameters(model: nn.Module, seed: int = 0) -> None:

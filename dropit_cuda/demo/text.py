@@ -221,12 +221,6 @@ class TextTask(Task):
     def build_model(self, cfg: TextConfig) -> nn.Module:
         return TinyGPT(cfg.width, cfg.layers, cfg.heads, cfg.context)
 
-    def convert_options(self, cfg: TextConfig) -> dict[str, Any]:
-        # The attention's output projection reads the tensor scaled_dot_product_attention keeps for
-        # its own backward (dc.memory.measure: no bytes held by the projection alone), so packing
-        # it would add a cache and free nothing.
-        return {"exclude": "blocks.*.proj"}
-
     def schedule(self, data: Corpus, cfg: TextConfig, seed: int) -> list[list[torch.Tensor]]:
         gen = torch.Generator().manual_seed(seed)
         high = len(data.train) - cfg.context  # a window needs context + 1 bytes

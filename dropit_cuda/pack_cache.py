@@ -1,0 +1,107 @@
+"""One packed copy per distinct input in a converted model's training forward.
+
+q, k and v (or gate and up) read one tensor; each product would otherwise pack its own copy of it.
+While a converted model runs a training forward (:mod:`dropit_cuda.routing` opens a scope around
+it), :func:`cache` hands a product the pack an earlier product made of the same tensor: the same
+storage, storage offset, shape, strides, dtype and version (an in-place change makes a new
+version), packed with the same settings along the same channel dimension. An autocast copy of a
+tensor counts as that tensor (each product casts its own copy; the copies are equal). The scope is
+per thread and ends with the forward; nothing is shared under ``torch.compile`` (a graph holds no
+Python state) or in a checkpoint's recompute during backward (each recomputed product packs
+anew, as the first forward's did not need to).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Optional
+
+import torch
+
+from . import strategies
+from .settings import Settings
+
+__all__ = ["Scope", "alias", "cache"]
+
+_local = threading.local()
+
+
+def _current() -> Optional["Scope"]:
+    return getattr(_local, "scope", None)
+
+
+def _key(t: torch.Tensor) -> Optional[tuple]:
+    """Where ``t``'s values are, or None for a tensor without a storage of its own (a
+    ``torch.func`` wrapper, a subclass): such tensors are not shared."""
+    try:
+        st = t.untyped_storage()
+        return (t.device, st.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
+                t._version)
+    except (NotImplementedError, RuntimeError, TypeError):
+        return None
+
+
+class Scope:
+    """The packs of one forward; enter with :meth:`open`, leave with :meth:`close`."""
+
+    def __init__(self) -> None:
+        #: key -> (weak storage ref of the packed tensor, the pack)
+        self.packs: dict[tuple, tuple[Any, strategies.Cached]] = {}
+        #: id(autocast copy) -> (weak ref of the copy, key of its source + target dtype, weak
+        #: storage ref of the source)
+        self.aliases: dict[int, tuple[Any, tuple, Any]] = {}
+        self.refs: list[Any] = []
+        self.outer: Optional[Scope] = None
+
+    def open(self) -> "Scope":
+        self.outer, _local.scope = _current(), self
+        return self
+
+    def close(self) -> None:
+        _local.scope = self.outer
+        for ref in self.refs:
+            torch.UntypedStorage._free_weak_ref(ref)
+        self.refs.clear()
+        self.packs.clear()
+        self.aliases.clear()
+
+
+def alias(source: torch.Tensor, copy: torch.Tensor) -> None:
+    """Records that ``copy`` is an autocast cast of ``source`` (equal values, another storage)."""
+    if torch.compiler.is_compiling():  # checked first: reading the thread's state would add guards
+        return
+    scope = _current()
+    key = _key(source) if scope is not None and copy is not source else None
+    if key is not None:
+        ref = source.untyped_storage()._weak_ref()
+        scope.refs.append(ref)
+        scope.aliases[id(copy)] = (weakref.ref(copy), key + (copy.dtype,), ref)
+
+
+def cache(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[strategies.Cached, bool]:
+    """``x`` packed as ``settings`` say, and whether the pack is shared with an earlier product."""
+    strategy = strategies.REGISTRY[settings.strategy]  # settings are validated
+    if torch.compiler.is_compiling():  # checked first: reading the thread's state would add guards
+        return strategy.cache(x, settings, channel_dim), False
+    scope = _current()
+    if scope is None or torch._C._current_graph_task_id() != -1 or x.layout != torch.strided \
+            or torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: tensors are wrappers
+        return strategy.cache(x, settings, channel_dim), False
+    aliased = scope.aliases.get(id(x))
+    if aliased is not None and aliased[0]() is x:  # an autocast copy: its source decides
+        base, ref = aliased[1], aliased[2]
+    else:
+        base, ref = _key(x), None
+    if base is None:
+        return strategy.cache(x, settings, channel_dim), False
+    key = base + (settings, channel_dim % x.dim() if strategy.uses_channels else None)
+    got = scope.packs.get(key)
+    if got is not None and not torch.UntypedStorage._expired(got[0]):
+        return got[1], True
+    cached = strategy.cache(x, settings, channel_dim)
+    if ref is None:
+        ref = x.untyped_storage()._weak_ref()
+        scope.refs.append(ref)
+    scope.packs[key] = (ref, cached)
+    return cached, False
