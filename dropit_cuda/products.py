@@ -160,7 +160,7 @@ def weight_product(x: torch.Tensor, w: torch.Tensor, spec: ProductSpec, settings
                    gathered: Optional[Gathered] = None, autocast: bool = True) -> torch.Tensor:
     """The product ``spec`` describes, caching ``x`` as ``settings`` say. ``autocast``: whether
     torch autocasts this op (``mm``/``bmm``/``baddbmm`` do, ``_grouped_mm`` does not)."""
-    if not DF._caches(x, w):  # nothing to cache: torch's own call
+    if not DF._caches(x, w) or DF._forward_ad():  # nothing to cache, or forward AD: torch's own call
         return _product(x, w, bias, offs, spec)
     cast = DF._cast_dtype(x, w) if autocast else None
     x, bias = DF._cast(x, cast), DF._cast(bias, cast)
@@ -220,7 +220,7 @@ class _DropITEinsum(torch.autograd.Function):
 def einsum(equation: str, x: torch.Tensor, w: torch.Tensor, w_first: bool, settings: Settings,
            layer: Any = None, op: str = "einsum") -> torch.Tensor:
     """``torch.einsum(equation, x, w)`` (``(w, x)`` when ``w_first``) caching ``x`` packed."""
-    if not DF._caches(x, w):  # nothing to cache: torch's own call
+    if not DF._caches(x, w) or DF._forward_ad():  # nothing to cache, or forward AD: torch's own call
         return torch.einsum(equation, *((w, x) if w_first else (x, w)))
     device = x.device.type
     autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))

@@ -127,3 +127,31 @@ def test_one_model_trained_from_two_threads(name):
     assert not errors, errors
     for i in range(2):
         assert all(torch.equal(g, w) for g, w in zip(results[i], alone[i]))
+
+
+class _Experts(nn.Module):
+    """Per-expert weights applied with bmm and einsum (products DropIT routes besides linear/conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 8, 8) * 0.3)
+        self.v = nn.Parameter(torch.randn(8, 4) * 0.3)
+
+    def forward(self, x):  # x: (3, tokens, 8)
+        return torch.einsum("etd,df->etf", torch.bmm(x, self.w).relu(), self.v)
+
+
+def test_forward_ad_through_expert_products_is_torchs_own():
+    torch.manual_seed(0)
+    plain = _Experts()
+    model = dc.convert(_Experts(), gamma=0.9, skip_first=False, chunk=16)
+    model.load_state_dict(plain.state_dict())
+    x, tx = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    model(x).sum().backward()  # a training step: DropIT covers both weights
+    plain(x).sum().backward()
+    assert not torch.equal(model.w.grad, plain.w.grad) and not torch.equal(model.v.grad, plain.v.grad)
+    outs = []
+    for m in (plain, model):
+        with fwAD.dual_level():
+            outs.append(fwAD.unpack_dual(m(fwAD.make_dual(x, tx))))
+    assert torch.equal(outs[1].primal, outs[0].primal) and torch.equal(outs[1].tangent, outs[0].tangent)
