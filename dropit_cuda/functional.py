@@ -432,10 +432,13 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             or torch.compiler.is_compiling()):
         return F.linear(x, weight, bias)
     low = weight.to(cast)
+    if type(low) is not torch.Tensor:  # a tensor subclass (DTensor...): its storage is not ours to read
+        return F.linear(x, low, bias)
     storage = low.untyped_storage().data_ptr()
 
     def pack(t: torch.Tensor) -> Any:
-        if t.dtype == cast and t.device == low.device and t.untyped_storage().data_ptr() == storage:
+        if (type(t) is torch.Tensor and t.dtype == cast and t.device == low.device
+                and t.untyped_storage().data_ptr() == storage):
             return _Recast(weight, t)
         return t
 
