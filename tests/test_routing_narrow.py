@@ -76,7 +76,9 @@ WEIGHTS = ["stem.weight", "body.0.weight", "body.2.weight", "shared.proj.weight"
 def test_narrowed_forwards_cover_the_same_weights_and_route_only_where_needed(mode_calls):
     torch.manual_seed(0)
     plain = _Net()
-    model = dc.convert(copy.deepcopy(plain), gamma=0.9)
+    # routing is under test: products whose input is kept anyway (the ReLU's output, MHA's
+    # attention output) go through DropIT too, so the gradient signal shows every routed weight
+    model = dc.convert(copy.deepcopy(plain), gamma=0.9, dense_where_kept=False)
     out_p, grads_p = _grads(plain)
     calls = []
     for step in range(3):
@@ -160,7 +162,7 @@ def test_narrowed_model_copies_and_pickles():
 
     torch.manual_seed(0)
     plain = _Net()
-    model = dc.convert(copy.deepcopy(plain), gamma=0.9)
+    model = dc.convert(copy.deepcopy(plain), gamma=0.9, dense_where_kept=False)  # (as above)
     _grads(model)
     _grads(model)
     _, grads_p = _grads(plain)
