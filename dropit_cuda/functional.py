@@ -176,6 +176,11 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[t
     return out
 
 
+def weight_operand(w: torch.Tensor, cast: Optional[torch.dtype]) -> torch.Tensor:
+    """The weight (or its tangent) as the product reads it: cast as autocast casts it."""
+    return w if cast is None else w.to(cast)
+
+
 def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
                        ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.dtype]]:
     """``x`` and ``bias`` as autocast casts them for a linear/conv op, and the dtype the weight is
@@ -240,7 +245,7 @@ def restore_packed(ctx) -> tuple[tuple, Optional[torch.Tensor]]:
 def _restore(ctx, cast: Optional[torch.dtype]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The weight as the forward used it and the unpacked input (None when not cached)."""
     (weight,), x_hat = restore_packed(ctx)
-    return (weight if cast is None else weight.to(cast)), x_hat
+    return weight_operand(weight, cast), x_hat
 
 
 def _forward_ad() -> bool:
@@ -361,7 +366,7 @@ def _plan_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) ->
 class _DropITLinear(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, settings, cast, layer, op):
-        w = weight if cast is None else weight.to(cast)
+        w = weight_operand(weight, cast)
         with _no_autocast(x.device.type):
             return F.linear(x, w, bias)
 
@@ -458,9 +463,9 @@ class _DropITLinearJvp(_DropITLinear):
         x, weight = ctx.saved_for_forward
         cast = ctx.cast
         with torch.autocast(x.device.type, enabled=False):
-            out_t = None if x_t is None else F.linear(x_t, weight if cast is None else weight.to(cast))
+            out_t = None if x_t is None else F.linear(x_t, weight_operand(weight, cast))
             if weight_t is not None:
-                term = F.linear(x, weight_t if cast is None else weight_t.to(cast))
+                term = F.linear(x, weight_operand(weight_t, cast))
                 out_t = term if out_t is None else out_t + term
         return _add_bias_tangent(ctx, out_t, bias_t, -1)
 
@@ -525,7 +530,7 @@ class ConvParams:
 class _DropITConv(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, params, settings, cast, layer, op):
-        w = weight if cast is None else weight.to(cast)
+        w = weight_operand(weight, cast)
         with _no_autocast(x.device.type):
             return torch.ops.aten.convolution(x, w, bias, *params.args())
 
@@ -573,9 +578,9 @@ class _DropITConvJvp(_DropITConv):
         with torch.autocast(x.device.type, enabled=False):
             parts = []
             if x_t is not None:
-                parts.append(torch.ops.aten.convolution(x_t, weight if cast is None else weight.to(cast), None, *args))
+                parts.append(torch.ops.aten.convolution(x_t, weight_operand(weight, cast), None, *args))
             if weight_t is not None:
-                parts.append(torch.ops.aten.convolution(x, weight_t if cast is None else weight_t.to(cast), None, *args))
+                parts.append(torch.ops.aten.convolution(x, weight_operand(weight_t, cast), None, *args))
             out_t = parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)
         return _add_bias_tangent(ctx, out_t, bias_t, 1)
 

@@ -57,11 +57,6 @@ def _column_major(sizes: tuple, strides: tuple) -> bool:
     return strides[-2] == 1 and strides[-1] == sizes[-2]
 
 
-def _weight_operand(w: torch.Tensor, cast: Optional[torch.dtype]) -> torch.Tensor:
-    """The weight as the product reads it: cast as autocast casts it."""
-    return w if cast is None else w.to(cast)
-
-
 def _product(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], offs: Optional[torch.Tensor],
              spec: ProductSpec) -> torch.Tensor:
     a, b = (w, x) if spec.w_pos == 0 else (x, w)
@@ -114,7 +109,7 @@ class _DropITProduct(torch.autograd.Function):
     @staticmethod
     def forward(x, w, bias, offs, gathered, spec, settings, cast, layer, op):
         with torch.autocast(x.device.type, enabled=False):
-            return _product(x, _weight_operand(w, cast), bias, offs, spec)
+            return _product(x, DF.weight_operand(w, cast), bias, offs, spec)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -142,7 +137,7 @@ class _DropITProduct(torch.autograd.Function):
             w = kept[0]
         grad_x = grad_w = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _grad_input(grad, _weight_operand(w, ctx.cast), offs, spec)
+            grad_x = _grad_input(grad, DF.weight_operand(w, ctx.cast), offs, spec)
         if ctx.needs_input_grad[1]:
             def weight_grad(inp: torch.Tensor) -> torch.Tensor:
                 g_w = _grad_weight(grad, _restore_layout(inp, spec.x_sizes, spec.x_strides), offs, spec)
@@ -162,9 +157,7 @@ def weight_product(x: torch.Tensor, w: torch.Tensor, spec: ProductSpec, settings
     torch autocasts this op (``mm``/``bmm``/``baddbmm`` do, ``_grouped_mm`` does not)."""
     if not DF._caches(x, w) or DF._forward_ad():  # nothing to cache, or forward AD: torch's own call
         return _product(x, w, bias, offs, spec)
-    cast = DF._cast_dtype(x, w) if autocast else None
-    x, bias = DF._cast(x, cast), DF._cast(bias, cast)
-    w_cast = cast if cast is not None and w.is_floating_point() and w.dtype not in (torch.float64, cast) else None
+    x, bias, w_cast = DF._autocast_operands(x, w, bias) if autocast else (x, bias, None)
     return _DropITProduct.apply(x, w, bias, offs, gathered, spec, settings, w_cast, layer, op)
 
 
