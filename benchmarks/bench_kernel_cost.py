@@ -93,12 +93,12 @@ def data(kind: str, n: int, dtype: torch.dtype, seed: int, chunk: int, gamma: fl
     return x.to(dtype)
 
 
-def kernel_name(op: str, elem_bytes: int, source: str = "") -> str:
-    """The kernel's short name as .ci/sass_count.py prints it."""
+def kernel_name(op: str, elem_bytes: int, source: str = "", per_warp: bool = False) -> str:
+    """The kernel's short name as .ci/sass_count.py prints it (pack: a chunk per block, or per warp)."""
     bits = BITS[elem_bytes]
     if op == "pack":
         key = "u32" if source == "random" else bits
-        return f"void pack_kernel<{bits}, {key}, {source.capitalize()}>"
+        return f"void {'pack_warps_kernel' if per_warp else 'pack_kernel'}<{bits}, {key}, {source.capitalize()}>"
     return f"void unpack_bitmap_kernel<{bits}>"
 
 
@@ -231,7 +231,7 @@ def measure(simt, dtype: str, chunk: int, gamma: float, kind: str, chunks: int, 
     simt.unpack(values, index, n, gamma, chunk, True, profile=True)
     unpack_stats = simt.last_stats()
     rows = []
-    for op, stats, name in (("pack", pack_stats, kernel_name("pack", es, plan["source"])),
+    for op, stats, name in (("pack", pack_stats, kernel_name("pack", es, plan["source"], plan["per_warp"])),
                             ("unpack", unpack_stats, kernel_name("unpack", es))):
         row = {"op": op, "dtype": dtype, "chunk": chunk, "gamma": gamma, "data": kind, "numel": n,
                "kernel": name, "threads": plan["threads"] if op == "pack" else None}

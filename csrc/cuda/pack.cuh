@@ -79,21 +79,57 @@ inline int pack_threads(int64_t D) { return D <= 1024 ? 128 : (D <= 4096 ? 256 :
 
 struct PackPlan : LaunchPlan {
   KeySource source = KeySource::kSharedBits;
+  bool per_warp = false;  // pack_warps (a chunk per warp) rather than pack_block (a chunk per block)
 };
 
 // Dynamic shared memory of a staged chunk: the chunk, and up to 16 bytes more, since it is staged
 // at the same offset from a 16-byte boundary as it has in global memory.
-inline size_t staged_bytes(int64_t chunk, int elem_bytes) {
+DROPIT_HD size_t staged_bytes(int64_t chunk, int elem_bytes) {
   return static_cast<size_t>(chunk) * static_cast<size_t>(elem_bytes) + 16;
+}
+
+// Small chunks go one to a warp (pack_warps): a block's fixed costs (a 4096-bin histogram cleared
+// and scanned, block barriers and scans) would otherwise be paid for every 1024 elements or less.
+// The warp's first digit is narrower (1024 bins), and it needs no block barrier.
+constexpr int kWarpMaxChunk = 1024;
+constexpr int kWarpBits = 10;
+constexpr int kWarpBins = 1 << kWarpBits;
+constexpr int kWarpPerLane = kWarpMaxChunk / 32 + 2;  // keys a lane reads of a chunk at most (with head and tail)
+constexpr int kWarpBlockThreads = 256;                // 8 chunks a block
+
+DROPIT_HD size_t round_up16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Each warp's dynamic shared memory, in this order: its wide bins and 32 spare counters (then its
+// candidates: kWarpPerLane keys a lane), its narrow bins, 4 words of selection, its staged chunk.
+DROPIT_HD size_t warp_bins_bytes(int key_bytes) {
+  const size_t bins = sizeof(uint32_t) * (kWarpBins + 32);
+  const size_t candidates = static_cast<size_t>(kWarpPerLane) * 32 * static_cast<size_t>(key_bytes);
+  return round_up16(bins > candidates ? bins : candidates);
+}
+DROPIT_HD size_t warp_smem_bytes(int64_t chunk, int elem_bytes, bool random) {
+  return warp_bins_bytes(random ? 4 : elem_bytes) + sizeof(uint32_t) * (kNarrowBins + 4) +
+         (random ? 0 : round_up16(staged_bytes(chunk, elem_bytes)));
 }
 
 // `smem_limit`: the most shared memory (static + dynamic) a block may use on the device (its
 // opt-in maximum); `static_smem`: the staged kernel's static shared memory as compiled.
 // Magnitude keys are staged in shared memory when the chunk fits.
+// Chunks up to kWarpMaxChunk go one to a warp when the block's warps fit in `warp_smem_limit`
+// (the per-warp kernel's limit: it has no static shared memory).
 inline PackPlan plan_pack(const ChunkGeometry& g, int elem_bytes, bool random, size_t smem_limit, int threads = 0,
-                          size_t static_smem = kPackStaticSmem) {
+                          size_t static_smem = kPackStaticSmem, size_t warp_smem_limit = SIZE_MAX) {
   const size_t staged = staged_bytes(g.chunk, elem_bytes);
   PackPlan plan;
+  if (g.chunk <= kWarpMaxChunk) {
+    const int t = threads > 0 ? threads : kWarpBlockThreads;
+    const size_t smem = static_cast<size_t>(t / 32) * warp_smem_bytes(g.chunk, elem_bytes, random);
+    if (smem <= smem_limit && smem <= warp_smem_limit) {
+      plan.source = random ? KeySource::kRandom : KeySource::kSharedBits;
+      plan.per_warp = true;
+      static_cast<LaunchPlan&>(plan) = launch_plan(g.num_chunks, t / 32, t, smem);
+      return plan;
+    }
+  }
   plan.source = random ? KeySource::kRandom
                        : (staged + static_smem <= smem_limit ? KeySource::kSharedBits : KeySource::kGlobalBits);
   static_cast<LaunchPlan&>(plan) =
@@ -147,11 +183,11 @@ DROPIT_DEVICE int head_to_16(uintptr_t address, int len) {
 // loads in flight per thread) for the 16-byte aligned middle of `src`, a Vec of one element for the
 // head before it and the tail after it. With `stage`, the bits are also stored to the same place
 // of `staged`, which must be congruent to `src` modulo 16 bytes (its vector stores stay aligned).
+// The team reading the chunk is threads [0, nthreads) as numbered by `tid` (the block, or a warp).
 template <int kLoadAhead, typename Bits, typename Src, typename F>
-DROPIT_DEVICE void for_each_element(Src src, int L, bool stage, simt::sptr<Bits> staged, const F& f) {
+DROPIT_DEVICE void for_each_element(Src src, int L, int tid, int nthreads, bool stage, simt::sptr<Bits> staged,
+                                    const F& f) {
   constexpr int V = simt::kVec16<Bits>;
-  const int tid = simt::thread_idx();
-  const int nthreads = simt::block_dim();
   const int head = head_to_16<Bits>(simt::address(src), L);
   const int nvec = (L - head) / V;
   const int step = nthreads * V;  // elements between a thread's consecutive vectors
@@ -195,10 +231,10 @@ DROPIT_UNROLL
 // of them, reading them as cheaply as their source allows (random keys are computed, one element
 // per thread at a time).
 template <typename Bits, typename Key, KeySource Src, typename F>
-DROPIT_DEVICE void for_each_key(const ChunkKeys<Bits, Key, Src>& keys, int L, bool from_global, bool stage,
-                                const F& f) {
+DROPIT_DEVICE void for_each_key(const ChunkKeys<Bits, Key, Src>& keys, int L, int tid, int nthreads, bool from_global,
+                                bool stage, const F& f) {
   if constexpr (Src == KeySource::kRandom) {
-    for (int e = simt::thread_idx(); e < L; e += simt::block_dim()) f(simt::Vec<Key, 1>{{keys(e)}});
+    for (int e = tid; e < L; e += nthreads) f(simt::Vec<Key, 1>{{keys(e)}});
   } else {
     auto g = [&](const auto& v) {
       constexpr int N = static_cast<int>(sizeof(v.v) / sizeof(v.v[0]));
@@ -208,10 +244,24 @@ DROPIT_UNROLL
       f(k);
     };
     if (from_global) {
-      for_each_element<kPackLoadAhead>(keys.x, L, stage, keys.staged, g);
+      for_each_element<kPackLoadAhead>(keys.x, L, tid, nthreads, stage, keys.staged, g);
     } else {
-      for_each_element<1>(keys.staged, L, false, keys.staged, g);
+      for_each_element<1>(keys.staged, L, tid, nthreads, false, keys.staged, g);
     }
+  }
+}
+
+// A chunk kept whole, written by threads [0, nthreads) of the team (`tid` this thread's rank).
+template <typename Bits>
+DROPIT_DEVICE void keep_whole_chunk(const ChunkOutputs<Bits>& out, simt::gptr<const Bits> xc, int L, int64_t words,
+                                    int tid, int nthreads) {
+  for (int e = tid; e < L; e += nthreads) {
+    out.values[e] = static_cast<Bits>(xc[e]);
+    if (out.offsets) out.offsets[e] = static_cast<uint16_t>(e);
+  }
+  if (out.bitmap) {
+    for (int w = tid; w < words; w += nthreads)
+      out.bitmap[w] = static_cast<int32_t>(bitmap::low_bits(static_cast<int64_t>(L) - 32 * w));
   }
 }
 
@@ -267,15 +317,7 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     };
 
     if (k == L) {  // everything is kept (gamma small or the chunk tiny): no shared memory used
-      const auto [vc, oc, wc] = outputs();
-      for (int e = tid; e < L; e += nthreads) {
-        vc[e] = static_cast<Bits>(xc[e]);
-        if (oc) oc[e] = static_cast<uint16_t>(e);
-      }
-      if (wc) {
-        for (int w = tid; w < p.words; w += nthreads)
-          wc[w] = static_cast<int32_t>(bitmap::low_bits(static_cast<int64_t>(L) - 32 * w));
-      }
+      keep_whole_chunk(outputs(), xc, L, p.words, tid, nthreads);
       continue;
     }
 
@@ -287,7 +329,7 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     // Digit 0 (zeros among them, half of a ReLU output) goes to the lane's spare counter: no
     // branch, no atomics piling on one bin; choose_bin counts bin 0 by difference.
     const simt::sptr<uint32_t> spare = wide + (kWideBins + lane);
-    for_each_key(keys, L, /*from_global=*/true, kStaged, [&](const auto& ks) {
+    for_each_key(keys, L, tid, nthreads, /*from_global=*/true, kStaged, [&](const auto& ks) {
 DROPIT_UNROLL
       for (const Key key : ks.v) {
         const uint32_t d = static_cast<uint32_t>(key >> kWideShift);
@@ -305,7 +347,7 @@ DROPIT_UNROLL
       // Gather the bucket's keys but its lowest (they count in bin 0 by number) into the lane's
       // slot: one atomic per 16 bytes of keys holding any.
       const Key fixed = static_cast<Key>(s.prefix >> kWideShift);
-      for_each_key(keys, L, /*from_global=*/!kStaged, false, [&](const auto& ks) {
+      for_each_key(keys, L, tid, nthreads, /*from_global=*/!kStaged, false, [&](const auto& ks) {
         uint32_t match = 0;
         int j = 0;
 DROPIT_UNROLL
@@ -446,6 +488,149 @@ DROPIT_UNROLL
       for (int w = used_words + tid; w < p.words; w += nthreads) wc[w] = 0;
     }
     sync(kChunkDone);
+  }
+}
+
+// The body of the per-warp pack kernel: warp w of block b packs chunks b * warps + w, striding by
+// the grid's warps, each chunk of at most kWarpMaxChunk elements. The same three steps as
+// pack_block, each by the warp alone: a 1024-bin first digit; the bucket's keys gathered into each
+// lane's own slot (each lane then reads back only what it wrote) for the narrow digits; the
+// compaction keeps the chunk's bitmap word w in lane w (at most 32 words), so one warp scan orders
+// the kept values. Needs warp_smem_bytes() of dynamic shared memory per warp.
+template <typename Bits, typename Key, KeySource Src, typename Sync = simt::BlockSync>
+DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
+  constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);
+  constexpr int kShift = kKeyBits - kWarpBits;
+  constexpr bool kStaged = Src == KeySource::kSharedBits;
+  static_assert(kWarpMaxChunk <= 32 * 32, "a chunk's bitmap words fit one a lane");
+  const int lane = bitmap::lane_id();
+  const int warp = bitmap::warp_id();
+  const int nwarps = bitmap::num_warps();
+  // This warp's shared memory (warp_smem_bytes, laid out in that order).
+  const size_t warp_bytes = warp_smem_bytes(p.chunk, sizeof(Bits), Src == KeySource::kRandom);
+  const simt::sptr<uint32_t> hist =
+      simt::dynamic_shared<uint32_t>() + static_cast<int>(warp * warp_bytes / sizeof(uint32_t));
+  const simt::sptr<Key> candidates = simt::ptr_cast<Key>(hist);  // lane l's i-th at i * 32 + l
+  const simt::sptr<uint32_t> narrow = hist + static_cast<int>(warp_bins_bytes(sizeof(Key)) / sizeof(uint32_t));
+  const simt::sptr<uint32_t> sel = narrow + kNarrowBins;
+  const simt::sptr<Bits> staged_base = simt::ptr_cast<Bits>(sel + 4);
+
+  for (int64_t c = static_cast<int64_t>(simt::block_idx()) * nwarps + warp; c < p.num_chunks;
+       c += static_cast<int64_t>(simt::grid_dim()) * nwarps) {
+    const int L = p.chunk_len(c);
+    const int k = p.chunk_keep(c);
+    const int64_t xbase = c * static_cast<int64_t>(p.chunk);
+    const simt::gptr<const Bits> xc = p.x + xbase;
+    const simt::sptr<Bits> staged =
+        kStaged ? staged_base + static_cast<int>(simt::address(xc) % 16 / sizeof(Bits)) : staged_base;
+    const ChunkKeys<Bits, Key, Src> keys{xc, staged, p.seed, xbase};
+    const int64_t kept0 = c * static_cast<int64_t>(p.keep);
+    const ChunkOutputs<Bits> out{p.values + kept0, p.offsets ? p.offsets + kept0 : nullptr,
+                                 p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr};
+    if (k == L) {
+      keep_whole_chunk(out, xc, L, p.words, lane, 32);
+      continue;
+    }
+
+    // ---- 1. the first digit (digit 0 to the lane's spare counter, as in pack_block) ----
+    for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(hist + 4 * i, simt::Vec<uint32_t, 4>{});
+    sync.warp(kWarpCleared);
+    const simt::sptr<uint32_t> spare = hist + (kWarpBins + lane);
+    for_each_key(keys, L, lane, 32, /*from_global=*/true, kStaged, [&](const auto& ks) {
+DROPIT_UNROLL
+      for (const Key key : ks.v) {
+        const uint32_t d = static_cast<uint32_t>(key >> kShift);
+        simt::atomic_add_shared(d != 0 ? hist + d : spare, 1u);
+      }
+    });
+    sync.warp(kWarpCounted);
+    choose_bin<kWarpBins>(WarpTeam(), hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), sel, sel, sync,
+                          kNarrowScanned, kWarpChosen);
+    Selection<Key> s{0, kKeyBits, k, L};
+    take_bin(s, sel, kShift);
+
+    // ---- 2. the bucket's keys but its lowest, each lane into its own slot; narrower digits ----
+    if (!s.whole()) {
+      const Key fixed = static_cast<Key>(s.prefix >> kShift);
+      uint32_t mine = 0;
+      for_each_key(keys, L, lane, 32, /*from_global=*/!kStaged, false, [&](const auto& ks) {
+DROPIT_UNROLL
+        for (const Key key : ks.v) {
+          if (static_cast<Key>(key >> kShift) == fixed && key != s.prefix) {
+            candidates[static_cast<int>(mine) * 32 + lane] = key;
+            ++mine;
+          }
+        }
+      });
+      auto own_candidates = [&](const auto& f) {
+        for (uint32_t i = 0; i < mine; ++i) f(static_cast<Key>(candidates[static_cast<int>(i) * 32 + lane]));
+      };
+      narrow_selection(WarpTeam(), s, own_candidates, narrow, sel, sel, sync);
+    }
+
+    // ---- 3. compaction: lane w ends with word w's masks ----
+    const Key lowest = s.prefix;
+    const Key highest = s.highest();
+    const int used_words = (L + 31) >> 5;
+    const int full_words = L >> 5;
+    uint32_t above = 0, from = 0;  // of word `lane`
+    // With the bucket kept whole (the usual end of the select), "above" is "at least its lowest":
+    // one ballot a word.
+    auto ballot_words = [&](auto ties_matter) {
+      constexpr bool kTies = decltype(ties_matter)::value;
+      for (int w = 0; w < full_words; ++w) {
+        const Key key = keys(32 * w + lane);
+        const uint32_t a = simt::ballot(kTies ? key > highest : key >= lowest);
+        above = lane == w ? a : above;
+        if constexpr (kTies) {
+          const uint32_t f = simt::ballot(key >= lowest);
+          from = lane == w ? f : from;
+        }
+      }
+      if (full_words < used_words) {
+        const bool in = 32 * full_words + lane < L;
+        const Key key = in ? keys(32 * full_words + lane) : Key(0);
+        const uint32_t a = simt::ballot(in && (kTies ? key > highest : key >= lowest));
+        above = lane == full_words ? a : above;
+        if constexpr (kTies) {
+          const uint32_t f = simt::ballot(in && key >= lowest);
+          from = lane == full_words ? f : from;
+        }
+      }
+      if constexpr (!kTies) from = above;
+    };
+    if (s.whole()) {
+      ballot_words(std::false_type{});
+    } else {
+      ballot_words(std::true_type{});
+    }
+    const uint32_t ties = from & ~above;
+    const int n_tie = simt::popc(ties);
+    // Keys above and ties of the words before this lane's (both below 2^16: a chunk is <= 1024).
+    uint32_t total = 0;
+    const uint32_t before = WarpTeam().exclusive_scan<uint32_t>(
+        (static_cast<uint32_t>(simt::popc(above)) << 16) | static_cast<uint32_t>(n_tie), sel, &total, sync, 0);
+    const int ties_before = static_cast<int>(before & 0xffffu);
+    const int ties_left = s.need - ties_before;
+    const uint32_t kept_ties =
+        ties_left <= 0 ? 0u : (n_tie <= ties_left ? ties : bitmap::lowest_set_bits(ties, ties_left));
+    const uint32_t kept = above | kept_ties;
+    if (out.bitmap && lane < p.words) out.bitmap[lane] = static_cast<int32_t>(kept);
+    const int pos = static_cast<int>(before >> 16) + (ties_before < s.need ? ties_before : s.need);
+    simt::gptr<Bits> vp = out.values + pos;
+    simt::gptr<uint16_t> op = out.offsets ? out.offsets + pos : nullptr;
+    for (uint32_t rest = kept; rest != 0; rest &= rest - 1) {
+      const int e = 32 * lane + simt::ffs(rest) - 1;
+      *vp = keys.value(e);
+      vp += 1;
+      if (op) {
+        *op = static_cast<uint16_t>(e);
+        op += 1;
+      }
+    }
+    // No barrier before the next chunk: it writes shared memory only after kWarpCleared, which
+    // every lane reaches after its last read here (its candidates were last read before
+    // kNarrowChosen).
   }
 }
 
