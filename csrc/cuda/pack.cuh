@@ -1,4 +1,5 @@
-// Kernel body of pack: one thread block per chunk (grid-stride over chunks).
+// Kernel bodies of pack: pack_block, one thread block per chunk (grid-stride over chunks), and
+// pack_warps, one warp per chunk for chunks of up to kWarpMaxChunk elements (see there).
 //
 //  1. One wide digit: a 4096-bin histogram of each key's top 12 bits, with plain shared atomics
 //     (zeros and other digit-0 keys are counted by difference, not by atomics). The chunk is read
@@ -7,13 +8,14 @@
 //     the bins picks the bucket of the keep-th largest key.
 //  2. Unless that bucket is kept whole, its keys (a few percent of the chunk for real data) are
 //     gathered into shared memory, and narrower digits (select.cuh) finish the select on them
-//     alone: each lane's keys go to its own slot, those past a full slot to a shared overflow
-//     area (ties that all fall on one lane, as a constant column's do). A bucket that overflows
-//     the buffer (4096 32-bit keys: a quarter of a float32 chunk of 16384) is refined over the
-//     whole chunk instead.
+//     alone: the keys of lane l of warp w go to slot (l + w) mod 32, so that ties that all fall
+//     on one lane of every warp (a constant column's) spread over the slots. A bucket that
+//     overflows a slot (128 32-bit keys; 4096 in all: a quarter of a float32 chunk of 16384) is
+//     refined over the whole chunk instead.
 //  3. Compaction: warps ballot "above the bucket" and "in it" into bitmap words (warp w a run of
-//     consecutive words), one block scan over per-thread counts orders them, and each thread
-//     writes the bitmap words it owns and their kept values (ties go to the lower index).
+//     consecutive words), one block scan over
+//     per-thread counts orders them, and each thread writes the bitmap words it owns and their
+//     kept values (ties go to the lower index).
 //
 // The keys are bit patterns (uint16/32/64): the magnitude key of the value or the random key of
 // its global index, so one body serves every floating dtype. Only the portability layer
@@ -273,20 +275,19 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   // Significant key bits: a magnitude key's top bit (the sign) is always 0.
   constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);
   constexpr int kWideShift = kKeyBits - kWideBits;
-  // Candidates: lane slot l (lane l of any warp) holds up to kPerLane keys, its i-th at i*32 + l,
-  // so lanes storing or reading their own slots touch distinct banks, and nobody contends for a
-  // counter (an atomic on one address, nvcc aggregates across the warp at some cost). A quarter
-  // of the buffer, after the slots, takes the keys of slots that are full, through one block
-  // counter: ties that all land in one lane (a constant column) stay among the candidates.
+  // Candidates: slot l holds up to kPerLane keys, its i-th at i*32 + l, and takes the keys of lane
+  // l - w (mod 32) of warp w: lanes storing or reading their slots touch distinct banks, nobody
+  // contends for a counter (an atomic on one address, nvcc aggregates across the warp at some
+  // cost), and keys that land on one lane of every warp (a constant column's ties) spread over
+  // the slots. A bucket that overflows a slot is refined over the whole chunk instead.
   constexpr int kBufferKeys = static_cast<int>(kPackWideBytes / sizeof(Key));
-  constexpr int kPerLane = kBufferKeys * 3 / 4 / 32;
-  constexpr int kOverflow = kBufferKeys - 32 * kPerLane;
+  constexpr int kPerLane = kBufferKeys / 32;
   constexpr bool kStaged = Src == KeySource::kSharedBits;
   DROPIT_SHARED(uint32_t, wide, kWideBins + 32);  // wide bins (then candidates, then bitmap words), spares
   DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // narrow bins
   DROPIT_SHARED(uint64_t, slots, 32);             // block scans; warp 0's selection
-  DROPIT_SHARED(uint32_t, sel, 4);                // chosen bin, keys above it, keys in it; overflow count
-  DROPIT_SHARED(uint32_t, gathered, 32);          // candidates per lane slot
+  DROPIT_SHARED(uint32_t, sel, 4);                // chosen bin, keys above it, keys in it
+  DROPIT_SHARED(uint32_t, gathered, 32);          // candidates per slot
   const simt::sptr<uint32_t> slots32 = simt::ptr_cast<uint32_t>(slots);
   static_assert(kMaxChunk < (1 << 20), "need and count of a selection fit 20 bits");
   const simt::sptr<Key> candidates = simt::ptr_cast<Key>(wide);
@@ -324,7 +325,6 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     // ---- 1. the wide digit ----
     for (int i = tid; i < kWideBins / 4; i += nthreads) simt::store_vec(wide + 4 * i, simt::Vec<uint32_t, 4>{});
     if (tid < 32) gathered[tid] = 0u;
-    if (tid == 0) sel[3] = 0u;
     sync(kWideCleared);
     // Digit 0 (zeros among them, half of a ReLU output) goes to the lane's spare counter: no
     // branch, no atomics piling on one bin; choose_bin counts bin 0 by difference.
@@ -345,8 +345,9 @@ DROPIT_UNROLL
     // ---- 2. the bucket's keys, then narrower digits ----
     if (!s.whole()) {
       // Gather the bucket's keys but its lowest (they count in bin 0 by number) into the lane's
-      // slot: one atomic per 16 bytes of keys holding any.
+      // slot: one atomic per 16 bytes of keys holding any; keys past a full slot are left out.
       const Key fixed = static_cast<Key>(s.prefix >> kWideShift);
+      const int my_slot = (lane + warp) & 31;
       for_each_key(keys, L, tid, nthreads, /*from_global=*/!kStaged, false, [&](const auto& ks) {
         uint32_t match = 0;
         int j = 0;
@@ -356,46 +357,25 @@ DROPIT_UNROLL
           ++j;
         }
         if (match != 0) {
-          const uint32_t n = static_cast<uint32_t>(simt::popc(match));
-          uint32_t slot = simt::atomic_add_shared(gathered + lane, n);
+          uint32_t slot = simt::atomic_add_shared(gathered + my_slot, static_cast<uint32_t>(simt::popc(match)));
           j = 0;
-          if (slot + n <= static_cast<uint32_t>(kPerLane)) {
 DROPIT_UNROLL
-            for (const Key key : ks.v) {
-              if ((match >> j) & 1u) {
-                candidates[slot * 32 + lane] = key;
-                ++slot;
-              }
-              ++j;
+          for (const Key key : ks.v) {
+            if ((match >> j) & 1u) {
+              if (slot < static_cast<uint32_t>(kPerLane)) candidates[static_cast<int>(slot) * 32 + my_slot] = key;
+              ++slot;
             }
-          } else {  // the lane's slot is full: the keys past its end go to the overflow area
-            const uint32_t room = slot < static_cast<uint32_t>(kPerLane) ? kPerLane - slot : 0u;
-            uint32_t o = simt::atomic_add_shared(sel + 3, n - room);
-DROPIT_UNROLL
-            for (const Key key : ks.v) {
-              if ((match >> j) & 1u) {
-                const bool own = slot < static_cast<uint32_t>(kPerLane);
-                if (own || o < static_cast<uint32_t>(kOverflow))
-                  candidates[own ? slot * 32 + lane : 32 * kPerLane + o] = key;
-                o += own ? 0u : 1u;
-                ++slot;
-              }
-              ++j;
-            }
+            ++j;
           }
         }
       });
       sync(kCandidatesGathered);
-      const uint32_t overflowed = sel[3];  // every warp takes the same decision
-      if (overflowed <= static_cast<uint32_t>(kOverflow)) {
-        // Warp 0 alone, lane l on slot l and every 32nd overflowed key; then it shares the
-        // selection through `slots`.
+      const uint32_t gathered_here = gathered[lane];
+      if (simt::ballot(gathered_here > static_cast<uint32_t>(kPerLane)) == 0) {  // the same in every warp
+        // Warp 0 alone, lane l on slot l; then it shares the selection through `slots`.
         if (warp == 0) {
-          const uint32_t gathered_here = gathered[lane];
-          const uint32_t mine = gathered_here < static_cast<uint32_t>(kPerLane) ? gathered_here : kPerLane;
           auto own_candidates = [&](const auto& f) {
-            for (uint32_t i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
-            for (uint32_t i = lane; i < overflowed; i += 32) f(static_cast<Key>(candidates[32 * kPerLane + i]));
+            for (uint32_t i = 0; i < gathered_here; ++i) f(static_cast<Key>(candidates[static_cast<int>(i) * 32 + lane]));
           };
           narrow_selection(WarpTeam(), s, own_candidates, narrow, slots32, sel, sync);
           if (lane == 0) {
@@ -429,13 +409,14 @@ DROPIT_UNROLL
     const int w_end = w_begin + warp_words < used_words ? w_begin + warp_words : used_words;
     int cw = w_begin;
     for (; cw + 2 <= w_end && cw + 2 <= full_words; cw += 2) {
-      const Key k0 = keys(32 * cw + lane);
-      const Key k1 = keys(32 * cw + 32 + lane);
-      const uint32_t above0 = simt::ballot(k0 > highest);
-      const uint32_t from0 = simt::ballot(k0 >= lowest);
-      const uint32_t above1 = simt::ballot(k1 > highest);
-      const uint32_t from1 = simt::ballot(k1 >= lowest);
-      if (lane == 0) simt::store_vec(masks + 2 * cw, simt::Vec<uint32_t, 4>{{above0, from0, above1, from1}});
+      simt::Vec<uint32_t, 4> m;
+DROPIT_UNROLL
+      for (int u = 0; u < 2; ++u) {
+        const Key key = keys(32 * (cw + u) + lane);
+        m.v[2 * u] = simt::ballot(key > highest);
+        m.v[2 * u + 1] = simt::ballot(key >= lowest);
+      }
+      if (lane == 0) simt::store_vec(masks + 2 * cw, m);
     }
     for (; cw < w_end; ++cw) {
       const bool in = 32 * cw + lane < L;
