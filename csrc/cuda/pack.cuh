@@ -346,14 +346,16 @@ DROPIT_UNROLL
     if (!s.whole()) {
       // Gather the bucket's keys but its lowest (they count in bin 0 by number) into the lane's
       // slot: one atomic per 16 bytes of keys holding any; keys past a full slot are left out.
-      const Key fixed = static_cast<Key>(s.prefix >> kWideShift);
+      // In the bucket but not its lowest: key - (lowest + 1) < bucket width - 1, wrapping below.
+      const Key above_lowest = static_cast<Key>(s.prefix + 1);
+      constexpr Key kRest = static_cast<Key>((Key(1) << kWideShift) - 1);
       const int my_slot = (lane + warp) & 31;
       for_each_key(keys, L, tid, nthreads, /*from_global=*/!kStaged, false, [&](const auto& ks) {
         uint32_t match = 0;
         int j = 0;
 DROPIT_UNROLL
         for (const Key key : ks.v) {
-          match |= static_cast<uint32_t>(static_cast<Key>(key >> kWideShift) == fixed && key != s.prefix) << j;
+          match |= static_cast<uint32_t>(static_cast<Key>(key - above_lowest) < kRest) << j;
           ++j;
         }
         if (match != 0) {
@@ -532,12 +534,14 @@ DROPIT_UNROLL
 
     // ---- 2. the bucket's keys but its lowest, each lane into its own slot; narrower digits ----
     if (!s.whole()) {
-      const Key fixed = static_cast<Key>(s.prefix >> kShift);
+      // In the bucket but not its lowest (as in pack_block).
+      const Key above_lowest = static_cast<Key>(s.prefix + 1);
+      constexpr Key kRest = static_cast<Key>((Key(1) << kShift) - 1);
       uint32_t mine = 0;
       for_each_key(keys, L, lane, 32, /*from_global=*/!kStaged, false, [&](const auto& ks) {
 DROPIT_UNROLL
         for (const Key key : ks.v) {
-          if (static_cast<Key>(key >> kShift) == fixed && key != s.prefix) {
+          if (static_cast<Key>(key - above_lowest) < kRest) {
             candidates[static_cast<int>(mine) * 32 + lane] = key;
             ++mine;
           }
