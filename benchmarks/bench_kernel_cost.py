@@ -37,7 +37,8 @@ Cases: float32 and bfloat16, D = 1024 / 16384 / 65536, gamma = 0.5 and 0.9, and 
 ``data()``: normal, ReLU-like, misaligned (a view one element into its storage) and tie-heavy (a
 constant column on the threshold). Today's kernels' figures (recorded before the redesign) are
 read from --baseline, the previous version's (issue 13's kernels, recorded with this script) from
---previous, and shown beside the new ones, then the issue's targets (misaligned, tie-heavy and
+--previous, issue 21's first step (one block per chunk at every D) from --earlier, and shown beside
+the new ones, then the issue's targets (misaligned, tie-heavy and
 D = 1024 against normal data at D = 16384).
 """
 
@@ -65,6 +66,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 BITS = {2: "u16", 4: "u32", 8: "u64"}
 BASELINE = ROOT / "benchmarks" / "results" / "kernel_cost_baseline.json"
 PREVIOUS = ROOT / "benchmarks" / "results" / "kernel_cost_issue13.json"
+EARLIER = ROOT / "benchmarks" / "results" / "kernel_cost_issue21_session1.json"
 SEEN = ["global_load_instr", "global_store_instr", "shared_load_instr", "shared_store_instr",
         "shared_atomic_instr", "ballots", "shuffles", "matches", "warp_syncs", "barrier_warps"]
 
@@ -234,7 +236,8 @@ def measure(simt, dtype: str, chunk: int, gamma: float, kind: str, chunks: int, 
     for op, stats, name in (("pack", pack_stats, kernel_name("pack", es, plan["source"], plan["per_warp"])),
                             ("unpack", unpack_stats, kernel_name("unpack", es))):
         row = {"op": op, "dtype": dtype, "chunk": chunk, "gamma": gamma, "data": kind, "numel": n,
-               "kernel": name, "threads": plan["threads"] if op == "pack" else None}
+               "kernel": name, "threads": plan["threads"] if op == "pack" else None,
+               "per_warp": plan["per_warp"] if op == "pack" else None}
         model = None
         if name in sass:
             chains = site_chains(simt, [address for address, _, _ in stats["sites"]])
@@ -265,7 +268,8 @@ def modelled_per_32(r: dict | None) -> float | None:
     return None if v is None else 32 * v
 
 
-def print_tables(rows: list[dict], baseline: dict[tuple, dict], previous: dict[tuple, dict]) -> None:
+def print_tables(rows: list[dict], baseline: dict[tuple, dict], previous: dict[tuple, dict],
+                 earlier: dict[tuple, dict]) -> None:
     print("Per element (global bytes; shared accesses by lanes; warp instructions):")
     print(f"{CASE} | {'B read':>7} {'B writ':>7} | {'sh ld':>6} {'sh st':>6} {'atom':>6} | {'seen':>6} {'model':>7}")
     for r in rows:
@@ -283,14 +287,15 @@ def print_tables(rows: list[dict], baseline: dict[tuple, dict], previous: dict[t
               f"{fmt(c['shared_wavefronts'], 8, 0)} {fmt(c['global_sectors'], 8, 0)} | "
               f"{fmt(c['seen_warp_instructions'], 8, 0)} {fmt(c['modelled_warp_instructions'], 9, 0)} "
               f"{fmt(r['matched_share'], 7, 2)}")
-    if not (baseline or previous):
+    if not (baseline or previous or earlier):
         return
     print("\nModelled warp instructions per 32 elements: today's kernels (baseline, before the redesign), the"
-          " previous version (issue 13's) and these:")
-    print(f"{CASE} | {'baseline':>8} {'previous':>8} {'now':>7}")
+          " previous version (issue 13's), issue 21's first step (earlier) and these:")
+    print(f"{CASE} | {'baseline':>8} {'previous':>8} {'earlier':>8} {'now':>7}")
     for r in rows:
         print(f"{case(r)} | {fmt(modelled_per_32(baseline.get(key(r))), 8, 1)} "
-              f"{fmt(modelled_per_32(previous.get(key(r))), 8, 1)} {fmt(modelled_per_32(r), 7, 1)}")
+              f"{fmt(modelled_per_32(previous.get(key(r))), 8, 1)} "
+              f"{fmt(modelled_per_32(earlier.get(key(r))), 8, 1)} {fmt(modelled_per_32(r), 7, 1)}")
 
 
 def print_targets(rows: list[dict]) -> None:
@@ -330,12 +335,15 @@ def main() -> None:
     ap.add_argument("--baseline", default=str(BASELINE), help="JSON of an earlier run to compare against")
     ap.add_argument("--previous", default=str(PREVIOUS),
                     help="JSON of the kernels before this version (issue 13's), shown beside too")
+    ap.add_argument("--earlier", default=str(EARLIER),
+                    help="JSON of issue 21's first step (a block per chunk at every D), shown beside too")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
 
     sass = json.loads(Path(args.sass).read_text())[args.arch] if args.sass else {}
-    baseline, previous = ({key(r): r for r in json.loads(Path(f).read_text())["results"]} if f and os.path.exists(f)
-                          else {} for f in (args.baseline, args.previous))
+    baseline, previous, earlier = (
+        {key(r): r for r in json.loads(Path(f).read_text())["results"]} if f and os.path.exists(f) else {}
+        for f in (args.baseline, args.previous, args.earlier))
     simt = load(debug_info=bool(sass))  # line tables, to match the profile's sites to SASS
     rows = []
     for dtype in args.dtypes:
@@ -344,7 +352,7 @@ def main() -> None:
             for gamma in args.gammas:
                 for kind in args.data:
                     rows.extend(measure(simt, dtype, chunk, gamma, kind, chunks, sass))
-    print_tables(rows, baseline, previous)
+    print_tables(rows, baseline, previous, earlier)
     print_targets(rows)
     if args.json:
         meta = {"sass": args.sass, "arch": args.arch, "torch": torch.__version__}
