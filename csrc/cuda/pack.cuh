@@ -253,6 +253,62 @@ DROPIT_UNROLL
   }
 }
 
+// The keys of chunk c; staged (kSharedBits) at `staged_base` plus the chunk's own offset from a
+// 16-byte boundary, so that its aligned middle moves by vectors.
+template <typename Key, KeySource Src, typename Bits>
+DROPIT_DEVICE ChunkKeys<Bits, Key, Src> chunk_keys(const PackParams<Bits>& p, int64_t c, simt::sptr<Bits> staged_base) {
+  const int64_t xbase = c * static_cast<int64_t>(p.chunk);
+  const simt::gptr<const Bits> xc = p.x + xbase;
+  const simt::sptr<Bits> staged = Src == KeySource::kSharedBits
+                                      ? staged_base + static_cast<int>(simt::address(xc) % 16 / sizeof(Bits))
+                                      : staged_base;
+  return ChunkKeys<Bits, Key, Src>{xc, staged, p.seed, xbase};
+}
+
+// Where chunk c's kept values, offsets and bitmap words go.
+template <typename Bits>
+DROPIT_DEVICE ChunkOutputs<Bits> chunk_outputs(const PackParams<Bits>& p, int64_t c) {
+  const int64_t kept0 = c * static_cast<int64_t>(p.keep);
+  return ChunkOutputs<Bits>{p.values + kept0, p.offsets ? p.offsets + kept0 : nullptr,
+                            p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr};
+}
+
+// The first digit of a chunk's keys, by the team (the block, or a warp) on its cleared bins:
+// each key's top kBits bits counted in `hist` (digit 0, zeros among them, to the thread's `spare`
+// counter: no atomics piling on one bin; choose_bin counts bin 0 by difference), then the bin of
+// the k-th largest key chosen. `counted`, `scanned`, `chosen`: the barriers' ids.
+template <int kBits, int kKeyBits, typename Team, typename Bits, typename Key, KeySource Src, typename Sync>
+DROPIT_DEVICE Selection<Key> first_digit(Team team, const ChunkKeys<Bits, Key, Src>& keys, int L, int k, bool stage,
+                                         simt::sptr<uint32_t> hist, simt::sptr<uint32_t> spare,
+                                         simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync,
+                                         int counted, int scanned, int chosen) {
+  constexpr int kShift = kKeyBits - kBits;
+  for_each_key(keys, L, team.rank(), team.size(), /*from_global=*/true, stage, [&](const auto& ks) {
+DROPIT_UNROLL
+    for (const Key key : ks.v) {
+      const uint32_t d = static_cast<uint32_t>(key >> kShift);
+      simt::atomic_add_shared(d != 0 ? hist + d : spare, 1u);
+    }
+  });
+  team.sync(sync, counted);
+  choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync, scanned,
+                         chosen);
+  Selection<Key> s{0, kKeyBits, k, L};
+  take_bin(s, sel, kShift);
+  return s;
+}
+
+// Whether a key is in a selection's bucket of `shift` low bits but not its lowest key: key -
+// (lowest + 1) < bucket width - 1, wrapping below.
+template <typename Key>
+struct InBucketAboveLowest {
+  Key above_lowest;
+  Key rest;
+  DROPIT_DEVICE InBucketAboveLowest(const Selection<Key>& s, int shift)
+      : above_lowest(static_cast<Key>(s.prefix + 1)), rest(static_cast<Key>((Key(1) << shift) - 1)) {}
+  DROPIT_DEVICE bool operator()(Key key) const { return static_cast<Key>(key - above_lowest) < rest; }
+};
+
 // A chunk kept whole, written by threads [0, nthreads) of the team (`tid` this thread's rank).
 template <typename Bits>
 DROPIT_DEVICE void keep_whole_chunk(const ChunkOutputs<Bits>& out, simt::gptr<const Bits> xc, int L, int64_t words,
@@ -304,21 +360,12 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   for (int64_t c = simt::block_idx(); c < p.num_chunks; c += simt::grid_dim()) {
     const int L = p.chunk_len(c);
     const int k = p.chunk_keep(c);
-    const int64_t xbase = c * static_cast<int64_t>(p.chunk);
-    const simt::gptr<const Bits> xc = p.x + xbase;
-    // Staged at xc's offset from a 16-byte boundary: the aligned middle moves by vectors.
-    const simt::sptr<Bits> staged =
-        kStaged ? staged_base + static_cast<int>(simt::address(xc) % 16 / sizeof(Bits)) : staged_base;
-    const ChunkKeys<Bits, Key, Src> keys{xc, staged, p.seed, xbase};
+    const ChunkKeys<Bits, Key, Src> keys = chunk_keys<Key, Src>(p, c, staged_base);
     // The chunk's outputs, formed where they are written (fewer registers live across the select).
-    auto outputs = [&] {
-      const int64_t kept0 = c * static_cast<int64_t>(p.keep);
-      return ChunkOutputs<Bits>{p.values + kept0, p.offsets ? p.offsets + kept0 : nullptr,
-                                p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr};
-    };
+    auto outputs = [&] { return chunk_outputs(p, c); };
 
     if (k == L) {  // everything is kept (gamma small or the chunk tiny): no shared memory used
-      keep_whole_chunk(outputs(), xc, L, p.words, tid, nthreads);
+      keep_whole_chunk(outputs(), keys.x, L, p.words, tid, nthreads);
       continue;
     }
 
@@ -326,36 +373,21 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     for (int i = tid; i < kWideBins / 4; i += nthreads) simt::store_vec(wide + 4 * i, simt::Vec<uint32_t, 4>{});
     if (tid < 32) gathered[tid] = 0u;
     sync(kWideCleared);
-    // Digit 0 (zeros among them, half of a ReLU output) goes to the lane's spare counter: no
-    // branch, no atomics piling on one bin; choose_bin counts bin 0 by difference.
-    const simt::sptr<uint32_t> spare = wide + (kWideBins + lane);
-    for_each_key(keys, L, tid, nthreads, /*from_global=*/true, kStaged, [&](const auto& ks) {
-DROPIT_UNROLL
-      for (const Key key : ks.v) {
-        const uint32_t d = static_cast<uint32_t>(key >> kWideShift);
-        simt::atomic_add_shared(d != 0 ? wide + d : spare, 1u);
-      }
-    });
-    sync(kWideCounted);
-    choose_bin<kWideBins>(BlockTeam(), wide, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots32, sel, sync,
-                          kWideScanned, kWideChosen);
-    Selection<Key> s{0, kKeyBits, k, L};
-    take_bin(s, sel, kWideShift);
+    Selection<Key> s = first_digit<kWideBits, kKeyBits>(BlockTeam(), keys, L, k, kStaged, wide, wide + (kWideBins + lane),
+                                                        slots32, sel, sync, kWideCounted, kWideScanned, kWideChosen);
 
     // ---- 2. the bucket's keys, then narrower digits ----
     if (!s.whole()) {
       // Gather the bucket's keys but its lowest (they count in bin 0 by number) into the lane's
       // slot: one atomic per 16 bytes of keys holding any; keys past a full slot are left out.
-      // In the bucket but not its lowest: key - (lowest + 1) < bucket width - 1, wrapping below.
-      const Key above_lowest = static_cast<Key>(s.prefix + 1);
-      constexpr Key kRest = static_cast<Key>((Key(1) << kWideShift) - 1);
+      const InBucketAboveLowest<Key> in_bucket(s, kWideShift);
       const int my_slot = (lane + warp) & 31;
       for_each_key(keys, L, tid, nthreads, /*from_global=*/!kStaged, false, [&](const auto& ks) {
         uint32_t match = 0;
         int j = 0;
 DROPIT_UNROLL
         for (const Key key : ks.v) {
-          match |= static_cast<uint32_t>(static_cast<Key>(key - above_lowest) < kRest) << j;
+          match |= static_cast<uint32_t>(in_bucket(key)) << j;
           ++j;
         }
         if (match != 0) {
@@ -502,46 +534,27 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
        c += static_cast<int64_t>(simt::grid_dim()) * nwarps) {
     const int L = p.chunk_len(c);
     const int k = p.chunk_keep(c);
-    const int64_t xbase = c * static_cast<int64_t>(p.chunk);
-    const simt::gptr<const Bits> xc = p.x + xbase;
-    const simt::sptr<Bits> staged =
-        kStaged ? staged_base + static_cast<int>(simt::address(xc) % 16 / sizeof(Bits)) : staged_base;
-    const ChunkKeys<Bits, Key, Src> keys{xc, staged, p.seed, xbase};
-    const int64_t kept0 = c * static_cast<int64_t>(p.keep);
-    const ChunkOutputs<Bits> out{p.values + kept0, p.offsets ? p.offsets + kept0 : nullptr,
-                                 p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr};
+    const ChunkKeys<Bits, Key, Src> keys = chunk_keys<Key, Src>(p, c, staged_base);
+    const ChunkOutputs<Bits> out = chunk_outputs(p, c);
     if (k == L) {
-      keep_whole_chunk(out, xc, L, p.words, lane, 32);
+      keep_whole_chunk(out, keys.x, L, p.words, lane, 32);
       continue;
     }
 
-    // ---- 1. the first digit (digit 0 to the lane's spare counter, as in pack_block) ----
+    // ---- 1. the first digit ----
     for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(hist + 4 * i, simt::Vec<uint32_t, 4>{});
     sync.warp(kWarpCleared);
-    const simt::sptr<uint32_t> spare = hist + (kWarpBins + lane);
-    for_each_key(keys, L, lane, 32, /*from_global=*/true, kStaged, [&](const auto& ks) {
-DROPIT_UNROLL
-      for (const Key key : ks.v) {
-        const uint32_t d = static_cast<uint32_t>(key >> kShift);
-        simt::atomic_add_shared(d != 0 ? hist + d : spare, 1u);
-      }
-    });
-    sync.warp(kWarpCounted);
-    choose_bin<kWarpBins>(WarpTeam(), hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), sel, sel, sync,
-                          kNarrowScanned, kWarpChosen);
-    Selection<Key> s{0, kKeyBits, k, L};
-    take_bin(s, sel, kShift);
+    Selection<Key> s = first_digit<kWarpBits, kKeyBits>(WarpTeam(), keys, L, k, kStaged, hist, hist + (kWarpBins + lane),
+                                                        sel, sel, sync, kWarpCounted, kNarrowScanned, kWarpChosen);
 
     // ---- 2. the bucket's keys but its lowest, each lane into its own slot; narrower digits ----
     if (!s.whole()) {
-      // In the bucket but not its lowest (as in pack_block).
-      const Key above_lowest = static_cast<Key>(s.prefix + 1);
-      constexpr Key kRest = static_cast<Key>((Key(1) << kShift) - 1);
+      const InBucketAboveLowest<Key> in_bucket(s, kShift);
       uint32_t mine = 0;
       for_each_key(keys, L, lane, 32, /*from_global=*/!kStaged, false, [&](const auto& ks) {
 DROPIT_UNROLL
         for (const Key key : ks.v) {
-          if (static_cast<Key>(key - above_lowest) < kRest) {
+          if (in_bucket(key)) {
             candidates[static_cast<int>(mine) * 32 + lane] = key;
             ++mine;
           }
