@@ -172,8 +172,10 @@ def assign_executions(stats: dict, kernel: dict, chains: dict) -> tuple[list, fl
     return runs, (assigned / total if total else 1.0)
 
 
-def modelled_instructions(stats: dict, kernel: dict, chains: dict) -> tuple[float, float]:
-    """(modelled warp instructions without replays, share of the seen instructions matched)."""
+def model_parts(stats: dict, kernel: dict, chains: dict) -> tuple[list[tuple[str, float]], float]:
+    """The modelled warp instructions (without replays) part by part: each innermost loop (labelled
+    by its SASS address and source lines) and "outside the loops" (the seen instructions there at
+    the static ratio); and the share of the seen instructions matched."""
     runs, share = assign_executions(stats, kernel, chains)
     loops = kernel["innermost_loops"]
     # Per basic block and class: the executions of its seen instructions over their number there.
@@ -187,16 +189,24 @@ def modelled_instructions(stats: dict, kernel: dict, chains: dict) -> tuple[floa
     block_runs = {}
     for (loop, block, cls), n in count_by_class.items():
         block_runs[(loop, block)] = max(block_runs.get((loop, block), 0.0), runs_by_class[(loop, block, cls)] / n)
-    in_loops = 0.0
+    parts = []
     for li, lp in enumerate(loops):
         loop_runs = max((r for (l, _), r in block_runs.items() if l == li), default=0.0)
-        for b, size in enumerate(lp["blocks"]):
-            in_loops += size * block_runs.get((li, b), loop_runs)
+        cost = sum(size * block_runs.get((li, b), loop_runs) for b, size in enumerate(lp["blocks"]))
+        parts.append((f"loop {lp.get('start', li)} {lp.get('lines', '')} ({lp['size']} instr.)", cost))
     loop_seen_static = sum(sum(lp["seen"].values()) for lp in loops)
     rest_ratio = (kernel["instructions"] - sum(lp["size"] for lp in loops)) / max(
         1, kernel["seen_instructions"] - loop_seen_static)
     seen = sum(stats[k] for k in SEEN)
-    return in_loops + max(0.0, seen - in_loops_matched) * rest_ratio, share
+    outside = max(0.0, seen - in_loops_matched)
+    parts.append((f"outside the loops ({rest_ratio:.2f} instr. per seen one)", outside * rest_ratio))
+    return parts, share
+
+
+def modelled_instructions(stats: dict, kernel: dict, chains: dict) -> tuple[float, float]:
+    """(modelled warp instructions without replays, share of the seen instructions matched)."""
+    parts, share = model_parts(stats, kernel, chains)
+    return sum(cost for _, cost in parts), share
 
 
 def summarise(stats: dict, n: int, chunks: int, model: tuple[float, float] | None) -> dict:
@@ -238,11 +248,16 @@ def measure(simt, dtype: str, chunk: int, gamma: float, kind: str, chunks: int, 
         row = {"op": op, "dtype": dtype, "chunk": chunk, "gamma": gamma, "data": kind, "numel": n,
                "kernel": name, "threads": plan["threads"] if op == "pack" else None,
                "per_warp": plan["per_warp"] if op == "pack" else None}
-        model = None
+        model, parts = None, []
         if name in sass:
             chains = site_chains(simt, [address for address, _, _ in stats["sites"]])
-            model = modelled_instructions(stats, sass[name], chains)
+            parts, share = model_parts(stats, sass[name], chains)
+            model = (sum(cost for _, cost in parts), share)
         row.update(summarise(stats, n, chunks, model))
+        # Where the modelled instructions go, per 32 elements (the parts above 0.05, and replays).
+        row["modelled_parts_per_32"] = {label: 32 * cost / n for label, cost in parts if 32 * cost / n >= 0.05}
+        if parts:
+            row["modelled_parts_per_32"]["bank-conflict passes"] = 32 * stats["shared_conflict_passes"] / n
         rows.append(row)
     return rows
 
@@ -298,6 +313,15 @@ def print_tables(rows: list[dict], baseline: dict[tuple, dict], previous: dict[t
               f"{fmt(modelled_per_32(earlier.get(key(r))), 8, 1)} {fmt(modelled_per_32(r), 7, 1)}")
 
 
+def print_breakdown(rows: list[dict]) -> None:
+    """Each row's modelled warp instructions per 32 elements, loop by loop."""
+    for r in rows:
+        if r.get("modelled_parts_per_32"):
+            print(f"\n{case(r)} ({r['kernel']}): {modelled_per_32(r):.1f} modelled warp instructions per 32 elements")
+            for label, v in sorted(r["modelled_parts_per_32"].items(), key=lambda kv: -kv[1]):
+                print(f"  {v:6.2f}  {label}")
+
+
 def print_targets(rows: list[dict]) -> None:
     """The issue's targets where the rows hold their cases: D = 16384, gamma = 0.9, per 32
     elements, and the misaligned, tie-heavy and D = 1024 cases against normal data at D = 16384."""
@@ -338,6 +362,8 @@ def main() -> None:
     ap.add_argument("--earlier", default=str(EARLIER),
                     help="JSON of issue 21's first step (a block per chunk at every D), shown beside too")
     ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="with --sass: each case's modelled instructions loop by loop (SASS address and lines)")
     args = ap.parse_args()
 
     sass = json.loads(Path(args.sass).read_text())[args.arch] if args.sass else {}
@@ -353,6 +379,8 @@ def main() -> None:
                 for kind in args.data:
                     rows.extend(measure(simt, dtype, chunk, gamma, kind, chunks, sass))
     print_tables(rows, baseline, previous, earlier)
+    if args.breakdown:
+        print_breakdown(rows)
     print_targets(rows)
     if args.json:
         meta = {"sass": args.sass, "arch": args.arch, "torch": torch.__version__}
