@@ -6,16 +6,20 @@
 //     from global memory 16 bytes a lane over its 16-byte aligned middle (the few elements before
 //     and after it one at a time), and staged in shared memory when it fits. One block scan over
 //     the bins picks the bucket of the keep-th largest key.
-//  2. Unless that bucket is kept whole, its keys (a few percent of the chunk for real data) are
-//     gathered into shared memory, and narrower digits (select.cuh) finish the select on them
-//     alone: the keys of lane l of warp w go to slot (l + w) mod 32, so that ties that all fall
-//     on one lane of every warp (a constant column's) spread over the slots. A bucket that
-//     overflows a slot (128 32-bit keys; 4096 in all: a quarter of a float32 chunk of 16384) is
-//     refined over the whole chunk instead.
-//  3. Compaction: warps ballot "above the bucket" and "in it" into bitmap words (warp w a run of
-//     consecutive words), one block scan over
-//     per-thread counts orders them, and each thread writes the bitmap words it owns and their
-//     kept values (ties go to the lower index).
+//  2. Compaction's ballots: warps ballot "above the bucket" and "in it" into bitmap words (warp
+//     w a run of consecutive words). Unless the bucket is kept whole, the select then finishes
+//     on the bucket's keys alone (a few percent of the chunk for real data) with narrower digits
+//     (select.cuh), by warp 0:
+//     - late select (the bucket's keys fit beside the bitmap masks, the usual case): the ballots
+//       run against the bucket's bounds, each thread gathers the bucket's keys of the words it
+//       owns (their bits are in the masks: no pass over the chunk) through one counter, and after
+//       the select sorts them against the final bounds;
+//     - otherwise a pass over the chunk gathers them first into 32 slots (the keys of lane l of
+//       warp w to slot (l + w) mod 32, so that ties that all fall on one lane of every warp, a
+//       constant column's, spread), and the ballots run against the final bounds; a bucket that
+//       overflows a slot (128 32-bit keys) is refined over the whole chunk instead.
+//  3. One block scan over per-thread counts orders the words, and each thread writes the bitmap
+//     words it owns and their kept values (ties go to the lower index).
 //
 // The keys are bit patterns (uint16/32/64): the magnitude key of the value or the random key of
 // its global index, so one body serves every floating dtype. Only the portability layer
@@ -96,7 +100,7 @@ DROPIT_HD size_t staged_bytes(int64_t chunk, int elem_bytes) {
 constexpr int kWarpMaxChunk = 1024;
 constexpr int kWarpBits = 10;
 constexpr int kWarpBins = 1 << kWarpBits;
-constexpr int kWarpPerLane = kWarpMaxChunk / 32 + 2;  // keys a lane reads of a chunk at most (with head and tail)
+constexpr int kWarpPerLane = 32;                       // candidates of a lane: the bucket's keys of one bitmap word
 constexpr int kWarpBlockThreads = 256;                // 8 chunks a block
 
 DROPIT_HD size_t round_up16(size_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -309,6 +313,22 @@ struct InBucketAboveLowest {
   DROPIT_DEVICE bool operator()(Key key) const { return static_cast<Key>(key - above_lowest) < rest; }
 };
 
+// Warp 0's selection, written by its lane 0 for the block (to read after a barrier), and read.
+template <typename Key>
+DROPIT_DEVICE void share_selection(const Selection<Key>& s, simt::sptr<uint64_t> to, int lane) {
+  if (lane == 0) {
+    to[0] = static_cast<uint64_t>(s.prefix);
+    to[1] = (static_cast<uint64_t>(s.shift) << 40) | (static_cast<uint64_t>(s.need) << 20) |
+            static_cast<uint64_t>(s.count);
+  }
+}
+template <typename Key>
+DROPIT_DEVICE Selection<Key> shared_selection(simt::sptr<uint64_t> from) {
+  const uint64_t packed = from[1];
+  return {static_cast<Key>(static_cast<uint64_t>(from[0])), static_cast<int>(packed >> 40),
+          static_cast<int>((packed >> 20) & 0xfffff), static_cast<int>(packed & 0xfffff)};
+}
+
 // A chunk kept whole, written by threads [0, nthreads) of the team (`tid` this thread's rank).
 template <typename Bits>
 DROPIT_DEVICE void keep_whole_chunk(const ChunkOutputs<Bits>& out, simt::gptr<const Bits> xc, int L, int64_t words,
@@ -340,11 +360,14 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   constexpr int kPerLane = kBufferKeys / 32;
   constexpr bool kStaged = Src == KeySource::kSharedBits;
   DROPIT_SHARED(uint32_t, wide, kWideBins + 32);  // wide bins (then candidates, then bitmap words), spares
-  DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // narrow bins
-  DROPIT_SHARED(uint64_t, slots, 32);             // block scans; warp 0's selection
+  DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // narrow bins; then warp 0's selection
+  DROPIT_SHARED(uint64_t, slots, 32);             // block scans
   DROPIT_SHARED(uint32_t, sel, 4);                // chosen bin, keys above it, keys in it
   DROPIT_SHARED(uint32_t, gathered, 32);          // candidates per slot
   const simt::sptr<uint32_t> slots32 = simt::ptr_cast<uint32_t>(slots);
+  // Warp 0's selection for the block, in the narrow bins once they are read (`slots` may be
+  // rewritten by the compaction's scan before a slower warp has read it).
+  const simt::sptr<uint64_t> narrow64 = simt::ptr_cast<uint64_t>(narrow);
   static_assert(kMaxChunk < (1 << 20), "need and count of a selection fit 20 bits");
   const simt::sptr<Key> candidates = simt::ptr_cast<Key>(wide);
   const simt::sptr<uint32_t> masks = wide;  // per bitmap word: keys above the bucket, keys >= its lowest
@@ -376,8 +399,19 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     Selection<Key> s = first_digit<kWideBits, kKeyBits>(BlockTeam(), keys, L, k, kStaged, wide, wide + (kWideBins + lane),
                                                         slots32, sel, sync, kWideCounted, kWideScanned, kWideChosen);
 
-    // ---- 2. the bucket's keys, then narrower digits ----
-    if (!s.whole()) {
+    const int used_words = (L + 31) >> 5;
+    // Late select: when the bucket's keys fit beside the bitmap masks (two words a bitmap word,
+    // in 16-byte pairs) in the wide region, the compaction's ballots run first, against the
+    // bucket's bounds; the threads then gather their words' bucket keys from the masks (no pass
+    // over the chunk), warp 0 selects among them, and the threads sort their words' bucket keys
+    // against the final bounds.
+    const int masks_words = 4 * ((used_words + 1) >> 1);
+    const simt::sptr<Key> late_candidates = simt::ptr_cast<Key>(wide + masks_words);
+    const bool late = !s.whole() &&
+                      s.count <= static_cast<int>((kWideBins - masks_words) * sizeof(uint32_t) / sizeof(Key));
+
+    // ---- 2. the bucket's keys, then narrower digits (late: after the ballots) ----
+    if (!s.whole() && !late) {
       // Gather the bucket's keys but its lowest (they count in bin 0 by number) into the lane's
       // slot: one atomic per 16 bytes of keys holding any; keys past a full slot are left out.
       const InBucketAboveLowest<Key> in_bucket(s, kWideShift);
@@ -412,16 +446,10 @@ DROPIT_UNROLL
             for (uint32_t i = 0; i < gathered_here; ++i) f(static_cast<Key>(candidates[static_cast<int>(i) * 32 + lane]));
           };
           narrow_selection(WarpTeam(), s, own_candidates, narrow, slots32, sel, sync);
-          if (lane == 0) {
-            slots[0] = static_cast<uint64_t>(s.prefix);
-            slots[1] = (static_cast<uint64_t>(s.shift) << 40) | (static_cast<uint64_t>(s.need) << 20) |
-                       static_cast<uint64_t>(s.count);
-          }
+          share_selection(s, narrow64, lane);
         }
         sync(kSelectionShared);
-        const uint64_t packed = slots[1];
-        s = {static_cast<Key>(static_cast<uint64_t>(slots[0])), static_cast<int>(packed >> 40),
-             static_cast<int>((packed >> 20) & 0xfffff), static_cast<int>(packed & 0xfffff)};
+        s = shared_selection<Key>(narrow64);
       } else {  // too crowded a bucket: every pass reads the whole chunk
         auto chunk_keys = [&](const auto& f) {
           for (int e = tid; e < L; e += nthreads) f(keys(e));
@@ -436,7 +464,6 @@ DROPIT_UNROLL
     // a time where both are full (lane 0 stores their four masks at once).
     const Key lowest = s.prefix;
     const Key highest = s.highest();
-    const int used_words = (L + 31) >> 5;
     const int full_words = L >> 5;  // words whose 32 elements all exist
     const int warp_words = ((used_words + nwarps - 1) / nwarps + 1) & ~1;  // even: pairs stay 16-byte aligned
     const int w_begin = warp * warp_words < used_words ? warp * warp_words : used_words;
@@ -461,13 +488,52 @@ DROPIT_UNROLL
     }
     sync(kMasksWritten);
     // Thread t owns words [t*R, t*R + R): counts, one scan, then its words and values.
-    const auto [vc, oc, wc] = outputs();
     const int per_thread = (used_words + nthreads - 1) / nthreads;
     const int t_begin = tid * per_thread < used_words ? tid * per_thread : used_words;
     const int t_end = t_begin + per_thread < used_words ? t_begin + per_thread : used_words;
+    if (late) {
+      // The bucket's keys of this thread's words (in `from`, not `above`), through one counter.
+      for (int w = t_begin; w < t_end; ++w) {
+        const simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
+        uint32_t rest = m.v[1] & ~m.v[0];
+        if (rest != 0) {
+          int at = static_cast<int>(simt::atomic_add_shared(gathered, static_cast<uint32_t>(simt::popc(rest))));
+          for (; rest != 0; rest &= rest - 1) {
+            late_candidates[at] = keys(32 * w + simt::ffs(rest) - 1);
+            ++at;
+          }
+        }
+      }
+      sync(kCandidatesGathered);
+      if (warp == 0) {
+        const int n = s.count;  // every key of the bucket was gathered
+        auto candidates_of_lane = [&](const auto& f) {
+          for (int i = lane; i < n; i += 32) f(static_cast<Key>(late_candidates[i]));
+        };
+        narrow_selection(WarpTeam(), s, candidates_of_lane, narrow, slots32, sel, sync);
+        share_selection(s, narrow64, lane);
+      }
+      sync(kSelectionShared);
+      s = shared_selection<Key>(narrow64);
+    }
+    const Key final_lowest = s.prefix;
+    const Key final_highest = s.highest();
+    const auto [vc, oc, wc] = outputs();
     uint32_t n_above = 0, n_ties = 0;
     for (int w = t_begin; w < t_end; ++w) {
-      const simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
+      simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
+      const uint32_t in_bucket = m.v[1] & ~m.v[0];
+      if (late && in_bucket != 0) {  // each of the bucket's keys: above the final bucket, in it, or neither
+        uint32_t above = m.v[0], ties = 0;
+        for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
+          const int j = simt::ffs(rest) - 1;
+          const Key key = keys(32 * w + j);
+          above |= static_cast<uint32_t>(key > final_highest) << j;
+          ties |= static_cast<uint32_t>(key >= final_lowest && key <= final_highest) << j;
+        }
+        m = simt::Vec<uint32_t, 2>{{above, above | ties}};
+        simt::store_vec(masks + 2 * w, m);
+      }
       n_above += static_cast<uint32_t>(simt::popc(m.v[0]));
       n_ties += static_cast<uint32_t>(simt::popc(m.v[1] & ~m.v[0]));
     }
@@ -507,15 +573,14 @@ DROPIT_UNROLL
 }
 
 // The body of the per-warp pack kernel: warp w of block b packs chunks b * warps + w, striding by
-// the grid's warps, each chunk of at most kWarpMaxChunk elements. The same three steps as
-// pack_block, each by the warp alone: a 1024-bin first digit; the bucket's keys gathered into each
-// lane's own slot (each lane then reads back only what it wrote) for the narrow digits; the
-// compaction keeps the chunk's bitmap word w in lane w (at most 32 words), so one warp scan orders
-// the kept values. Needs warp_smem_bytes() of dynamic shared memory per warp.
+// the grid's warps, each chunk of at most kWarpMaxChunk elements, by the warp alone: a 1024-bin
+// first digit; ballots against the bucket's bounds, lane w keeping bitmap word w (at most 32
+// words); each lane's bucket keys of its word into its own slot (it reads back only what it
+// wrote: no barrier) for the narrow digits, then sorted against the final bounds; one warp scan
+// orders the kept values. Needs warp_smem_bytes() of dynamic shared memory per warp.
 template <typename Bits, typename Key, KeySource Src, typename Sync = simt::BlockSync>
 DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
   constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);
-  constexpr int kShift = kKeyBits - kWarpBits;
   constexpr bool kStaged = Src == KeySource::kSharedBits;
   static_assert(kWarpMaxChunk <= 32 * 32, "a chunk's bitmap words fit one a lane");
   const int lane = bitmap::lane_id();
@@ -547,33 +612,13 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     Selection<Key> s = first_digit<kWarpBits, kKeyBits>(WarpTeam(), keys, L, k, kStaged, hist, hist + (kWarpBins + lane),
                                                         sel, sel, sync, kWarpCounted, kNarrowScanned, kWarpChosen);
 
-    // ---- 2. the bucket's keys but its lowest, each lane into its own slot; narrower digits ----
-    if (!s.whole()) {
-      const InBucketAboveLowest<Key> in_bucket(s, kShift);
-      uint32_t mine = 0;
-      for_each_key(keys, L, lane, 32, /*from_global=*/!kStaged, false, [&](const auto& ks) {
-DROPIT_UNROLL
-        for (const Key key : ks.v) {
-          if (in_bucket(key)) {
-            candidates[static_cast<int>(mine) * 32 + lane] = key;
-            ++mine;
-          }
-        }
-      });
-      auto own_candidates = [&](const auto& f) {
-        for (uint32_t i = 0; i < mine; ++i) f(static_cast<Key>(candidates[static_cast<int>(i) * 32 + lane]));
-      };
-      narrow_selection(WarpTeam(), s, own_candidates, narrow, sel, sel, sync);
-    }
-
-    // ---- 3. compaction: lane w ends with word w's masks ----
+    // ---- 2. ballots against the bucket's bounds: lane w ends with word w's masks ----
     const Key lowest = s.prefix;
     const Key highest = s.highest();
     const int used_words = (L + 31) >> 5;
     const int full_words = L >> 5;
     uint32_t above = 0, from = 0;  // of word `lane`
-    // With the bucket kept whole (the usual end of the select), "above" is "at least its lowest":
-    // one ballot a word.
+    // With the bucket kept whole, "above" is "at least its lowest": one ballot a word.
     auto ballot_words = [&](auto ties_matter) {
       constexpr bool kTies = decltype(ties_matter)::value;
       for (int w = 0; w < full_words; ++w) {
@@ -601,7 +646,31 @@ DROPIT_UNROLL
       ballot_words(std::false_type{});
     } else {
       ballot_words(std::true_type{});
+      // ---- 3. the bucket's keys of word `lane` into the lane's own slot; narrower digits; then
+      // each of them above the final bucket, in it (a tie) or neither ----
+      const uint32_t in_bucket = from & ~above;
+      int mine = 0;
+      for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
+        candidates[mine * 32 + lane] = keys(32 * lane + simt::ffs(rest) - 1);
+        ++mine;
+      }
+      auto own_candidates = [&](const auto& f) {
+        for (int i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
+      };
+      narrow_selection(WarpTeam(), s, own_candidates, narrow, sel, sel, sync);
+      const Key final_lowest = s.prefix;
+      const Key final_highest = s.highest();
+      uint32_t ties_here = 0;
+      for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
+        const int j = simt::ffs(rest) - 1;
+        const Key key = keys(32 * lane + j);
+        above |= static_cast<uint32_t>(key > final_highest) << j;
+        ties_here |= static_cast<uint32_t>(key >= final_lowest && key <= final_highest) << j;
+      }
+      from = above | ties_here;
     }
+
+    // ---- 4. compaction ----
     const uint32_t ties = from & ~above;
     const int n_tie = simt::popc(ties);
     // Keys above and ties of the words before this lane's (both below 2^16: a chunk is <= 1024).
