@@ -405,10 +405,10 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     // bucket's bounds; the threads then gather their words' bucket keys from the masks (no pass
     // over the chunk), warp 0 selects among them, and the threads sort their words' bucket keys
     // against the final bounds.
-    const int masks_words = 4 * ((used_words + 1) >> 1);
-    const simt::sptr<Key> late_candidates = simt::ptr_cast<Key>(wide + masks_words);
-    const bool late = !s.whole() &&
-                      s.count <= static_cast<int>((kWideBins - masks_words) * sizeof(uint32_t) / sizeof(Key));
+    // (The candidates' place, formed where used: fewer registers live across the ballots.)
+    auto late_candidates = [&] { return simt::ptr_cast<Key>(wide + 4 * ((used_words + 1) >> 1)); };
+    const bool late = !s.whole() && s.count <= static_cast<int>((kWideBins - 4 * ((used_words + 1) >> 1)) *
+                                                               sizeof(uint32_t) / sizeof(Key));
 
     // ---- 2. the bucket's keys, then narrower digits (late: after the ballots) ----
     if (!s.whole() && !late) {
@@ -499,7 +499,7 @@ DROPIT_UNROLL
         if (rest != 0) {
           int at = static_cast<int>(simt::atomic_add_shared(gathered, static_cast<uint32_t>(simt::popc(rest))));
           for (; rest != 0; rest &= rest - 1) {
-            late_candidates[at] = keys(32 * w + simt::ffs(rest) - 1);
+            late_candidates()[at] = keys(32 * w + simt::ffs(rest) - 1);
             ++at;
           }
         }
@@ -508,7 +508,8 @@ DROPIT_UNROLL
       if (warp == 0) {
         const int n = s.count;  // every key of the bucket was gathered
         auto candidates_of_lane = [&](const auto& f) {
-          for (int i = lane; i < n; i += 32) f(static_cast<Key>(late_candidates[i]));
+          const simt::sptr<Key> bucket_keys = late_candidates();
+          for (int i = lane; i < n; i += 32) f(static_cast<Key>(bucket_keys[i]));
         };
         narrow_selection(WarpTeam(), s, candidates_of_lane, narrow, slots32, sel, sync);
         share_selection(s, narrow64, lane);
