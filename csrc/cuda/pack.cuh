@@ -440,7 +440,7 @@ DROPIT_UNROLL
       sync(kCandidatesGathered);
       const uint32_t gathered_here = gathered[lane];
       if (simt::ballot(gathered_here > static_cast<uint32_t>(kPerLane)) == 0) {  // the same in every warp
-        // Warp 0 alone, lane l on slot l; then it shares the selection through `slots`.
+        // Warp 0 alone, lane l on slot l; then it shares the selection.
         if (warp == 0) {
           auto own_candidates = [&](const auto& f) {
             for (uint32_t i = 0; i < gathered_here; ++i) f(static_cast<Key>(candidates[static_cast<int>(i) * 32 + lane]));
