@@ -37,7 +37,8 @@ Cases: float32 and bfloat16, D = 1024 / 16384 / 65536, gamma = 0.5 and 0.9, and 
 ``data()``: normal, ReLU-like, misaligned (a view one element into its storage) and tie-heavy (a
 constant column on the threshold). Today's kernels' figures (recorded before the redesign) are
 read from --baseline, the previous version's (issue 13's kernels, recorded with this script) from
---previous, and shown beside the new ones, then the issue's targets (misaligned, tie-heavy and
+--previous, issue 21's first step (one block per chunk at every D) from --earlier, and shown beside
+the new ones, then the issue's targets (misaligned, tie-heavy and
 D = 1024 against normal data at D = 16384).
 """
 
@@ -65,6 +66,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 BITS = {2: "u16", 4: "u32", 8: "u64"}
 BASELINE = ROOT / "benchmarks" / "results" / "kernel_cost_baseline.json"
 PREVIOUS = ROOT / "benchmarks" / "results" / "kernel_cost_issue13.json"
+EARLIER = ROOT / "benchmarks" / "results" / "kernel_cost_issue21_session1.json"
 SEEN = ["global_load_instr", "global_store_instr", "shared_load_instr", "shared_store_instr",
         "shared_atomic_instr", "ballots", "shuffles", "matches", "warp_syncs", "barrier_warps"]
 
@@ -93,12 +95,12 @@ def data(kind: str, n: int, dtype: torch.dtype, seed: int, chunk: int, gamma: fl
     return x.to(dtype)
 
 
-def kernel_name(op: str, elem_bytes: int, source: str = "") -> str:
-    """The kernel's short name as .ci/sass_count.py prints it."""
+def kernel_name(op: str, elem_bytes: int, source: str = "", per_warp: bool = False) -> str:
+    """The kernel's short name as .ci/sass_count.py prints it (pack: a chunk per block, or per warp)."""
     bits = BITS[elem_bytes]
     if op == "pack":
         key = "u32" if source == "random" else bits
-        return f"void pack_kernel<{bits}, {key}, {source.capitalize()}>"
+        return f"void {'pack_warps_kernel' if per_warp else 'pack_kernel'}<{bits}, {key}, {source.capitalize()}>"
     return f"void unpack_bitmap_kernel<{bits}>"
 
 
@@ -170,8 +172,10 @@ def assign_executions(stats: dict, kernel: dict, chains: dict) -> tuple[list, fl
     return runs, (assigned / total if total else 1.0)
 
 
-def modelled_instructions(stats: dict, kernel: dict, chains: dict) -> tuple[float, float]:
-    """(modelled warp instructions without replays, share of the seen instructions matched)."""
+def model_parts(stats: dict, kernel: dict, chains: dict) -> tuple[list[tuple[str, float]], float]:
+    """The modelled warp instructions (without replays) part by part: each innermost loop (labelled
+    by its SASS address and source lines) and "outside the loops" (the seen instructions there at
+    the static ratio); and the share of the seen instructions matched."""
     runs, share = assign_executions(stats, kernel, chains)
     loops = kernel["innermost_loops"]
     # Per basic block and class: the executions of its seen instructions over their number there.
@@ -185,16 +189,24 @@ def modelled_instructions(stats: dict, kernel: dict, chains: dict) -> tuple[floa
     block_runs = {}
     for (loop, block, cls), n in count_by_class.items():
         block_runs[(loop, block)] = max(block_runs.get((loop, block), 0.0), runs_by_class[(loop, block, cls)] / n)
-    in_loops = 0.0
+    parts = []
     for li, lp in enumerate(loops):
         loop_runs = max((r for (l, _), r in block_runs.items() if l == li), default=0.0)
-        for b, size in enumerate(lp["blocks"]):
-            in_loops += size * block_runs.get((li, b), loop_runs)
+        cost = sum(size * block_runs.get((li, b), loop_runs) for b, size in enumerate(lp["blocks"]))
+        parts.append((f"loop {lp.get('start', li)} {lp.get('lines', '')} ({lp['size']} instr.)", cost))
     loop_seen_static = sum(sum(lp["seen"].values()) for lp in loops)
     rest_ratio = (kernel["instructions"] - sum(lp["size"] for lp in loops)) / max(
         1, kernel["seen_instructions"] - loop_seen_static)
     seen = sum(stats[k] for k in SEEN)
-    return in_loops + max(0.0, seen - in_loops_matched) * rest_ratio, share
+    outside = max(0.0, seen - in_loops_matched)
+    parts.append((f"outside the loops ({rest_ratio:.2f} instr. per seen one)", outside * rest_ratio))
+    return parts, share
+
+
+def modelled_instructions(stats: dict, kernel: dict, chains: dict) -> tuple[float, float]:
+    """(modelled warp instructions without replays, share of the seen instructions matched)."""
+    parts, share = model_parts(stats, kernel, chains)
+    return sum(cost for _, cost in parts), share
 
 
 def summarise(stats: dict, n: int, chunks: int, model: tuple[float, float] | None) -> dict:
@@ -231,15 +243,21 @@ def measure(simt, dtype: str, chunk: int, gamma: float, kind: str, chunks: int, 
     simt.unpack(values, index, n, gamma, chunk, True, profile=True)
     unpack_stats = simt.last_stats()
     rows = []
-    for op, stats, name in (("pack", pack_stats, kernel_name("pack", es, plan["source"])),
+    for op, stats, name in (("pack", pack_stats, kernel_name("pack", es, plan["source"], plan["per_warp"])),
                             ("unpack", unpack_stats, kernel_name("unpack", es))):
         row = {"op": op, "dtype": dtype, "chunk": chunk, "gamma": gamma, "data": kind, "numel": n,
-               "kernel": name, "threads": plan["threads"] if op == "pack" else None}
-        model = None
+               "kernel": name, "threads": plan["threads"] if op == "pack" else None,
+               "per_warp": plan["per_warp"] if op == "pack" else None}
+        model, parts = None, []
         if name in sass:
             chains = site_chains(simt, [address for address, _, _ in stats["sites"]])
-            model = modelled_instructions(stats, sass[name], chains)
+            parts, share = model_parts(stats, sass[name], chains)
+            model = (sum(cost for _, cost in parts), share)
         row.update(summarise(stats, n, chunks, model))
+        # Where the modelled instructions go, per 32 elements (the parts above 0.05, and replays).
+        row["modelled_parts_per_32"] = {label: 32 * cost / n for label, cost in parts if 32 * cost / n >= 0.05}
+        if parts:
+            row["modelled_parts_per_32"]["bank-conflict passes"] = 32 * stats["shared_conflict_passes"] / n
         rows.append(row)
     return rows
 
@@ -265,7 +283,8 @@ def modelled_per_32(r: dict | None) -> float | None:
     return None if v is None else 32 * v
 
 
-def print_tables(rows: list[dict], baseline: dict[tuple, dict], previous: dict[tuple, dict]) -> None:
+def print_tables(rows: list[dict], baseline: dict[tuple, dict], previous: dict[tuple, dict],
+                 earlier: dict[tuple, dict]) -> None:
     print("Per element (global bytes; shared accesses by lanes; warp instructions):")
     print(f"{CASE} | {'B read':>7} {'B writ':>7} | {'sh ld':>6} {'sh st':>6} {'atom':>6} | {'seen':>6} {'model':>7}")
     for r in rows:
@@ -283,14 +302,24 @@ def print_tables(rows: list[dict], baseline: dict[tuple, dict], previous: dict[t
               f"{fmt(c['shared_wavefronts'], 8, 0)} {fmt(c['global_sectors'], 8, 0)} | "
               f"{fmt(c['seen_warp_instructions'], 8, 0)} {fmt(c['modelled_warp_instructions'], 9, 0)} "
               f"{fmt(r['matched_share'], 7, 2)}")
-    if not (baseline or previous):
+    if not (baseline or previous or earlier):
         return
     print("\nModelled warp instructions per 32 elements: today's kernels (baseline, before the redesign), the"
-          " previous version (issue 13's) and these:")
-    print(f"{CASE} | {'baseline':>8} {'previous':>8} {'now':>7}")
+          " previous version (issue 13's), issue 21's first step (earlier) and these:")
+    print(f"{CASE} | {'baseline':>8} {'previous':>8} {'earlier':>8} {'now':>7}")
     for r in rows:
         print(f"{case(r)} | {fmt(modelled_per_32(baseline.get(key(r))), 8, 1)} "
-              f"{fmt(modelled_per_32(previous.get(key(r))), 8, 1)} {fmt(modelled_per_32(r), 7, 1)}")
+              f"{fmt(modelled_per_32(previous.get(key(r))), 8, 1)} "
+              f"{fmt(modelled_per_32(earlier.get(key(r))), 8, 1)} {fmt(modelled_per_32(r), 7, 1)}")
+
+
+def print_breakdown(rows: list[dict]) -> None:
+    """Each row's modelled warp instructions per 32 elements, loop by loop."""
+    for r in rows:
+        if r.get("modelled_parts_per_32"):
+            print(f"\n{case(r)} ({r['kernel']}): {modelled_per_32(r):.1f} modelled warp instructions per 32 elements")
+            for label, v in sorted(r["modelled_parts_per_32"].items(), key=lambda kv: -kv[1]):
+                print(f"  {v:6.2f}  {label}")
 
 
 def print_targets(rows: list[dict]) -> None:
@@ -330,12 +359,17 @@ def main() -> None:
     ap.add_argument("--baseline", default=str(BASELINE), help="JSON of an earlier run to compare against")
     ap.add_argument("--previous", default=str(PREVIOUS),
                     help="JSON of the kernels before this version (issue 13's), shown beside too")
+    ap.add_argument("--earlier", default=str(EARLIER),
+                    help="JSON of issue 21's first step (a block per chunk at every D), shown beside too")
     ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="with --sass: each case's modelled instructions loop by loop (SASS address and lines)")
     args = ap.parse_args()
 
     sass = json.loads(Path(args.sass).read_text())[args.arch] if args.sass else {}
-    baseline, previous = ({key(r): r for r in json.loads(Path(f).read_text())["results"]} if f and os.path.exists(f)
-                          else {} for f in (args.baseline, args.previous))
+    baseline, previous, earlier = (
+        {key(r): r for r in json.loads(Path(f).read_text())["results"]} if f and os.path.exists(f) else {}
+        for f in (args.baseline, args.previous, args.earlier))
     simt = load(debug_info=bool(sass))  # line tables, to match the profile's sites to SASS
     rows = []
     for dtype in args.dtypes:
@@ -344,7 +378,9 @@ def main() -> None:
             for gamma in args.gammas:
                 for kind in args.data:
                     rows.extend(measure(simt, dtype, chunk, gamma, kind, chunks, sass))
-    print_tables(rows, baseline, previous)
+    print_tables(rows, baseline, previous, earlier)
+    if args.breakdown:
+        print_breakdown(rows)
     print_targets(rows)
     if args.json:
         meta = {"sass": args.sass, "arch": args.arch, "torch": torch.__version__}

@@ -46,12 +46,16 @@ def crowded_bucket(n: int) -> torch.Tensor:
 
 
 # (input, gamma, chunk, keyword arguments): the select over candidates, a bucket kept whole after
-# the wide digit, the fallback over a crowded bucket, and blocks that stride over several chunks.
+# the wide digit, the fallback over a crowded bucket, and blocks that stride over several chunks;
+# then chunks of a warp each (chunk <= 1024): warps of one block, and warps that stride over
+# several chunks.
 PACK_CASES = [
     (lambda: randn(4096, torch.float32, 11), 0.9, 4096, {}),
     (lambda: randn(4096, torch.float32, 12).clamp_min(0), 0.5, 4096, {}),
     (lambda: crowded_bucket(8192), 0.7, 8192, {}),
-    (lambda: randn(3 * 1000 + 123, torch.float32, 13), 0.8, 1000, {"grid": 1}),
+    (lambda: randn(3 * 2000 + 123, torch.float32, 13), 0.8, 2000, {"grid": 1}),
+    (lambda: randn(3 * 1000 + 123, torch.float32, 15), 0.8, 1000, {"grid": 1}),
+    (lambda: randn(20 * 100 + 37, torch.float32, 16), 0.8, 100, {"grid": 1}),
 ]
 
 

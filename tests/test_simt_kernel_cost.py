@@ -65,3 +65,6 @@ def test_model_arithmetic():
     # 120 seen - 110 in loops = 10, at (60 - 20) / (5 - 3) = 20 instructions each: 200.
     assert model == 680 + 200
     assert share == 1.0
+    # The same, part by part: the loop, then outside the loops.
+    parts, _ = bench.model_parts(stats, kernel, chains)
+    assert [cost for _, cost in parts] == [680, 200]

@@ -151,6 +151,23 @@ def test_layer_really_synchronises(simt):
     assert 2 * 16384 // 32 <= stats["ballots"] <= 2 * 16384 // 32 + 512 // 32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_small_chunks_one_to_a_warp(simt, dtype):
+    # Chunks up to 1024 elements go one to a warp: 8 chunks a block of 256 threads, warp barriers
+    # only (the layer's own counters say so), at any block size and with warps striding over chunks.
+    es = torch.empty(0, dtype=dtype).element_size()
+    for D, per_warp in ((1, True), (1000, True), (1024, True), (1025, False)):
+        assert simt.pack_plan(9 * D, 0.9, D, es)["per_warp"] == per_warp, D
+    x = randn(9 * 1000 + 17, dtype, 31)
+    simt.pack(x, 0.9, 1000, True)
+    stats = simt.last_stats()
+    assert stats["blocks"] == 2 and stats["barriers"] == 0 and stats["warp_syncs"] > 0
+    for threads, grid in ((32, 0), (64, 1), (128, 2), (512, 0)):
+        for bitmap in (True, False):
+            check(simt, x, 0.9, 1000, bitmap, threads=threads, grid=grid)
+            check(simt, x, 0.5, 1000, bitmap, seed=7, threads=threads, grid=grid)
+
+
 def random_keys_from(seed, first, count):
     """The random key (splitmix64's finaliser of seed and global index) of indices first.., here."""
     mask = (1 << 64) - 1

@@ -1,19 +1,25 @@
-// Kernel body of pack: one thread block per chunk (grid-stride over chunks).
+// Kernel bodies of pack: pack_block, one thread block per chunk (grid-stride over chunks), and
+// pack_warps, one warp per chunk for chunks of up to kWarpMaxChunk elements (see there).
 //
 //  1. One wide digit: a 4096-bin histogram of each key's top 12 bits, with plain shared atomics
 //     (zeros and other digit-0 keys are counted by difference, not by atomics). The chunk is read
 //     from global memory 16 bytes a lane over its 16-byte aligned middle (the few elements before
 //     and after it one at a time), and staged in shared memory when it fits. One block scan over
 //     the bins picks the bucket of the keep-th largest key.
-//  2. Unless that bucket is kept whole, its keys (a few percent of the chunk for real data) are
-//     gathered into shared memory, and narrower digits (select.cuh) finish the select on them
-//     alone: each lane's keys go to its own slot, those past a full slot to a shared overflow
-//     area (ties that all fall on one lane, as a constant column's do). A bucket that overflows
-//     the buffer (4096 32-bit keys: a quarter of a float32 chunk of 16384) is refined over the
-//     whole chunk instead.
-//  3. Compaction: warps ballot "above the bucket" and "in it" into bitmap words (warp w a run of
-//     consecutive words), one block scan over per-thread counts orders them, and each thread
-//     writes the bitmap words it owns and their kept values (ties go to the lower index).
+//  2. Compaction's ballots: warps ballot "above the bucket" and "in it" into bitmap words (warp
+//     w a run of consecutive words). Unless the bucket is kept whole, the select then finishes
+//     on the bucket's keys alone (a few percent of the chunk for real data) with narrower digits
+//     (select.cuh), by warp 0:
+//     - late select (the bucket's keys fit beside the bitmap masks, the usual case): the ballots
+//       run against the bucket's bounds, each thread gathers the bucket's keys of the words it
+//       owns (their bits are in the masks: no pass over the chunk) through one counter, and after
+//       the select sorts them against the final bounds;
+//     - otherwise a pass over the chunk gathers them first into 32 slots (the keys of lane l of
+//       warp w to slot (l + w) mod 32, so that ties that all fall on one lane of every warp, a
+//       constant column's, spread), and the ballots run against the final bounds; a bucket that
+//       overflows a slot (128 32-bit keys) is refined over the whole chunk instead.
+//  3. One block scan over per-thread counts orders the words, and each thread writes the bitmap
+//     words it owns and their kept values (ties go to the lower index).
 //
 // The keys are bit patterns (uint16/32/64): the magnitude key of the value or the random key of
 // its global index, so one body serves every floating dtype. Only the portability layer
@@ -79,21 +85,57 @@ inline int pack_threads(int64_t D) { return D <= 1024 ? 128 : (D <= 4096 ? 256 :
 
 struct PackPlan : LaunchPlan {
   KeySource source = KeySource::kSharedBits;
+  bool per_warp = false;  // pack_warps (a chunk per warp) rather than pack_block (a chunk per block)
 };
 
 // Dynamic shared memory of a staged chunk: the chunk, and up to 16 bytes more, since it is staged
 // at the same offset from a 16-byte boundary as it has in global memory.
-inline size_t staged_bytes(int64_t chunk, int elem_bytes) {
+DROPIT_HD size_t staged_bytes(int64_t chunk, int elem_bytes) {
   return static_cast<size_t>(chunk) * static_cast<size_t>(elem_bytes) + 16;
+}
+
+// Small chunks go one to a warp (pack_warps): a block's fixed costs (a 4096-bin histogram cleared
+// and scanned, block barriers and scans) would otherwise be paid for every 1024 elements or less.
+// The warp's first digit is narrower (1024 bins), and it needs no block barrier.
+constexpr int kWarpMaxChunk = 1024;
+constexpr int kWarpBits = 10;
+constexpr int kWarpBins = 1 << kWarpBits;
+constexpr int kWarpPerLane = 32;                       // candidates of a lane: the bucket's keys of one bitmap word
+constexpr int kWarpBlockThreads = 256;                // 8 chunks a block
+
+DROPIT_HD size_t round_up16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Each warp's dynamic shared memory, in this order: its wide bins and 32 spare counters (then its
+// candidates: kWarpPerLane keys a lane), its narrow bins, 4 words of selection, its staged chunk.
+DROPIT_HD size_t warp_bins_bytes(int key_bytes) {
+  const size_t bins = sizeof(uint32_t) * (kWarpBins + 32);
+  const size_t candidates = static_cast<size_t>(kWarpPerLane) * 32 * static_cast<size_t>(key_bytes);
+  return round_up16(bins > candidates ? bins : candidates);
+}
+DROPIT_HD size_t warp_smem_bytes(int64_t chunk, int elem_bytes, bool random) {
+  return warp_bins_bytes(random ? 4 : elem_bytes) + sizeof(uint32_t) * (kNarrowBins + 4) +
+         (random ? 0 : round_up16(staged_bytes(chunk, elem_bytes)));
 }
 
 // `smem_limit`: the most shared memory (static + dynamic) a block may use on the device (its
 // opt-in maximum); `static_smem`: the staged kernel's static shared memory as compiled.
 // Magnitude keys are staged in shared memory when the chunk fits.
+// Chunks up to kWarpMaxChunk go one to a warp when the block's warps fit in `warp_smem_limit`
+// (the per-warp kernel's limit: it has no static shared memory).
 inline PackPlan plan_pack(const ChunkGeometry& g, int elem_bytes, bool random, size_t smem_limit, int threads = 0,
-                          size_t static_smem = kPackStaticSmem) {
+                          size_t static_smem = kPackStaticSmem, size_t warp_smem_limit = SIZE_MAX) {
   const size_t staged = staged_bytes(g.chunk, elem_bytes);
   PackPlan plan;
+  if (g.chunk <= kWarpMaxChunk) {
+    const int t = threads > 0 ? threads : kWarpBlockThreads;
+    const size_t smem = static_cast<size_t>(t / 32) * warp_smem_bytes(g.chunk, elem_bytes, random);
+    if (smem <= smem_limit && smem <= warp_smem_limit) {
+      plan.source = random ? KeySource::kRandom : KeySource::kSharedBits;
+      plan.per_warp = true;
+      static_cast<LaunchPlan&>(plan) = launch_plan(g.num_chunks, t / 32, t, smem);
+      return plan;
+    }
+  }
   plan.source = random ? KeySource::kRandom
                        : (staged + static_smem <= smem_limit ? KeySource::kSharedBits : KeySource::kGlobalBits);
   static_cast<LaunchPlan&>(plan) =
@@ -147,11 +189,11 @@ DROPIT_DEVICE int head_to_16(uintptr_t address, int len) {
 // loads in flight per thread) for the 16-byte aligned middle of `src`, a Vec of one element for the
 // head before it and the tail after it. With `stage`, the bits are also stored to the same place
 // of `staged`, which must be congruent to `src` modulo 16 bytes (its vector stores stay aligned).
+// The team reading the chunk is threads [0, nthreads) as numbered by `tid` (the block, or a warp).
 template <int kLoadAhead, typename Bits, typename Src, typename F>
-DROPIT_DEVICE void for_each_element(Src src, int L, bool stage, simt::sptr<Bits> staged, const F& f) {
+DROPIT_DEVICE void for_each_element(Src src, int L, int tid, int nthreads, bool stage, simt::sptr<Bits> staged,
+                                    const F& f) {
   constexpr int V = simt::kVec16<Bits>;
-  const int tid = simt::thread_idx();
-  const int nthreads = simt::block_dim();
   const int head = head_to_16<Bits>(simt::address(src), L);
   const int nvec = (L - head) / V;
   const int step = nthreads * V;  // elements between a thread's consecutive vectors
@@ -195,10 +237,10 @@ DROPIT_UNROLL
 // of them, reading them as cheaply as their source allows (random keys are computed, one element
 // per thread at a time).
 template <typename Bits, typename Key, KeySource Src, typename F>
-DROPIT_DEVICE void for_each_key(const ChunkKeys<Bits, Key, Src>& keys, int L, bool from_global, bool stage,
-                                const F& f) {
+DROPIT_DEVICE void for_each_key(const ChunkKeys<Bits, Key, Src>& keys, int L, int tid, int nthreads, bool from_global,
+                                bool stage, const F& f) {
   if constexpr (Src == KeySource::kRandom) {
-    for (int e = simt::thread_idx(); e < L; e += simt::block_dim()) f(simt::Vec<Key, 1>{{keys(e)}});
+    for (int e = tid; e < L; e += nthreads) f(simt::Vec<Key, 1>{{keys(e)}});
   } else {
     auto g = [&](const auto& v) {
       constexpr int N = static_cast<int>(sizeof(v.v) / sizeof(v.v[0]));
@@ -208,10 +250,96 @@ DROPIT_UNROLL
       f(k);
     };
     if (from_global) {
-      for_each_element<kPackLoadAhead>(keys.x, L, stage, keys.staged, g);
+      for_each_element<kPackLoadAhead>(keys.x, L, tid, nthreads, stage, keys.staged, g);
     } else {
-      for_each_element<1>(keys.staged, L, false, keys.staged, g);
+      for_each_element<1>(keys.staged, L, tid, nthreads, false, keys.staged, g);
     }
+  }
+}
+
+// The keys of chunk c; staged (kSharedBits) at `staged_base` plus the chunk's own offset from a
+// 16-byte boundary, so that its aligned middle moves by vectors.
+template <typename Key, KeySource Src, typename Bits>
+DROPIT_DEVICE ChunkKeys<Bits, Key, Src> chunk_keys(const PackParams<Bits>& p, int64_t c, simt::sptr<Bits> staged_base) {
+  const int64_t xbase = c * static_cast<int64_t>(p.chunk);
+  const simt::gptr<const Bits> xc = p.x + xbase;
+  const simt::sptr<Bits> staged = Src == KeySource::kSharedBits
+                                      ? staged_base + static_cast<int>(simt::address(xc) % 16 / sizeof(Bits))
+                                      : staged_base;
+  return ChunkKeys<Bits, Key, Src>{xc, staged, p.seed, xbase};
+}
+
+// Where chunk c's kept values, offsets and bitmap words go.
+template <typename Bits>
+DROPIT_DEVICE ChunkOutputs<Bits> chunk_outputs(const PackParams<Bits>& p, int64_t c) {
+  const int64_t kept0 = c * static_cast<int64_t>(p.keep);
+  return ChunkOutputs<Bits>{p.values + kept0, p.offsets ? p.offsets + kept0 : nullptr,
+                            p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr};
+}
+
+// The first digit of a chunk's keys, by the team (the block, or a warp) on its cleared bins:
+// each key's top kBits bits counted in `hist` (digit 0, zeros among them, to the thread's `spare`
+// counter: no atomics piling on one bin; choose_bin counts bin 0 by difference), then the bin of
+// the k-th largest key chosen. `counted`, `scanned`, `chosen`: the barriers' ids.
+template <int kBits, int kKeyBits, typename Team, typename Bits, typename Key, KeySource Src, typename Sync>
+DROPIT_DEVICE Selection<Key> first_digit(Team team, const ChunkKeys<Bits, Key, Src>& keys, int L, int k, bool stage,
+                                         simt::sptr<uint32_t> hist, simt::sptr<uint32_t> spare,
+                                         simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync,
+                                         int counted, int scanned, int chosen) {
+  constexpr int kShift = kKeyBits - kBits;
+  for_each_key(keys, L, team.rank(), team.size(), /*from_global=*/true, stage, [&](const auto& ks) {
+DROPIT_UNROLL
+    for (const Key key : ks.v) {
+      const uint32_t d = static_cast<uint32_t>(key >> kShift);
+      simt::atomic_add_shared(d != 0 ? hist + d : spare, 1u);
+    }
+  });
+  team.sync(sync, counted);
+  choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync, scanned,
+                         chosen);
+  Selection<Key> s{0, kKeyBits, k, L};
+  take_bin(s, sel, kShift);
+  return s;
+}
+
+// Whether a key is in a selection's bucket of `shift` low bits but not its lowest key: key -
+// (lowest + 1) < bucket width - 1, wrapping below.
+template <typename Key>
+struct InBucketAboveLowest {
+  Key above_lowest;
+  Key rest;
+  DROPIT_DEVICE InBucketAboveLowest(const Selection<Key>& s, int shift)
+      : above_lowest(static_cast<Key>(s.prefix + 1)), rest(static_cast<Key>((Key(1) << shift) - 1)) {}
+  DROPIT_DEVICE bool operator()(Key key) const { return static_cast<Key>(key - above_lowest) < rest; }
+};
+
+// Warp 0's selection, written by its lane 0 for the block (to read after a barrier), and read.
+template <typename Key>
+DROPIT_DEVICE void share_selection(const Selection<Key>& s, simt::sptr<uint64_t> to, int lane) {
+  if (lane == 0) {
+    to[0] = static_cast<uint64_t>(s.prefix);
+    to[1] = (static_cast<uint64_t>(s.shift) << 40) | (static_cast<uint64_t>(s.need) << 20) |
+            static_cast<uint64_t>(s.count);
+  }
+}
+template <typename Key>
+DROPIT_DEVICE Selection<Key> shared_selection(simt::sptr<uint64_t> from) {
+  const uint64_t packed = from[1];
+  return {static_cast<Key>(static_cast<uint64_t>(from[0])), static_cast<int>(packed >> 40),
+          static_cast<int>((packed >> 20) & 0xfffff), static_cast<int>(packed & 0xfffff)};
+}
+
+// A chunk kept whole, written by threads [0, nthreads) of the team (`tid` this thread's rank).
+template <typename Bits>
+DROPIT_DEVICE void keep_whole_chunk(const ChunkOutputs<Bits>& out, simt::gptr<const Bits> xc, int L, int64_t words,
+                                    int tid, int nthreads) {
+  for (int e = tid; e < L; e += nthreads) {
+    out.values[e] = static_cast<Bits>(xc[e]);
+    if (out.offsets) out.offsets[e] = static_cast<uint16_t>(e);
+  }
+  if (out.bitmap) {
+    for (int w = tid; w < words; w += nthreads)
+      out.bitmap[w] = static_cast<int32_t>(bitmap::low_bits(static_cast<int64_t>(L) - 32 * w));
   }
 }
 
@@ -223,21 +351,23 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   // Significant key bits: a magnitude key's top bit (the sign) is always 0.
   constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);
   constexpr int kWideShift = kKeyBits - kWideBits;
-  // Candidates: lane slot l (lane l of any warp) holds up to kPerLane keys, its i-th at i*32 + l,
-  // so lanes storing or reading their own slots touch distinct banks, and nobody contends for a
-  // counter (an atomic on one address, nvcc aggregates across the warp at some cost). A quarter
-  // of the buffer, after the slots, takes the keys of slots that are full, through one block
-  // counter: ties that all land in one lane (a constant column) stay among the candidates.
+  // Candidates: slot l holds up to kPerLane keys, its i-th at i*32 + l, and takes the keys of lane
+  // l - w (mod 32) of warp w: lanes storing or reading their slots touch distinct banks, nobody
+  // contends for a counter (an atomic on one address, nvcc aggregates across the warp at some
+  // cost), and keys that land on one lane of every warp (a constant column's ties) spread over
+  // the slots. A bucket that overflows a slot is refined over the whole chunk instead.
   constexpr int kBufferKeys = static_cast<int>(kPackWideBytes / sizeof(Key));
-  constexpr int kPerLane = kBufferKeys * 3 / 4 / 32;
-  constexpr int kOverflow = kBufferKeys - 32 * kPerLane;
+  constexpr int kPerLane = kBufferKeys / 32;
   constexpr bool kStaged = Src == KeySource::kSharedBits;
   DROPIT_SHARED(uint32_t, wide, kWideBins + 32);  // wide bins (then candidates, then bitmap words), spares
-  DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // narrow bins
-  DROPIT_SHARED(uint64_t, slots, 32);             // block scans; warp 0's selection
-  DROPIT_SHARED(uint32_t, sel, 4);                // chosen bin, keys above it, keys in it; overflow count
-  DROPIT_SHARED(uint32_t, gathered, 32);          // candidates per lane slot
+  DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // narrow bins; then warp 0's selection
+  DROPIT_SHARED(uint64_t, slots, 32);             // block scans
+  DROPIT_SHARED(uint32_t, sel, 4);                // chosen bin, keys above it, keys in it
+  DROPIT_SHARED(uint32_t, gathered, 32);          // candidates per slot
   const simt::sptr<uint32_t> slots32 = simt::ptr_cast<uint32_t>(slots);
+  // Warp 0's selection for the block, in the narrow bins once they are read (`slots` may be
+  // rewritten by the compaction's scan before a slower warp has read it).
+  const simt::sptr<uint64_t> narrow64 = simt::ptr_cast<uint64_t>(narrow);
   static_assert(kMaxChunk < (1 << 20), "need and count of a selection fit 20 bits");
   const simt::sptr<Key> candidates = simt::ptr_cast<Key>(wide);
   const simt::sptr<uint32_t> masks = wide;  // per bitmap word: keys above the bucket, keys >= its lowest
@@ -253,119 +383,73 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   for (int64_t c = simt::block_idx(); c < p.num_chunks; c += simt::grid_dim()) {
     const int L = p.chunk_len(c);
     const int k = p.chunk_keep(c);
-    const int64_t xbase = c * static_cast<int64_t>(p.chunk);
-    const simt::gptr<const Bits> xc = p.x + xbase;
-    // Staged at xc's offset from a 16-byte boundary: the aligned middle moves by vectors.
-    const simt::sptr<Bits> staged =
-        kStaged ? staged_base + static_cast<int>(simt::address(xc) % 16 / sizeof(Bits)) : staged_base;
-    const ChunkKeys<Bits, Key, Src> keys{xc, staged, p.seed, xbase};
+    const ChunkKeys<Bits, Key, Src> keys = chunk_keys<Key, Src>(p, c, staged_base);
     // The chunk's outputs, formed where they are written (fewer registers live across the select).
-    auto outputs = [&] {
-      const int64_t kept0 = c * static_cast<int64_t>(p.keep);
-      return ChunkOutputs<Bits>{p.values + kept0, p.offsets ? p.offsets + kept0 : nullptr,
-                                p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr};
-    };
+    auto outputs = [&] { return chunk_outputs(p, c); };
 
     if (k == L) {  // everything is kept (gamma small or the chunk tiny): no shared memory used
-      const auto [vc, oc, wc] = outputs();
-      for (int e = tid; e < L; e += nthreads) {
-        vc[e] = static_cast<Bits>(xc[e]);
-        if (oc) oc[e] = static_cast<uint16_t>(e);
-      }
-      if (wc) {
-        for (int w = tid; w < p.words; w += nthreads)
-          wc[w] = static_cast<int32_t>(bitmap::low_bits(static_cast<int64_t>(L) - 32 * w));
-      }
+      keep_whole_chunk(outputs(), keys.x, L, p.words, tid, nthreads);
       continue;
     }
 
     // ---- 1. the wide digit ----
     for (int i = tid; i < kWideBins / 4; i += nthreads) simt::store_vec(wide + 4 * i, simt::Vec<uint32_t, 4>{});
     if (tid < 32) gathered[tid] = 0u;
-    if (tid == 0) sel[3] = 0u;
     sync(kWideCleared);
-    // Digit 0 (zeros among them, half of a ReLU output) goes to the lane's spare counter: no
-    // branch, no atomics piling on one bin; choose_bin counts bin 0 by difference.
-    const simt::sptr<uint32_t> spare = wide + (kWideBins + lane);
-    for_each_key(keys, L, /*from_global=*/true, kStaged, [&](const auto& ks) {
-DROPIT_UNROLL
-      for (const Key key : ks.v) {
-        const uint32_t d = static_cast<uint32_t>(key >> kWideShift);
-        simt::atomic_add_shared(d != 0 ? wide + d : spare, 1u);
-      }
-    });
-    sync(kWideCounted);
-    choose_bin<kWideBins>(BlockTeam(), wide, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots32, sel, sync,
-                          kWideScanned, kWideChosen);
-    Selection<Key> s{0, kKeyBits, k, L};
-    take_bin(s, sel, kWideShift);
+    Selection<Key> s = first_digit<kWideBits, kKeyBits>(BlockTeam(), keys, L, k, kStaged, wide, wide + (kWideBins + lane),
+                                                        slots32, sel, sync, kWideCounted, kWideScanned, kWideChosen);
 
-    // ---- 2. the bucket's keys, then narrower digits ----
-    if (!s.whole()) {
+    const int used_words = (L + 31) >> 5;
+    // Late select: when the bucket's keys fit beside the bitmap masks (two words a bitmap word,
+    // in 16-byte pairs) in the wide region, the compaction's ballots run first, against the
+    // bucket's bounds; the threads then gather their words' bucket keys from the masks (no pass
+    // over the chunk), warp 0 selects among them, and the threads sort their words' bucket keys
+    // against the final bounds.
+    // (The candidates' place, formed where used: fewer registers live across the ballots.)
+    auto late_candidates = [&] { return simt::ptr_cast<Key>(wide + 4 * ((used_words + 1) >> 1)); };
+    const bool late = !s.whole() && s.count <= static_cast<int>((kWideBins - 4 * ((used_words + 1) >> 1)) *
+                                                               sizeof(uint32_t) / sizeof(Key));
+
+    // ---- 2. the bucket's keys, then narrower digits (late: after the ballots) ----
+    if (!s.whole() && !late) {
       // Gather the bucket's keys but its lowest (they count in bin 0 by number) into the lane's
-      // slot: one atomic per 16 bytes of keys holding any.
-      const Key fixed = static_cast<Key>(s.prefix >> kWideShift);
-      for_each_key(keys, L, /*from_global=*/!kStaged, false, [&](const auto& ks) {
+      // slot: one atomic per 16 bytes of keys holding any; keys past a full slot are left out.
+      const InBucketAboveLowest<Key> in_bucket(s, kWideShift);
+      const int my_slot = (lane + warp) & 31;
+      for_each_key(keys, L, tid, nthreads, /*from_global=*/!kStaged, false, [&](const auto& ks) {
         uint32_t match = 0;
         int j = 0;
 DROPIT_UNROLL
         for (const Key key : ks.v) {
-          match |= static_cast<uint32_t>(static_cast<Key>(key >> kWideShift) == fixed && key != s.prefix) << j;
+          match |= static_cast<uint32_t>(in_bucket(key)) << j;
           ++j;
         }
         if (match != 0) {
-          const uint32_t n = static_cast<uint32_t>(simt::popc(match));
-          uint32_t slot = simt::atomic_add_shared(gathered + lane, n);
+          uint32_t slot = simt::atomic_add_shared(gathered + my_slot, static_cast<uint32_t>(simt::popc(match)));
           j = 0;
-          if (slot + n <= static_cast<uint32_t>(kPerLane)) {
 DROPIT_UNROLL
-            for (const Key key : ks.v) {
-              if ((match >> j) & 1u) {
-                candidates[slot * 32 + lane] = key;
-                ++slot;
-              }
-              ++j;
+          for (const Key key : ks.v) {
+            if ((match >> j) & 1u) {
+              if (slot < static_cast<uint32_t>(kPerLane)) candidates[static_cast<int>(slot) * 32 + my_slot] = key;
+              ++slot;
             }
-          } else {  // the lane's slot is full: the keys past its end go to the overflow area
-            const uint32_t room = slot < static_cast<uint32_t>(kPerLane) ? kPerLane - slot : 0u;
-            uint32_t o = simt::atomic_add_shared(sel + 3, n - room);
-DROPIT_UNROLL
-            for (const Key key : ks.v) {
-              if ((match >> j) & 1u) {
-                const bool own = slot < static_cast<uint32_t>(kPerLane);
-                if (own || o < static_cast<uint32_t>(kOverflow))
-                  candidates[own ? slot * 32 + lane : 32 * kPerLane + o] = key;
-                o += own ? 0u : 1u;
-                ++slot;
-              }
-              ++j;
-            }
+            ++j;
           }
         }
       });
       sync(kCandidatesGathered);
-      const uint32_t overflowed = sel[3];  // every warp takes the same decision
-      if (overflowed <= static_cast<uint32_t>(kOverflow)) {
-        // Warp 0 alone, lane l on slot l and every 32nd overflowed key; then it shares the
-        // selection through `slots`.
+      const uint32_t gathered_here = gathered[lane];
+      if (simt::ballot(gathered_here > static_cast<uint32_t>(kPerLane)) == 0) {  // the same in every warp
+        // Warp 0 alone, lane l on slot l; then it shares the selection.
         if (warp == 0) {
-          const uint32_t gathered_here = gathered[lane];
-          const uint32_t mine = gathered_here < static_cast<uint32_t>(kPerLane) ? gathered_here : kPerLane;
           auto own_candidates = [&](const auto& f) {
-            for (uint32_t i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
-            for (uint32_t i = lane; i < overflowed; i += 32) f(static_cast<Key>(candidates[32 * kPerLane + i]));
+            for (uint32_t i = 0; i < gathered_here; ++i) f(static_cast<Key>(candidates[static_cast<int>(i) * 32 + lane]));
           };
           narrow_selection(WarpTeam(), s, own_candidates, narrow, slots32, sel, sync);
-          if (lane == 0) {
-            slots[0] = static_cast<uint64_t>(s.prefix);
-            slots[1] = (static_cast<uint64_t>(s.shift) << 40) | (static_cast<uint64_t>(s.need) << 20) |
-                       static_cast<uint64_t>(s.count);
-          }
+          share_selection(s, narrow64, lane);
         }
         sync(kSelectionShared);
-        const uint64_t packed = slots[1];
-        s = {static_cast<Key>(static_cast<uint64_t>(slots[0])), static_cast<int>(packed >> 40),
-             static_cast<int>((packed >> 20) & 0xfffff), static_cast<int>(packed & 0xfffff)};
+        s = shared_selection<Key>(narrow64);
       } else {  // too crowded a bucket: every pass reads the whole chunk
         auto chunk_keys = [&](const auto& f) {
           for (int e = tid; e < L; e += nthreads) f(keys(e));
@@ -380,20 +464,20 @@ DROPIT_UNROLL
     // a time where both are full (lane 0 stores their four masks at once).
     const Key lowest = s.prefix;
     const Key highest = s.highest();
-    const int used_words = (L + 31) >> 5;
     const int full_words = L >> 5;  // words whose 32 elements all exist
     const int warp_words = ((used_words + nwarps - 1) / nwarps + 1) & ~1;  // even: pairs stay 16-byte aligned
     const int w_begin = warp * warp_words < used_words ? warp * warp_words : used_words;
     const int w_end = w_begin + warp_words < used_words ? w_begin + warp_words : used_words;
     int cw = w_begin;
     for (; cw + 2 <= w_end && cw + 2 <= full_words; cw += 2) {
-      const Key k0 = keys(32 * cw + lane);
-      const Key k1 = keys(32 * cw + 32 + lane);
-      const uint32_t above0 = simt::ballot(k0 > highest);
-      const uint32_t from0 = simt::ballot(k0 >= lowest);
-      const uint32_t above1 = simt::ballot(k1 > highest);
-      const uint32_t from1 = simt::ballot(k1 >= lowest);
-      if (lane == 0) simt::store_vec(masks + 2 * cw, simt::Vec<uint32_t, 4>{{above0, from0, above1, from1}});
+      simt::Vec<uint32_t, 4> m;
+DROPIT_UNROLL
+      for (int u = 0; u < 2; ++u) {
+        const Key key = keys(32 * (cw + u) + lane);
+        m.v[2 * u] = simt::ballot(key > highest);
+        m.v[2 * u + 1] = simt::ballot(key >= lowest);
+      }
+      if (lane == 0) simt::store_vec(masks + 2 * cw, m);
     }
     for (; cw < w_end; ++cw) {
       const bool in = 32 * cw + lane < L;
@@ -404,13 +488,53 @@ DROPIT_UNROLL
     }
     sync(kMasksWritten);
     // Thread t owns words [t*R, t*R + R): counts, one scan, then its words and values.
-    const auto [vc, oc, wc] = outputs();
     const int per_thread = (used_words + nthreads - 1) / nthreads;
     const int t_begin = tid * per_thread < used_words ? tid * per_thread : used_words;
     const int t_end = t_begin + per_thread < used_words ? t_begin + per_thread : used_words;
+    if (late) {
+      // The bucket's keys of this thread's words (in `from`, not `above`), through one counter.
+      for (int w = t_begin; w < t_end; ++w) {
+        const simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
+        uint32_t rest = m.v[1] & ~m.v[0];
+        if (rest != 0) {
+          int at = static_cast<int>(simt::atomic_add_shared(gathered, static_cast<uint32_t>(simt::popc(rest))));
+          for (; rest != 0; rest &= rest - 1) {
+            late_candidates()[at] = keys(32 * w + simt::ffs(rest) - 1);
+            ++at;
+          }
+        }
+      }
+      sync(kCandidatesGathered);
+      if (warp == 0) {
+        const int n = s.count;  // every key of the bucket was gathered
+        auto candidates_of_lane = [&](const auto& f) {
+          const simt::sptr<Key> bucket_keys = late_candidates();
+          for (int i = lane; i < n; i += 32) f(static_cast<Key>(bucket_keys[i]));
+        };
+        narrow_selection(WarpTeam(), s, candidates_of_lane, narrow, slots32, sel, sync);
+        share_selection(s, narrow64, lane);
+      }
+      sync(kSelectionShared);
+      s = shared_selection<Key>(narrow64);
+    }
+    const Key final_lowest = s.prefix;
+    const Key final_highest = s.highest();
+    const auto [vc, oc, wc] = outputs();
     uint32_t n_above = 0, n_ties = 0;
     for (int w = t_begin; w < t_end; ++w) {
-      const simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
+      simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
+      const uint32_t in_bucket = m.v[1] & ~m.v[0];
+      if (late && in_bucket != 0) {  // each of the bucket's keys: above the final bucket, in it, or neither
+        uint32_t above = m.v[0], ties = 0;
+        for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
+          const int j = simt::ffs(rest) - 1;
+          const Key key = keys(32 * w + j);
+          above |= static_cast<uint32_t>(key > final_highest) << j;
+          ties |= static_cast<uint32_t>(key >= final_lowest && key <= final_highest) << j;
+        }
+        m = simt::Vec<uint32_t, 2>{{above, above | ties}};
+        simt::store_vec(masks + 2 * w, m);
+      }
       n_above += static_cast<uint32_t>(simt::popc(m.v[0]));
       n_ties += static_cast<uint32_t>(simt::popc(m.v[1] & ~m.v[0]));
     }
@@ -446,6 +570,135 @@ DROPIT_UNROLL
       for (int w = used_words + tid; w < p.words; w += nthreads) wc[w] = 0;
     }
     sync(kChunkDone);
+  }
+}
+
+// The body of the per-warp pack kernel: warp w of block b packs chunks b * warps + w, striding by
+// the grid's warps, each chunk of at most kWarpMaxChunk elements, by the warp alone: a 1024-bin
+// first digit; ballots against the bucket's bounds, lane w keeping bitmap word w (at most 32
+// words); each lane's bucket keys of its word into its own slot (it reads back only what it
+// wrote: no barrier) for the narrow digits, then sorted against the final bounds; one warp scan
+// orders the kept values. Needs warp_smem_bytes() of dynamic shared memory per warp.
+template <typename Bits, typename Key, KeySource Src, typename Sync = simt::BlockSync>
+DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
+  constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);
+  constexpr bool kStaged = Src == KeySource::kSharedBits;
+  static_assert(kWarpMaxChunk <= 32 * 32, "a chunk's bitmap words fit one a lane");
+  const int lane = bitmap::lane_id();
+  const int warp = bitmap::warp_id();
+  const int nwarps = bitmap::num_warps();
+  // This warp's shared memory (warp_smem_bytes, laid out in that order).
+  const size_t warp_bytes = warp_smem_bytes(p.chunk, sizeof(Bits), Src == KeySource::kRandom);
+  const simt::sptr<uint32_t> hist =
+      simt::dynamic_shared<uint32_t>() + static_cast<int>(warp * warp_bytes / sizeof(uint32_t));
+  const simt::sptr<Key> candidates = simt::ptr_cast<Key>(hist);  // lane l's i-th at i * 32 + l
+  const simt::sptr<uint32_t> narrow = hist + static_cast<int>(warp_bins_bytes(sizeof(Key)) / sizeof(uint32_t));
+  const simt::sptr<uint32_t> sel = narrow + kNarrowBins;
+  const simt::sptr<Bits> staged_base = simt::ptr_cast<Bits>(sel + 4);
+
+  for (int64_t c = static_cast<int64_t>(simt::block_idx()) * nwarps + warp; c < p.num_chunks;
+       c += static_cast<int64_t>(simt::grid_dim()) * nwarps) {
+    const int L = p.chunk_len(c);
+    const int k = p.chunk_keep(c);
+    const ChunkKeys<Bits, Key, Src> keys = chunk_keys<Key, Src>(p, c, staged_base);
+    const ChunkOutputs<Bits> out = chunk_outputs(p, c);
+    if (k == L) {
+      keep_whole_chunk(out, keys.x, L, p.words, lane, 32);
+      continue;
+    }
+
+    // ---- 1. the first digit ----
+    for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(hist + 4 * i, simt::Vec<uint32_t, 4>{});
+    sync.warp(kWarpCleared);
+    Selection<Key> s = first_digit<kWarpBits, kKeyBits>(WarpTeam(), keys, L, k, kStaged, hist, hist + (kWarpBins + lane),
+                                                        sel, sel, sync, kWarpCounted, kNarrowScanned, kWarpChosen);
+
+    // ---- 2. ballots against the bucket's bounds: lane w ends with word w's masks ----
+    const Key lowest = s.prefix;
+    const Key highest = s.highest();
+    const int used_words = (L + 31) >> 5;
+    const int full_words = L >> 5;
+    uint32_t above = 0, from = 0;  // of word `lane`
+    // With the bucket kept whole, "above" is "at least its lowest": one ballot a word.
+    auto ballot_words = [&](auto ties_matter) {
+      constexpr bool kTies = decltype(ties_matter)::value;
+      for (int w = 0; w < full_words; ++w) {
+        const Key key = keys(32 * w + lane);
+        const uint32_t a = simt::ballot(kTies ? key > highest : key >= lowest);
+        above = lane == w ? a : above;
+        if constexpr (kTies) {
+          const uint32_t f = simt::ballot(key >= lowest);
+          from = lane == w ? f : from;
+        }
+      }
+      if (full_words < used_words) {
+        const bool in = 32 * full_words + lane < L;
+        const Key key = in ? keys(32 * full_words + lane) : Key(0);
+        const uint32_t a = simt::ballot(in && (kTies ? key > highest : key >= lowest));
+        above = lane == full_words ? a : above;
+        if constexpr (kTies) {
+          const uint32_t f = simt::ballot(in && key >= lowest);
+          from = lane == full_words ? f : from;
+        }
+      }
+      if constexpr (!kTies) from = above;
+    };
+    if (s.whole()) {
+      ballot_words(std::false_type{});
+    } else {
+      ballot_words(std::true_type{});
+      // ---- 3. the bucket's keys of word `lane` into the lane's own slot; narrower digits; then
+      // each of them above the final bucket, in it (a tie) or neither ----
+      const uint32_t in_bucket = from & ~above;
+      int mine = 0;
+      for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
+        candidates[mine * 32 + lane] = keys(32 * lane + simt::ffs(rest) - 1);
+        ++mine;
+      }
+      auto own_candidates = [&](const auto& f) {
+        for (int i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
+      };
+      narrow_selection(WarpTeam(), s, own_candidates, narrow, sel, sel, sync);
+      const Key final_lowest = s.prefix;
+      const Key final_highest = s.highest();
+      uint32_t ties_here = 0;
+      for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
+        const int j = simt::ffs(rest) - 1;
+        const Key key = keys(32 * lane + j);
+        above |= static_cast<uint32_t>(key > final_highest) << j;
+        ties_here |= static_cast<uint32_t>(key >= final_lowest && key <= final_highest) << j;
+      }
+      from = above | ties_here;
+    }
+
+    // ---- 4. compaction ----
+    const uint32_t ties = from & ~above;
+    const int n_tie = simt::popc(ties);
+    // Keys above and ties of the words before this lane's (both below 2^16: a chunk is <= 1024).
+    uint32_t total = 0;
+    const uint32_t before = WarpTeam().exclusive_scan<uint32_t>(
+        (static_cast<uint32_t>(simt::popc(above)) << 16) | static_cast<uint32_t>(n_tie), sel, &total, sync, 0);
+    const int ties_before = static_cast<int>(before & 0xffffu);
+    const int ties_left = s.need - ties_before;
+    const uint32_t kept_ties =
+        ties_left <= 0 ? 0u : (n_tie <= ties_left ? ties : bitmap::lowest_set_bits(ties, ties_left));
+    const uint32_t kept = above | kept_ties;
+    if (out.bitmap && lane < p.words) out.bitmap[lane] = static_cast<int32_t>(kept);
+    const int pos = static_cast<int>(before >> 16) + (ties_before < s.need ? ties_before : s.need);
+    simt::gptr<Bits> vp = out.values + pos;
+    simt::gptr<uint16_t> op = out.offsets ? out.offsets + pos : nullptr;
+    for (uint32_t rest = kept; rest != 0; rest &= rest - 1) {
+      const int e = 32 * lane + simt::ffs(rest) - 1;
+      *vp = keys.value(e);
+      vp += 1;
+      if (op) {
+        *op = static_cast<uint16_t>(e);
+        op += 1;
+      }
+    }
+    // No barrier before the next chunk: it writes shared memory only after kWarpCleared, which
+    // every lane reaches after its last read here (its candidates were last read before
+    // kNarrowChosen).
   }
 }
 

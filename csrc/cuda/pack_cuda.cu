@@ -25,6 +25,11 @@ __global__ void __launch_bounds__(kPackMaxThreads, 2) pack_kernel(PackParams<Bit
   kernels::pack_block<Bits, Key, Src>(p);
 }
 
+template <typename Bits, typename Key, KeySource Src>
+__global__ void __launch_bounds__(kPackMaxThreads, 2) pack_warps_kernel(PackParams<Bits> p) {
+  kernels::pack_warps<Bits, Key, Src>(p);
+}
+
 template <typename Bits>
 __global__ void __launch_bounds__(1024) unpack_bitmap_kernel(UnpackParams<Bits> p) {
   kernels::unpack_bitmap_block<Bits>(p);
@@ -35,25 +40,24 @@ __global__ void __launch_bounds__(1024) unpack_offsets_kernel(UnpackParams<Bits>
   kernels::unpack_offsets_block<Bits>(p);
 }
 
-// Shared memory of the staged pack kernel on a device: the opt-in maximum per block and the
-// kernel's static part.
+// Shared memory of a pack kernel on a device: the opt-in maximum per block and the kernel's
+// static part.
 struct StagedSmem {
   size_t optin = 0;
   size_t static_bytes = 0;
 };
 
-// The first call per device raises the staged pack kernel's dynamic shared-memory limit to all
-// the device allows (a per-device function attribute: setting it once, to one value, leaves no
-// race between host threads packing chunks of different sizes); later calls read the cache.
-template <typename Bits>
-StagedSmem staged_smem(int device) {
+// The first call per device raises the kernel's dynamic shared-memory limit to all the device
+// allows (a per-device function attribute: setting it once, to one value, leaves no race between
+// host threads packing chunks of different sizes); later calls read the cache.
+template <auto kernel>
+StagedSmem opt_in_smem(int device) {
   static std::mutex mu;
   static std::vector<StagedSmem> cache;
   std::lock_guard<std::mutex> lock(mu);
   if (device >= static_cast<int>(cache.size())) cache.resize(device + 1);
   StagedSmem& s = cache[device];
   if (s.optin == 0) {
-    auto kernel = pack_kernel<Bits, Bits, KeySource::kSharedBits>;
     int optin = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     cudaFuncAttributes attr;
@@ -68,15 +72,25 @@ StagedSmem staged_smem(int device) {
 
 template <typename Bits, typename Key, KeySource Src>
 void launch_pack(const PackParams<Bits>& p, const PackPlan& plan, cudaStream_t stream) {
-  pack_kernel<Bits, Key, Src><<<static_cast<unsigned>(plan.grid), plan.threads, plan.dynamic_smem, stream>>>(p);
+  const unsigned grid = static_cast<unsigned>(plan.grid);
+  if (plan.per_warp) {
+    pack_warps_kernel<Bits, Key, Src><<<grid, plan.threads, plan.dynamic_smem, stream>>>(p);
+  } else {
+    pack_kernel<Bits, Key, Src><<<grid, plan.threads, plan.dynamic_smem, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename Bits>
 void pack_typed(const at::Tensor& x, at::Tensor& values, at::Tensor& index, const ChunkGeometry& g,
                 bool bitmap, std::optional<int64_t> seed, cudaStream_t stream) {
-  const StagedSmem smem = staged_smem<Bits>(x.device().index());
-  const PackPlan plan = plan_pack(g, sizeof(Bits), seed.has_value(), smem.optin, 0, smem.static_bytes);
+  const int device = x.device().index();
+  const StagedSmem smem = opt_in_smem<pack_kernel<Bits, Bits, KeySource::kSharedBits>>(device);
+  // Both per-warp kernels get the same limit (neither has static shared memory).
+  const StagedSmem warp_smem = seed.has_value() ? opt_in_smem<pack_warps_kernel<Bits, uint32_t, KeySource::kRandom>>(device)
+                                                : opt_in_smem<pack_warps_kernel<Bits, Bits, KeySource::kSharedBits>>(device);
+  const PackPlan plan = plan_pack(g, sizeof(Bits), seed.has_value(), smem.optin, 0, smem.static_bytes,
+                                  warp_smem.optin - warp_smem.static_bytes);
   const PackParams<Bits> p = make_pack_params<Bits>(
       g, static_cast<const Bits*>(x.const_data_ptr()), static_cast<Bits*>(values.data_ptr()),
       bitmap ? static_cast<int32_t*>(index.data_ptr()) : nullptr,

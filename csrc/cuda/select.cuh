@@ -29,6 +29,10 @@ enum PackBarrier : int {
   kMasksWritten,          // the compaction's bitmap words, before the threads that own them read them
   kCompactionScanned,     // inside the compaction's scan
   kChunkDone,             // every read of the chunk's shared memory, before the next chunk writes it
+  // pack_warps (a chunk per warp): warp barriers only
+  kWarpCleared,           // the warp's bins' zeros, before its counts; its last chunk's reads, before the next's writes
+  kWarpCounted,           // its counts and staged chunk, before the bins and the chunk are read
+  kWarpChosen,            // its chosen bin, before it is read; every bin read, before candidates land there
 };
 
 // The narrow digits' width: a 256-bin histogram, which one warp scans with 8 bins a lane.
@@ -89,9 +93,23 @@ DROPIT_DEVICE void choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_t key
   const int bottom = top - per > 0 ? top - per : 0;
   uint32_t sum = 0;  // (bin 0 holds 0: it is cleared and never counted)
   if (per % 4 == 0 && top - per >= 0) {
-    for (int b = bottom; b < top; b += 4) {
-      const simt::Vec<uint32_t, 4> v = simt::load_vec<4>(hist + b);
-      sum += v.v[0] + v.v[1] + v.v[2] + v.v[3];
+    // The run's 16-byte groups in an order rotated by lane, so that the 8 lanes of a quarter warp
+    // (one 128-byte pass) read 8 different bank groups: runs of 32 bins a lane would otherwise all
+    // start on one bank group (8 passes each instead of 1).
+    // (`per` is a power of two, as bins and team sizes are, and `bottom` a multiple of it.)
+    const int groups = per / 4;
+    const int first = 4 * (groups >= 8 ? bitmap::lane_id() : bitmap::lane_id() * groups / 8);
+    if (groups == 1) {
+      const simt::Vec<uint32_t, 4> v = simt::load_vec<4>(hist + bottom);
+      sum = v.v[0] + v.v[1] + v.v[2] + v.v[3];
+    } else {
+      for (int q = 0; q < per; q += 8) {
+DROPIT_UNROLL
+        for (int u = 0; u < 8; u += 4) {
+          const simt::Vec<uint32_t, 4> v = simt::load_vec<4>(hist + (bottom | ((first + q + u) & (per - 1))));
+          sum += v.v[0] + v.v[1] + v.v[2] + v.v[3];
+        }
+      }
     }
   } else {
     for (int b = bottom; b < top; ++b) sum += hist[b];

@@ -137,6 +137,7 @@ py::dict pack_plan(int64_t numel, double gamma, int64_t chunk, int64_t elem_byte
   d["threads"] = plan.threads;
   d["source"] = plan.source == 0 ? "shared" : (plan.source == 1 ? "global" : "random");
   d["dynamic_smem"] = plan.dynamic_smem;
+  d["per_warp"] = plan.per_warp;
   return d;
 }
 

@@ -34,12 +34,22 @@ void run_pack(const PackJob& j, const PackPlan& plan) {
   const PackParams<Bits> p = make_pack_params<Bits>(
       j.geometry, static_cast<const Bits*>(j.x), static_cast<Bits*>(j.values), j.bitmap, j.offsets, j.seed);
   const TestSync sync{j.drop_barrier};
-  simt::host::launch(j.grid > 0 ? j.grid : plan.grid, plan.threads, plan.dynamic_smem,
-                     [&] { kernels::pack_block<Bits, Key, Src>(p, sync); }, j.options);
+  const int64_t grid = j.grid > 0 ? j.grid : plan.grid;
+  if (plan.per_warp) {
+    simt::host::launch(grid, plan.threads, plan.dynamic_smem, [&] { kernels::pack_warps<Bits, Key, Src>(p, sync); },
+                       j.options);
+  } else {
+    simt::host::launch(grid, plan.threads, plan.dynamic_smem, [&] { kernels::pack_block<Bits, Key, Src>(p, sync); },
+                       j.options);
+  }
 }
 
+// The production plan, but for a forced key source: 0 (shared memory) keeps a per-warp plan;
+// 1 (global memory) is pack_block's alone (the per-warp plan is ruled out by a zero limit).
 PackPlan plan_of(const PackJob& j) {
-  PackPlan plan = plan_pack(j.geometry, j.elem_bytes, j.random, j.smem_limit, j.threads);
+  PackPlan plan = plan_pack(j.geometry, j.elem_bytes, j.random, j.smem_limit, j.threads, kPackStaticSmem,
+                            !j.random && j.source == 1 ? 0 : SIZE_MAX);
+  if (plan.per_warp) return plan;
   if (!j.random && j.source == 0) {
     plan.source = KeySource::kSharedBits;
     plan.dynamic_smem = staged_bytes(j.geometry.chunk, j.elem_bytes);
@@ -90,7 +100,7 @@ void by_width(int elem_bytes, Fn&& fn) {
 
 PackPlanInfo pack_plan_of(const PackJob& j) {
   const PackPlan plan = plan_of(j);
-  return {plan.threads, static_cast<int>(plan.source), plan.dynamic_smem};
+  return {plan.threads, static_cast<int>(plan.source), plan.dynamic_smem, plan.per_warp};
 }
 
 void pack_kernels(const PackJob& j) {

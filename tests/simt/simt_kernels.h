@@ -46,6 +46,7 @@ struct PackPlanInfo {
   int threads;
   int source;
   size_t dynamic_smem;
+  bool per_warp;  // pack_warps (a chunk per warp) rather than pack_block
 };
 PackPlanInfo pack_plan_of(const PackJob& job);
 
