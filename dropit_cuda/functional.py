@@ -564,7 +564,7 @@ def linear(
             whole features (the last dimension of ``input``).
         chunk: chunk size of the chunked strategies, ``[1, 65536]``.
     """
-    settings = Settings(gamma, strategy, chunk)
+    settings = Settings.of(gamma, strategy, chunk)
     _check_tensors(input=input, weight=weight)
     return linear_with(input, weight, bias, settings)
 
@@ -789,7 +789,7 @@ def conv(
     the dense input is not kept alive) and the DropIT settings (see :func:`linear`; the channel
     strategies drop whole input channels, dimension 1).
     """
-    settings = Settings(gamma, strategy, chunk)
+    settings = Settings.of(gamma, strategy, chunk)
     _check_tensors(input=input, weight=weight)
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
@@ -818,7 +818,7 @@ def _conv_nd(nd: int, transposed: bool):
                stride: _IntOrTuple = 1, padding: _IntOrTuple = 0, output_padding: _IntOrTuple = 0,
                groups: int = 1, dilation: _IntOrTuple = 1, gamma: float = DEFAULT_GAMMA,
                strategy: str = DEFAULT_STRATEGY, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-            settings = Settings(gamma, strategy, chunk)
+            settings = Settings.of(gamma, strategy, chunk)
             _check_tensors(input=input, weight=weight)
             if weight.dim() != nd + 2:
                 raise ValueError(f"weight must be {nd + 2}-D for conv_transpose{nd}d, got {weight.dim()}-D")
