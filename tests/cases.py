@@ -83,12 +83,9 @@ def saved_bytes(fn, model):
 
 
 def node_name(fn) -> str:
-    """An autograd node's name: its class for ATen nodes; for DropIT's, the same name whether the
-    node is a Python Function's ("_DropITLinearBackward") or a C++ one's
-    ("torch::autograd::CppNode<dropit::DropITLinearBackward>"): "DropITLinearBackward"."""
+    """An autograd node's name; DropIT's read the same whether the node is a Python Function's
+    ("_DropITLinearBackward") or a C++ one's ("DropITLinearBackward")."""
     name = fn.name()
-    if name.startswith("torch::autograd::CppNode<"):
-        name = name[len("torch::autograd::CppNode<"):-1].rsplit("::", 1)[-1]
     return name[1:] if name.startswith("_DropIT") else name
 
 

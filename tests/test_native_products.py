@@ -17,13 +17,13 @@ from cases import saved_tensors
 
 
 def _native_node(out: torch.Tensor) -> bool:
-    """Whether a C++ custom Function's node is behind ``out`` (torch names those CppNode<...>, a
-    Python Function's node by its class)."""
+    """Whether a DropIT node of C++ is behind ``out``: a node named DropIT... that is not a Python
+    Function's (those are ``BackwardCFunction`` instances)."""
     stack = [out.grad_fn]
     while stack:
         fn = stack.pop()
         if fn is not None:
-            if fn.name().startswith("torch::autograd::CppNode<"):
+            if "DropIT" in fn.name() and not isinstance(fn, torch.autograd.function.BackwardCFunction):
                 return True
             stack.extend(f for f, _ in fn.next_functions)
     return False
