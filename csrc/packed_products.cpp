@@ -304,20 +304,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_dropit(
 }  // namespace
 }  // namespace dropit
 
-// Autograd kernels only: dropit_cuda.functional calls these ops in eager mode, with a weight that
-// requires grad and autograd on (its Python Functions serve every other case). The input is kept
-// as `values` and `index` say: both given, a pack of it; `values` alone, the input itself; neither,
-// packed here in its memory order (0 contiguous, 1 channels_last, 2 channels_last_3d), with the
-// random strategy's key where `seed` is given, and returned beside the output (for the forward's
-// pack cache; empty tensors where the input was given).
-TORCH_LIBRARY_FRAGMENT(dropit_cuda, m) {
-  m.def("linear_dropit(Tensor x, Tensor weight, Tensor? bias, Tensor? values, Tensor? index, float gamma, "
-        "int chunk, bool bitmap, int memory_order, int? seed, ScalarType? cast) -> (Tensor, Tensor, Tensor)");
-  m.def("conv_dropit(Tensor x, Tensor weight, Tensor? bias, Tensor? values, Tensor? index, float gamma, "
-        "int chunk, bool bitmap, int memory_order, int? seed, ScalarType? cast, int[] stride, int[] padding, "
-        "int[] dilation, bool transposed, int[] output_padding, int groups) -> (Tensor, Tensor, Tensor)");
-}
-
+// Autograd kernels only (schemas in ops.cpp): dropit_cuda.functional calls these ops in eager
+// mode, with a weight that requires grad and autograd on; its Python Functions serve every other
+// case.
 TORCH_LIBRARY_IMPL(dropit_cuda, Autograd, m) {
   m.impl("linear_dropit", &dropit::linear_dropit);
   m.impl("conv_dropit", &dropit::conv_dropit);

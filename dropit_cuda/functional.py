@@ -147,7 +147,7 @@ def _native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     this module's Functions compute, with the same ATen calls, in one native call per direction;
     every other case takes the Functions."""
     return (type(x) is torch.Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
-            and x.dtype in _NATIVE_DTYPES and strategies.REGISTRY[settings.strategy].chunked
+            and not x.is_nested and x.dtype in _NATIVE_DTYPES and strategies.REGISTRY[settings.strategy].chunked
             and not _forward_ad() and not torch.compiler.is_compiling()
             and torch._C._functorch.peek_interpreter_stack() is None
             and (layer is None or layer.watch is None))
