@@ -235,3 +235,41 @@ def test_only_the_product_output_is_differentiable():
     assert torch.equal(values, ref.values) and torch.equal(index, ref.index)
     with pytest.raises(ValueError, match="memory_order"):
         torch.ops.dropit_cuda.linear_dropit(x, w, None, None, None, 0.5, 16, True, 3, None, None)
+
+
+@pytest.mark.parametrize("einsum_first", [True, False])
+def test_pack_shared_between_native_and_python_products(einsum_first):
+    """A native linear and a Python-Function product (einsum against a weight) read one tensor:
+    one pack, whichever made it, and the gradients of the all-Python run."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32, 16)
+            self.w = nn.Parameter(torch.randn(16, 32) / 6)
+
+        def forward(self, x):
+            e = lambda: torch.einsum("bi,oi->bo", x, self.w)  # noqa: E731
+            a, b = (e(), self.lin(x)) if einsum_first else (self.lin(x), e())
+            return (a * b).sum()
+
+    def run():
+        torch.manual_seed(9)
+        model = dc.convert(Two(), gamma=0.8, chunk=64, skip_first=False)
+        x = torch.randn(8, 32)
+        out = []
+        for _ in range(2):
+            model.zero_grad()
+            loss, saved = saved_tensors(lambda: model(x))
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in model.parameters()], sorted(t.nbytes for t in saved)))
+        return out, dc.report(model).layers
+
+    got, got_report = run()
+    with python_functions():
+        want, want_report = run()
+    for g, w in zip(got, want):
+        assert torch.equal(g[0], w[0]) and all(torch.equal(a, b) for a, b in zip(g[1], w[1])) and g[2] == w[2]
+    assert got_report == want_report
+    packed = [r for r in got_report if r.calls]
+    assert len(packed) == 2 and sum(r.cached_bytes > 0 for r in packed) == 1  # one pack, counted once
