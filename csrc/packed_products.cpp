@@ -143,8 +143,12 @@ struct ProductNode : public Node {
     return out;
   }
 
+  bool weight_t_ = false;  // the saved weight is W of x @ W: the product's weight is W.t()
+
+  // The weight as the product read it.
   at::Tensor weight() const {
     at::Tensor w = weight_.unpack();
+    if (weight_t_) w = w.t();
     return cast_ ? w.to(*cast_) : w;
   }
 
@@ -198,6 +202,7 @@ struct DropITLinearBackward : public ProductNode {
       }
       grad_w = weight_column_major ? g2.t().mm(mat1) : mat1.t().mm(g2).t();
       if (cast_) grad_w = grad_w.to(weight_dtype_);
+      if (weight_t_) grad_w = grad_w.t();  // as the transposed view's own node would give it back
     }
     if (has_bias && task_should_compute_output(2)) grad_b = at::sum_to(bias_fused ? g2 : grad_out, bias_shape);
     return {grad_x, grad_w, grad_b};
@@ -256,21 +261,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> record(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_dropit(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& values, const std::optional<at::Tensor>& index, double gamma, int64_t chunk,
-    bool bitmap, int64_t memory_order, std::optional<int64_t> seed, std::optional<at::ScalarType> cast) {
+    bool bitmap, int64_t memory_order, std::optional<int64_t> seed, std::optional<at::ScalarType> cast,
+    bool weight_t) {
   at::Tensor out;
+  const at::Tensor w = weight_t ? weight.t() : weight;  // (a view with no autograd node)
   {
     NoGraph no_graph;
-    out = at::linear(x, cast ? weight.to(*cast) : weight, bias);
+    out = at::linear(x, cast ? w.to(*cast) : w, bias);
   }
   return record<DropITLinearBackward>(
       out, x, weight, bias, values, index, gamma, chunk, bitmap, memory_order, seed, cast,
       [&](DropITLinearBackward& n) {
+        n.weight_t_ = weight_t;
         const int64_t nd = x.dim();
         // an N-D x is folded row-major: column-major only as a 1 x 1 matrix
         n.mat1_column_major = nd == 2 ? column_major(x.size(0), x.stride(0), x.stride(1))
                                       : x.numel() == 1 && x.size(-1) == 1;
         n.mat1_strides = nd == 2 ? x.strides().vec() : std::vector<int64_t>{x.size(-1), 1};
-        n.weight_column_major = column_major(weight.size(1), weight.stride(1), weight.stride(0));
+        n.weight_column_major = column_major(w.size(1), w.stride(1), w.stride(0));
         n.has_bias = bias.has_value() && bias->defined();
         if (n.has_bias) {
           n.bias_shape = bias->sizes().vec();

@@ -533,14 +533,20 @@ _DropITLinearEager = _eager_twin(_DropITLinear)
 
 
 def linear_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], settings: Settings,
-                layer: Any = None, op: str = "linear") -> torch.Tensor:
+                layer: Any = None, op: str = "linear", transposed: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` caching the input as ``settings`` say (settings already
-    validated; ``layer`` receives what was cached)."""
+    validated; ``layer`` receives what was cached). With ``transposed``, ``weight`` is ``W`` of
+    ``x @ W`` (``addmm``, ``mm``, ``matmul`` against a weight) and the product is
+    ``F.linear(x, W.t(), bias)``; the native op takes ``W`` as it is (no transposed view and its
+    autograd node)."""
     if not _caches(x, weight):
-        return _torch_linear(x, weight, bias)
+        return _torch_linear(x, weight.t() if transposed else weight, bias)
     x, bias, w_cast = _autocast_operands(x, weight, bias)
     if _native(x, weight, bias, settings, layer):
-        return _native_product(torch.ops.dropit_cuda.linear_dropit, x, weight, bias, settings, w_cast, layer, op, -1)
+        return _native_product(torch.ops.dropit_cuda.linear_dropit, x, weight, bias, settings, w_cast, layer, op, -1,
+                               transposed)
+    if transposed:
+        weight = weight.t()
     fn = _function(_DropITLinear, _DropITLinearJvp, _DropITLinearEager)
     return fn.apply(x, weight, bias, settings, w_cast, layer, op)
 

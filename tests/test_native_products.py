@@ -92,9 +92,15 @@ def test_linear_strided_operands_match(layout):
     elif layout == "sliced":
         make = lambda: DF.linear(x[::2, :8].unsqueeze(0), w[:, :8], b, gamma=0.5, chunk=32)  # noqa: E731
         _assert_paths_equal(make, [x, w, b])
-    elif layout == "weight_t":  # x @ W as the routing makes it: linear(x, W.t())
+    elif layout == "weight_t":  # x @ W (addmm, mm, matmul): the op takes W itself
         wt = torch.randn(16, 8, requires_grad=True)
-        _assert_paths_equal(lambda: DF.linear(x, wt.t(), b, gamma=0.5, chunk=32), [x, wt, b])
+        settings = dc.Settings(0.5, "parallel_min_k", 32)
+        _assert_paths_equal(lambda: DF.linear_with(x, wt, b, settings, transposed=True), [x, wt, b])
+        with python_functions():
+            want = _run(lambda: DF.linear(x, wt.t(), b, gamma=0.5, chunk=32), [x, wt, b])
+        got = _run(lambda: DF.linear_with(x, wt, b, settings, transposed=True), [x, wt, b])
+        assert torch.equal(got[0], want[0]) and all(torch.equal(a, c) for a, c in zip(got[1], want[1]))
+        assert got[1][1].stride() == want[1][1].stride()  # the gradient's layout too
     else:
         b2 = torch.randn(1, 8, requires_grad=True)
         _assert_paths_equal(lambda: DF.linear(x, w[:, :16], b2, gamma=0.5, chunk=32), [x, w, b2])
