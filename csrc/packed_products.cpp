@@ -156,6 +156,15 @@ struct ProductNode : public Node {
     weight_.reset_data();
     input_.release();
   }
+
+  // Compiled autograd traces every node of a backward; dropit_cuda.functional takes its Python
+  // Functions (which it can trace) while compiled autograd is on during the forward.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        false, "dropit_cuda: ", name(), " (a DropIT product of an eager forward) cannot run under compiled "
+        "autograd. Turn compiled autograd on before the forward, or compile the forward too: DropIT then "
+        "records nodes compiled autograd can trace");
+  }
 };
 
 // The product itself: torch's op on operands autocast has already cast (the weight: here, so

@@ -31,6 +31,7 @@ weight: ``x @ W`` is ``linear(x, W.t())``).
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -150,7 +151,14 @@ def _native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             and not x.is_nested and x.dtype in _NATIVE_DTYPES and strategies.REGISTRY[settings.strategy].chunked
             and not _forward_ad() and not torch.compiler.is_compiling()
             and torch._C._functorch.peek_interpreter_stack() is None
-            and (layer is None or layer.watch is None))
+            and (layer is None or layer.watch is None) and not _compiled_autograd())
+
+
+def _compiled_autograd() -> bool:
+    """Whether compiled autograd is on (``torch._dynamo.compiled_autograd``): it traces each node
+    of the backward, which the Python Functions support and the native nodes do not."""
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    return module is not None and bool(getattr(module, "compiled_autograd_enabled", False))
 
 
 def _native_product(product: Callable, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

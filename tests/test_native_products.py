@@ -279,3 +279,23 @@ def test_pack_shared_between_native_and_python_products(einsum_first):
     assert got_report == want_report
     packed = [r for r in got_report if r.calls]
     assert len(packed) == 2 and sum(r.cached_bytes > 0 for r in packed) == 1  # one pack, counted once
+
+
+def test_compiled_autograd_takes_the_python_functions_or_says_why():
+    from torch._dynamo import compiled_autograd
+
+    torch.manual_seed(10)
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(3, 8, requires_grad=True)
+    DF.linear(x, w, None, 0.5).sum().backward()
+    eager = w.grad.clone()
+    w.grad = None
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        out = DF.linear(x, w, None, 0.5)
+        assert not _native_node(out)  # traceable nodes: compiled autograd was on in the forward
+        out.sum().backward()
+    assert torch.equal(w.grad, eager)
+    out = DF.linear(x, w, None, 0.5)  # an eager forward's native node, a compiled backward
+    with pytest.raises(NotImplementedError, match="cannot run under compiled autograd"):
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            out.sum().backward()
