@@ -85,6 +85,19 @@ TORCH_LIBRARY(dropit_cuda, m) {
   // torch.compile(dynamic=True) keeps it symbolic (an int would specialise the batch size).
   m.def("pack(Tensor x, float gamma, int chunk, bool bitmap, int? seed=None) -> (Tensor, Tensor)");
   m.def("unpack(Tensor values, Tensor index, SymInt numel, float gamma, int chunk, bool bitmap) -> Tensor");
+  // The eager products with their native autograd nodes (packed_products.cpp): F.linear and
+  // aten.convolution that keep their input as `values` and `index` say: both given, a pack of it;
+  // `values` alone, the input itself; neither, packed here in its memory order (0 contiguous,
+  // 1 channels_last, 2 channels_last_3d; the random strategy's key where `seed` is given) and
+  // returned beside the output (for the forward's pack cache; empty tensors where it was given).
+  // `cast`: the dtype autocast casts the weight to, inside the op. `weight_t`: `weight` is W of
+  // x @ W (addmm, mm, matmul against a weight): linear(x, W.t()), without the view's autograd node.
+  m.def("linear_dropit(Tensor x, Tensor weight, Tensor? bias, Tensor? values, Tensor? index, float gamma, "
+        "int chunk, bool bitmap, int memory_order, int? seed, ScalarType? cast, bool weight_t=False) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("conv_dropit(Tensor x, Tensor weight, Tensor? bias, Tensor? values, Tensor? index, float gamma, "
+        "int chunk, bool bitmap, int memory_order, int? seed, ScalarType? cast, int[] stride, int[] padding, "
+        "int[] dilation, bool transposed, int[] output_padding, int groups) -> (Tensor, Tensor, Tensor)");
   m.def("build_info", &dropit::build_info);
 }
 

@@ -31,13 +31,14 @@ weight: ``x @ W`` is ``linear(x, W.t())``).
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from . import dtensor, pack_cache, strategies
+from . import dtensor, ops, pack_cache, strategies
 from .ops import dense_input
 from .settings import DEFAULT_CHUNK, DEFAULT_GAMMA, DEFAULT_STRATEGY, Settings
 
@@ -133,6 +134,70 @@ def _function(cls: type, jvp_cls: type, eager_cls: type) -> type:
     return eager_cls
 
 
+# --- the native path of plain eager calls -------------------------------------------------------
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], settings: Settings,
+            layer: Any) -> bool:
+    """Whether this product takes a native autograd node (``csrc/packed_products.cpp``): an eager
+    call on plain tensors of the dtypes the kernels take, with a chunked strategy, outside forward
+    AD, ``torch.func`` and ``torch.compile``, without the fidelity hook. The node computes what
+    this module's Functions compute, with the same ATen calls, in one native call per direction;
+    every other case takes the Functions."""
+    return (type(x) is torch.Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+            and not x.is_nested and x.dtype in _NATIVE_DTYPES and strategies.REGISTRY[settings.strategy].chunked
+            and not _forward_ad() and not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and (layer is None or layer.watch is None) and not _compiled_autograd())
+
+
+def _compiled_autograd() -> bool:
+    """Whether compiled autograd is on (``torch._dynamo.compiled_autograd``): it traces each node
+    of the backward, which the Python Functions support and the native nodes do not."""
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    return module is not None and bool(getattr(module, "compiled_autograd_enabled", False))
+
+
+def _native_product(product: Callable, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    settings: Settings, cast: Optional[torch.dtype], layer: Any, op: str, channel_dim: int,
+                    *args: Any) -> torch.Tensor:
+    """``product`` (``torch.ops.dropit_cuda.linear_dropit`` or ``conv_dropit``; ``args``: the
+    convolution's) keeping the input as :func:`save_packed` keeps it: as it is where the layer says
+    it is kept alive anyway, else packed once per forward (the pack cache's copy, or packed by the
+    op and handed to the cache)."""
+    if layer is not None and layer.keep_input:
+        out = product(x, weight, bias, x, None, 0.0, 1, False, 0, None, cast, *args)[0]
+        _record(layer, op, x, None)
+        return out
+    where, shared = pack_cache.find(x, settings, channel_dim)
+    if shared is not None:
+        if isinstance(shared, strategies.Cached):  # packed by a Python Function
+            meta = shared.meta
+            shared = strategies.NativePack(shared.strategy, *shared.tensors, meta.index_kind == "bitmap",
+                                           ops.MEMORY_ORDERS.index(meta.memory_format), meta.shape, meta.gamma,
+                                           meta.chunk)
+        out = product(x, weight, bias, shared.values, shared.index, shared.gamma, shared.chunk, shared.bitmap,
+                      shared.memory_order, None, cast, *args)[0]
+        if layer is not None:
+            layer.record(op, 0, 0, x)
+        return out
+    strategy = strategies.REGISTRY[settings.strategy]
+    gamma, chunk = settings.gamma, settings.chunk
+    bitmap = ops.auto_index(x.numel(), chunk, gamma) == "bitmap"
+    order = 0 if x.is_contiguous() else ops.MEMORY_ORDERS.index(ops.memory_format_of(x))
+    out, values, index = product(x, weight, bias, None, None, gamma, chunk, bitmap, order, strategy.seed(), cast,
+                                 *args)
+    if where is not None:
+        pack_cache.keep(where, x, strategies.NativePack(strategy, values, index, bitmap, order, x.shape, gamma,
+                                                        chunk))
+    if layer is not None:
+        layer.record(op, x.nbytes, values.nbytes + index.nbytes, x)
+    return out
+
+
 def _no_autocast(device_type: str):
     """Autocast off for the product itself (its operands are cast already); a no-op context where
     autocast is off anyway, which costs nothing to enter."""
@@ -185,8 +250,10 @@ def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                        ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.dtype]]:
     """``x`` and ``bias`` as autocast casts them for a linear/conv op, and the dtype the weight is
     cast to inside the autograd function (None: used as it is)."""
+    if not torch._C._is_any_autocast_enabled():  # the common case, checked cheaply
+        return x, bias, None
     cast = _cast_dtype(x, weight, bias)
-    if cast is None:  # autocast off: nothing to cast
+    if cast is None:  # autocast off on this device: nothing to cast
         return x, bias, None
     x, bias = _cast(x, cast), _cast(bias, cast)
     return x, bias, (cast if weight.is_floating_point() and weight.dtype not in (torch.float64, cast) else None)
@@ -474,12 +541,20 @@ _DropITLinearEager = _eager_twin(_DropITLinear)
 
 
 def linear_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], settings: Settings,
-                layer: Any = None, op: str = "linear") -> torch.Tensor:
+                layer: Any = None, op: str = "linear", transposed: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` caching the input as ``settings`` say (settings already
-    validated; ``layer`` receives what was cached)."""
+    validated; ``layer`` receives what was cached). With ``transposed``, ``weight`` is ``W`` of
+    ``x @ W`` (``addmm``, ``mm``, ``matmul`` against a weight) and the product is
+    ``F.linear(x, W.t(), bias)``; the native op takes ``W`` as it is (no transposed view and its
+    autograd node)."""
     if not _caches(x, weight):
-        return _torch_linear(x, weight, bias)
+        return _torch_linear(x, weight.t() if transposed else weight, bias)
     x, bias, w_cast = _autocast_operands(x, weight, bias)
+    if _native(x, weight, bias, settings, layer):
+        return _native_product(torch.ops.dropit_cuda.linear_dropit, x, weight, bias, settings, w_cast, layer, op, -1,
+                               transposed)
+    if transposed:
+        weight = weight.t()
     fn = _function(_DropITLinear, _DropITLinearJvp, _DropITLinearEager)
     return fn.apply(x, weight, bias, settings, w_cast, layer, op)
 
@@ -503,7 +578,7 @@ def linear(
             whole features (the last dimension of ``input``).
         chunk: chunk size of the chunked strategies, ``[1, 65536]``.
     """
-    settings = Settings(gamma, strategy, chunk)
+    settings = Settings.of(gamma, strategy, chunk)
     _check_tensors(input=input, weight=weight)
     return linear_with(input, weight, bias, settings)
 
@@ -653,6 +728,10 @@ def conv_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 
     x, bias, w_cast = _autocast_operands(x, weight, bias)
     op = op or f"conv{'_transpose' if transposed else ''}{nd}d"
+    if _native(x, weight, bias, settings, layer):
+        out = _native_product(torch.ops.dropit_cuda.conv_dropit, x, weight, bias, settings, w_cast, layer, op, 1,
+                              stride, padding, dilation, transposed, output_padding, groups)
+        return out.squeeze(0) if unbatched else out
     fn = _function(_DropITConv, _DropITConvJvp, _DropITConvEager)
     out = fn.apply(x, weight, bias, params, settings, w_cast, layer, op)
     return out.squeeze(0) if unbatched else out
@@ -724,7 +803,7 @@ def conv(
     the dense input is not kept alive) and the DropIT settings (see :func:`linear`; the channel
     strategies drop whole input channels, dimension 1).
     """
-    settings = Settings(gamma, strategy, chunk)
+    settings = Settings.of(gamma, strategy, chunk)
     _check_tensors(input=input, weight=weight)
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
@@ -753,7 +832,7 @@ def _conv_nd(nd: int, transposed: bool):
                stride: _IntOrTuple = 1, padding: _IntOrTuple = 0, output_padding: _IntOrTuple = 0,
                groups: int = 1, dilation: _IntOrTuple = 1, gamma: float = DEFAULT_GAMMA,
                strategy: str = DEFAULT_STRATEGY, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-            settings = Settings(gamma, strategy, chunk)
+            settings = Settings.of(gamma, strategy, chunk)
             _check_tensors(input=input, weight=weight)
             if weight.dim() != nd + 2:
                 raise ValueError(f"weight must be {nd + 2}-D for conv_transpose{nd}d, got {weight.dim()}-D")

@@ -60,6 +60,10 @@ class Geometry:
         return "bitmap" if 4 * self.bitmap_words <= 2 * self.total_kept else "offsets"
 
 
+#: The memory orders a tensor is packed in, as the native ops number them.
+MEMORY_ORDERS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """The layout ``x`` is read in: channels_last(_3d) where it is dense in that layout and not
     contiguous, else contiguous (a non-dense tensor is copied to contiguous first)."""
@@ -325,14 +329,16 @@ def pack_tensors(x: torch.Tensor, gamma: float, chunk: int, index: str = "auto",
         if torch.compiler.is_compiling():
             index = Geometry(n, chunk, gamma).resolve_index(index)
         else:
-            index = _auto_index(n, chunk, gamma)
+            index = auto_index(n, chunk, gamma)
     seed = None if random_seed is None else random_seed & 0x7FFFFFFFFFFFFFFF
     values, idx = torch.ops.dropit_cuda.pack(flat, gamma, chunk, index == "bitmap", seed)
     return values, idx, index, memory_format
 
 
 @functools.lru_cache(maxsize=4096)
-def _auto_index(numel: int, chunk: int, gamma: float) -> str:
+def auto_index(numel: int, chunk: int, gamma: float) -> str:
+    """The index kind ``"auto"`` resolves to for ``numel`` elements (memoised: every eager DropIT
+    product asks)."""
     return Geometry(numel, chunk, gamma).resolve_index("auto")
 
 

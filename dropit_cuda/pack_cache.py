@@ -22,13 +22,17 @@ import torch
 from . import strategies
 from .settings import Settings
 
-__all__ = ["Scope", "alias", "cache"]
+__all__ = ["Scope", "alias", "cache", "find", "keep"]
 
-_local = threading.local()
+class _Local(threading.local):
+    scope: Optional["Scope"] = None  # (a class default: no failed attribute lookup per product)
+
+
+_local = _Local()
 
 
 def _current() -> Optional["Scope"]:
-    return getattr(_local, "scope", None)
+    return _local.scope
 
 
 def _key(t: torch.Tensor) -> Optional[tuple]:
@@ -79,29 +83,47 @@ def alias(source: torch.Tensor, copy: torch.Tensor) -> None:
         scope.aliases[id(copy)] = (weakref.ref(copy), key + (copy.dtype,), ref)
 
 
-def cache(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[strategies.Cached, bool]:
-    """``x`` packed as ``settings`` say, and whether the pack is shared with an earlier product."""
-    strategy = strategies.REGISTRY[settings.strategy]  # settings are validated
+def find(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[Optional[tuple], Optional[Any]]:
+    """Where the pack of ``x`` at these settings is kept in this forward (None: nowhere, it is not
+    shared), and the pack an earlier product made of it (None: none yet; :func:`keep` it)."""
     if torch.compiler.is_compiling():  # checked first: reading the thread's state would add guards
-        return strategy.cache(x, settings, channel_dim), False
+        return None, None
     scope = _current()
     if scope is None or torch._C._current_graph_task_id() != -1 or x.layout != torch.strided \
             or torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: tensors are wrappers
-        return strategy.cache(x, settings, channel_dim), False
+        return None, None
     aliased = scope.aliases.get(id(x))
     if aliased is not None and aliased[0]() is x:  # an autocast copy: its source decides
         base, ref = aliased[1], aliased[2]
     else:
         base, ref = _key(x), None
     if base is None:
-        return strategy.cache(x, settings, channel_dim), False
-    key = base + (settings, channel_dim % x.dim() if strategy.uses_channels else None)
-    got = scope.packs.get(key)
+        return None, None
+    strategy = strategies.REGISTRY[settings.strategy]  # settings are validated
+    key = (base + (settings, channel_dim % x.dim() if strategy.uses_channels else None), ref)
+    got = scope.packs.get(key[0])
     if got is not None and not torch.UntypedStorage._expired(got[0]):
-        return got[1], True
-    cached = strategy.cache(x, settings, channel_dim)
+        return key, got[1]
+    return key, None
+
+
+def keep(where: tuple, x: torch.Tensor, pack: Any) -> None:
+    """Keeps ``pack`` of ``x`` (a ``Cached`` or a :class:`strategies.NativePack`) for the later
+    products of this forward, ``where`` :func:`find` said."""
+    scope = _current()
+    key, ref = where
     if ref is None:
         ref = x.untyped_storage()._weak_ref()
         scope.refs.append(ref)
-    scope.packs[key] = (ref, cached)
+    scope.packs[key] = (ref, pack)
+
+
+def cache(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[strategies.Cached, bool]:
+    """``x`` packed as ``settings`` say, and whether the pack is shared with an earlier product."""
+    where, cached = find(x, settings, channel_dim)
+    if cached is not None:
+        return strategies.as_cached(cached), True
+    cached = strategies.REGISTRY[settings.strategy].cache(x, settings, channel_dim)
+    if where is not None:
+        keep(where, x, cached)
     return cached, False

@@ -174,7 +174,7 @@ def _route_matmul(op: str) -> Callable:
             if found is not None:
                 if not b.requires_grad:  # frozen: torch's own product, as called
                     return NotImplemented
-                return DF.linear_with(a, b.t(), None, found[1], found[0], op)
+                return DF.linear_with(a, b, None, found[1], found[0], op, transposed=True)
         if a.dim() == 2 and b.dim() >= 2 and conv.lookup(a) is not None:
             return _weight_first(conv, a, b, op)
         conv.note_uncovered((a, b), op, "a batched or vector weight operand")
@@ -313,7 +313,7 @@ def _route_addmm(conv: "Conversion", args, kwargs):
     found = conv.lookup(w)
     if found is None or not w.requires_grad:  # frozen: torch's own product, as called
         return NotImplemented
-    return DF.linear_with(x, w.t(), b, found[1], found[0], "addmm")
+    return DF.linear_with(x, w, b, found[1], found[0], "addmm", transposed=True)
 
 
 def _route_conv(nd: int, transposed: bool) -> Callable:
@@ -528,7 +528,7 @@ class _Direct:
             return DF.linear_with(x, w, bias, settings, self.layer, "linear")
         if self.kind == "addmm":  # Hugging Face's Conv1D: addmm(bias, x as a matrix, weight)
             size_out = x.size()[:-1] + (module.nf,)
-            out = DF.linear_with(x.view(-1, x.size(-1)), w.t(), bias, settings, self.layer, "addmm")
+            out = DF.linear_with(x.view(-1, x.size(-1)), w, bias, settings, self.layer, "addmm", transposed=True)
             return out.view(size_out)
         nd = w.dim() - 2
         return DF.conv_with(x, w, bias, module.stride, module.padding, module.dilation, module.groups,

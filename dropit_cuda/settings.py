@@ -14,6 +14,7 @@ one layer.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
@@ -89,6 +90,23 @@ class Settings:
 
     def __str__(self) -> str:
         return f"gamma={self.gamma}, strategy={self.strategy!r}, chunk={self.chunk}"
+
+    @staticmethod
+    def of(gamma: Any, strategy: Any, chunk: Any) -> "Settings":
+        """``Settings(gamma, strategy, chunk)``, memoised for the functional API (which makes one
+        per call): the same checks and errors, each combination validated once."""
+        try:
+            return _memo(type(gamma), gamma, type(strategy), strategy, type(chunk), chunk)
+        except TypeError as e:  # an unhashable argument: unmemoised, with Settings' own error
+            if "unhashable" not in str(e):
+                raise
+            return Settings(gamma, strategy, chunk)
+
+
+@functools.lru_cache(maxsize=256)
+def _memo(_gt: type, gamma: Any, _st: type, strategy: Any, _ct: type, chunk: Any) -> Settings:
+    # the types are part of the key: True == 1 and 0 == 0.0 must not share an entry
+    return Settings(gamma, strategy, chunk)
 
 
 #: A setting for every layer: one value, ``{pattern: value or None}`` (``fnmatch`` on the layer's

@@ -36,7 +36,7 @@ selects exactly what the eager one selects after the same ``torch.manual_seed``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -89,6 +89,32 @@ class Cached:
         return self.strategy.restore(tuple(tensors), self.meta)
 
 
+class NativePack(NamedTuple):
+    """A chunked strategy's pack as the native products make and take it (see
+    ``dropit_cuda.functional._native_product``): cheaper to keep than a :class:`Cached`, which
+    :func:`as_cached` makes of it where a Python autograd Function shares it."""
+
+    strategy: "Strategy"
+    values: torch.Tensor
+    index: torch.Tensor
+    bitmap: bool
+    memory_order: int
+    shape: torch.Size
+    gamma: float
+    chunk: int
+
+
+def as_cached(pack: Any) -> Cached:
+    """``pack`` (a :class:`Cached` or a :class:`NativePack`) as a :class:`Cached`."""
+    if isinstance(pack, Cached):
+        return pack
+    p: NativePack = pack
+    memory_format = ops.MEMORY_ORDERS[p.memory_order]
+    meta = Packed(None, None, "bitmap" if p.bitmap else "offsets", p.shape, p.values.dtype, p.values.device,
+                  memory_format, p.chunk, p.gamma)
+    return Cached(p.strategy, (p.values, p.index), meta)
+
+
 class Strategy:
     """How a layer's input is compressed for backward. Subclasses implement ``pack``/``unpack``
     and ``nbytes``; ``compress`` and the autograd functions call :meth:`cache`."""
@@ -96,6 +122,9 @@ class Strategy:
     name: str
     #: whether ``channel_dim`` matters (the channel strategies)
     uses_channels: bool = False
+    #: whether the cache is the chunked kernels' ``(values, index)`` with a ``Packed`` as metadata
+    #: (the native products take it: see ``dropit_cuda.functional._native``)
+    chunked: bool = False
 
     def pack(self, x: torch.Tensor, gamma: float, chunk: int, channel_dim: int) -> tuple[tuple, Any]:
         raise NotImplementedError
@@ -149,6 +178,8 @@ def draw_seed() -> int:
 class _Chunked(Strategy):
     """Per chunk of ``chunk`` elements in memory order, the kept values plus their index
     (:func:`dropit_cuda.pack`)."""
+
+    chunked = True
 
     def seed(self) -> Optional[int]:
         return None

@@ -82,14 +82,21 @@ def saved_bytes(fn, model):
     return sum(sizes.values())
 
 
+def node_name(fn) -> str:
+    """An autograd node's name; DropIT's read the same whether the node is a Python Function's
+    ("_DropITLinearBackward") or a C++ one's ("DropITLinearBackward")."""
+    name = fn.name()
+    return name[1:] if name.startswith("_DropIT") else name
+
+
 def grad_fn_names(out):
-    """Class names of every autograd node behind ``out``."""
+    """Names (see :func:`node_name`) of every autograd node behind ``out``."""
     names, stack, seen = [], [out.grad_fn], set()
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        names.append(type(fn).__name__)
+        names.append(node_name(fn))
         stack.extend(f for f, _ in fn.next_functions)
     return names

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -104,16 +105,26 @@ Bucket<Key> bucket_from_histogram(const int32_t* even, const int32_t* odd, int t
   return {lo, static_cast<Key>(lo | ((Key{1} << shift) - 1)), above};
 }
 
-// Per-thread scratch of pack, sized for one chunk.
+// The histogram of chunks shorter than 2 * kBins, one per thread: zero between uses (each chunk
+// clears the bins it counted), so a small pack neither allocates nor clears 32 KB.
+int32_t* zeroed_histogram() {
+  alignas(64) thread_local std::array<int32_t, 2 * kBins> hist{};
+  return hist.data();
+}
+
+// Per-thread scratch of pack, sized for the longest chunk of one call (not the chunk size: a
+// small tensor packed with the default D = 16384 would otherwise write 200 KB of scratch per call,
+// more than its own pack). Left uninitialised: every element is written before it is read.
 template <typename Key>
 struct PackScratch {
-  std::vector<int32_t> hist = std::vector<int32_t>(2 * kBins, 0);  // zeroed between chunks
-  std::vector<uint32_t> keep;       // the chunk's keep mask, a bit per element, even words
-  std::vector<Key> cand_keys;       // the threshold bucket's keys, in index order
-  std::vector<uint16_t> cand_pos;   // and their positions in the chunk
-  std::vector<Key> select;          // a copy of cand_keys the select reorders
-  explicit PackScratch(int64_t chunk)
-      : keep((chunk + 63) / 64 * 2), cand_keys(chunk), cand_pos(chunk), select(chunk) {}
+  int32_t* hist = zeroed_histogram();
+  std::vector<uint32_t> keep;         // the chunk's keep mask, a bit per element, even words
+  std::unique_ptr<Key[]> cand_keys;   // the threshold bucket's keys, in index order
+  std::unique_ptr<uint16_t[]> cand_pos;  // and their positions in the chunk
+  std::unique_ptr<Key[]> select;      // a copy of cand_keys the select reorders
+  explicit PackScratch(int64_t longest)
+      : keep((longest + 63) / 64 * 2), cand_keys(new Key[longest]), cand_pos(new uint16_t[longest]),
+        select(new Key[longest]) {}
 };
 
 template <typename KeyFn, typename Key = typename KeyFn::Key>
@@ -128,7 +139,7 @@ Bucket<Key> find_bucket(const KeyFn& key_of, int64_t L, int64_t k, PackScratch<K
   }
   // Smaller chunks: the zeroed scratch histogram; only the digits seen are scanned and cleared
   // (at D = 1024 this is 4-5x faster than a direct select).
-  int32_t* even = s.hist.data();
+  int32_t* even = s.hist;
   int32_t* odd = even + kBins;
   const auto [lo, hi] = count_digits<true>(key_of, L, even, odd);
   const Bucket<Key> b = bucket_from_histogram<KeyFn>(even, odd, hi, k);
@@ -227,8 +238,8 @@ void select_chunk(const KeyFn& key_of, int64_t L, int64_t k, PackScratch<Key>& s
   const Bucket<Key> b = find_bucket(key_of, L, k, s);
   const int64_t m = mark_above_gather_bucket(key_of, L, b, s);
   const int64_t need = k - b.above;  // taken from the bucket: 1 <= need <= m
-  std::copy(s.cand_keys.begin(), s.cand_keys.begin() + m, s.select.begin());
-  const auto [t, greater] = threshold_of(s.select.data(), m, need);
+  std::copy(s.cand_keys.get(), s.cand_keys.get() + m, s.select.get());
+  const auto [t, greater] = threshold_of(s.select.get(), m, need);
   // Keys above t are kept; keys equal to t in index order until `ties` of them are taken.
   // Branch-free: whether a candidate is kept is data, a coin flip for the predictor.
   int64_t ties = need - greater;
@@ -247,7 +258,7 @@ void pack_chunks(const Bits* x, Bits* values, int32_t* bitmap, uint16_t* offsets
                  const ChunkGeometry& g, const MakeKeys& make_keys) {
   using Key = typename decltype(make_keys(0))::Key;
   at::parallel_for(0, g.num_chunks, grain_items(g.chunk), [&](int64_t begin, int64_t end) {
-    PackScratch<Key> scratch(g.chunk);
+    PackScratch<Key> scratch(std::min(g.chunk, g.numel));
     for (int64_t c = begin; c < end; ++c) {
       const int64_t L = g.chunk_len(c);
       select_chunk(make_keys(c), L, g.chunk_keep(c), scratch);
