@@ -170,15 +170,11 @@ def _native_product(product: Callable, x: torch.Tensor, weight: torch.Tensor, bi
     op and handed to the cache)."""
     if layer is not None and layer.keep_input:
         out = product(x, weight, bias, x, None, 0.0, 1, False, 0, None, cast, *args)[0]
-        _record(layer, op, x, None)
+        layer.record(op, x.nbytes, 0, x)
         return out
     where, shared = pack_cache.find(x, settings, channel_dim)
     if shared is not None:
-        if isinstance(shared, strategies.Cached):  # packed by a Python Function
-            meta = shared.meta
-            shared = strategies.NativePack(shared.strategy, *shared.tensors, meta.index_kind == "bitmap",
-                                           ops.MEMORY_ORDERS.index(meta.memory_format), meta.shape, meta.gamma,
-                                           meta.chunk)
+        shared = strategies.as_native(shared)  # (a Python Function may have made it)
         out = product(x, weight, bias, shared.values, shared.index, shared.gamma, shared.chunk, shared.bitmap,
                       shared.memory_order, None, cast, *args)[0]
         if layer is not None:

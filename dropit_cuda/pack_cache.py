@@ -24,6 +24,7 @@ from .settings import Settings
 
 __all__ = ["Scope", "alias", "cache", "find", "keep"]
 
+
 class _Local(threading.local):
     scope: Optional["Scope"] = None  # (a class default: no failed attribute lookup per product)
 

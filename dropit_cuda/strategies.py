@@ -104,6 +104,16 @@ class NativePack(NamedTuple):
     chunk: int
 
 
+def as_native(pack: Any) -> NativePack:
+    """``pack`` (a :class:`Cached` of a chunked strategy or a :class:`NativePack`) as a
+    :class:`NativePack`."""
+    if isinstance(pack, NativePack):
+        return pack
+    meta: Packed = pack.meta
+    return NativePack(pack.strategy, *pack.tensors, meta.index_kind == "bitmap",
+                      ops.MEMORY_ORDERS.index(meta.memory_format), meta.shape, meta.gamma, meta.chunk)
+
+
 def as_cached(pack: Any) -> Cached:
     """``pack`` (a :class:`Cached` or a :class:`NativePack`) as a :class:`Cached`."""
     if isinstance(pack, Cached):
