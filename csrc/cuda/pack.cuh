@@ -175,6 +175,18 @@ struct ChunkKeys {
       return magnitude_key<Bits>(value(e));
     }
   }
+  // The same keys from bitmap word w's first element on: a loop over a word's bits then indexes
+  // by bit, without rebuilding the word's address each time.
+  DROPIT_DEVICE ChunkKeys from_word(int w) const {
+    ChunkKeys k = *this;
+    if constexpr (Src == KeySource::kSharedBits) {
+      k.staged += 32 * w;
+    } else {
+      k.x += 32 * w;
+    }
+    k.base += 32 * w;
+    return k;
+  }
 };
 
 // Elements before the first 16-byte boundary at or after `address` (a pointer to T; all of them
@@ -340,6 +352,45 @@ DROPIT_DEVICE void keep_whole_chunk(const ChunkOutputs<Bits>& out, simt::gptr<co
   if (out.bitmap) {
     for (int w = tid; w < words; w += nthreads)
       out.bitmap[w] = static_cast<int32_t>(bitmap::low_bits(static_cast<int64_t>(L) - 32 * w));
+  }
+}
+
+// Word w's masks once its bucket's keys (the set bits of in_bucket) are sorted against the final
+// bucket: {above, from}, with those above it added to `above` and those in it to "from" (the
+// rest of the bucket in neither). Every such key is at least the first bucket's lowest, so one
+// compare a side: at least the final lowest is in the final bucket or above it.
+template <typename Bits, typename Key, KeySource Src>
+DROPIT_DEVICE simt::Vec<uint32_t, 2> sort_bucket_keys(const ChunkKeys<Bits, Key, Src>& keys, int w, uint32_t in_bucket,
+                                                       uint32_t above, const Selection<Key>& s) {
+  const Key lowest = s.prefix;
+  const Key highest = s.highest();
+  const ChunkKeys<Bits, Key, Src> word = keys.from_word(w);
+  uint32_t from = above;
+  for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
+    const int j = simt::ffs(rest) - 1;
+    const Key key = word(j);
+    above |= static_cast<uint32_t>(key > highest) << j;
+    from |= static_cast<uint32_t>(key >= lowest) << j;
+  }
+  return simt::Vec<uint32_t, 2>{{above, from}};
+}
+
+// Writes the values of word w's kept keys (the set bits of `kept`) at vp and, with offsets,
+// their positions in the chunk at op, advancing both. The offsets have a loop of their own: a
+// null test inside the values' loop cost nvcc a 64-bit compare and four register copies a key.
+template <typename Bits, typename Key, KeySource Src>
+DROPIT_DEVICE void write_kept(const ChunkKeys<Bits, Key, Src>& keys, uint32_t kept, int w, simt::gptr<Bits>& vp,
+                              simt::gptr<uint16_t>& op) {
+  const ChunkKeys<Bits, Key, Src> word = keys.from_word(w);
+  for (uint32_t rest = kept; rest != 0; rest &= rest - 1) {
+    *vp = word.value(simt::ffs(rest) - 1);
+    vp += 1;
+  }
+  if (op) {
+    for (uint32_t rest = kept; rest != 0; rest &= rest - 1) {
+      *op = static_cast<uint16_t>(32 * w + simt::ffs(rest) - 1);
+      op += 1;
+    }
   }
 }
 
@@ -517,22 +568,13 @@ DROPIT_UNROLL
       sync(kSelectionShared);
       s = shared_selection<Key>(narrow64);
     }
-    const Key final_lowest = s.prefix;
-    const Key final_highest = s.highest();
     const auto [vc, oc, wc] = outputs();
     uint32_t n_above = 0, n_ties = 0;
     for (int w = t_begin; w < t_end; ++w) {
       simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
       const uint32_t in_bucket = m.v[1] & ~m.v[0];
       if (late && in_bucket != 0) {  // each of the bucket's keys: above the final bucket, in it, or neither
-        uint32_t above = m.v[0], ties = 0;
-        for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
-          const int j = simt::ffs(rest) - 1;
-          const Key key = keys(32 * w + j);
-          above |= static_cast<uint32_t>(key > final_highest) << j;
-          ties |= static_cast<uint32_t>(key >= final_lowest && key <= final_highest) << j;
-        }
-        m = simt::Vec<uint32_t, 2>{{above, above | ties}};
+        m = sort_bucket_keys(keys, w, in_bucket, m.v[0], s);
         simt::store_vec(masks + 2 * w, m);
       }
       n_above += static_cast<uint32_t>(simt::popc(m.v[0]));
@@ -556,15 +598,7 @@ DROPIT_UNROLL
       ties_left -= n_tie;
       const uint32_t kept = m.v[0] | kept_ties;
       if (wc) wc[w] = static_cast<int32_t>(kept);
-      for (uint32_t rest = kept; rest != 0; rest &= rest - 1) {
-        const int e = 32 * w + simt::ffs(rest) - 1;
-        *vp = keys.value(e);
-        vp += 1;
-        if (oc) {
-          *op = static_cast<uint16_t>(e);
-          op += 1;
-        }
-      }
+      write_kept(keys, kept, w, vp, op);
     }
     if (wc) {
       for (int w = used_words + tid; w < p.words; w += nthreads) wc[w] = 0;
@@ -659,16 +693,9 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
         for (int i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
       };
       narrow_selection(WarpTeam(), s, own_candidates, narrow, sel, sel, sync);
-      const Key final_lowest = s.prefix;
-      const Key final_highest = s.highest();
-      uint32_t ties_here = 0;
-      for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
-        const int j = simt::ffs(rest) - 1;
-        const Key key = keys(32 * lane + j);
-        above |= static_cast<uint32_t>(key > final_highest) << j;
-        ties_here |= static_cast<uint32_t>(key >= final_lowest && key <= final_highest) << j;
-      }
-      from = above | ties_here;
+      const simt::Vec<uint32_t, 2> m = sort_bucket_keys(keys, lane, in_bucket, above, s);
+      above = m.v[0];
+      from = m.v[1];
     }
 
     // ---- 4. compaction ----
@@ -687,15 +714,7 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     const int pos = static_cast<int>(before >> 16) + (ties_before < s.need ? ties_before : s.need);
     simt::gptr<Bits> vp = out.values + pos;
     simt::gptr<uint16_t> op = out.offsets ? out.offsets + pos : nullptr;
-    for (uint32_t rest = kept; rest != 0; rest &= rest - 1) {
-      const int e = 32 * lane + simt::ffs(rest) - 1;
-      *vp = keys.value(e);
-      vp += 1;
-      if (op) {
-        *op = static_cast<uint16_t>(e);
-        op += 1;
-      }
-    }
+    write_kept(keys, kept, lane, vp, op);
     // No barrier before the next chunk: it writes shared memory only after kWarpCleared, which
     // every lane reaches after its last read here (its candidates were last read before
     // kNarrowChosen).
