@@ -57,7 +57,8 @@ struct KeptInput {
   bool bitmap = false;
   MemoryOrder order = MemoryOrder::kContiguous;
 
-  // Keeps x (see the op schema below); returns the tensors saved, which the op also returns.
+  // Keeps x as the op's arguments say (schema in ops.cpp); returns the tensors saved, which the op
+  // also returns.
   std::pair<at::Tensor, at::Tensor> keep(const at::Tensor& x, const std::optional<at::Tensor>& given_values,
                                          const std::optional<at::Tensor>& given_index, double gamma_,
                                          int64_t chunk_, bool bitmap_, int64_t order_, std::optional<int64_t> seed) {

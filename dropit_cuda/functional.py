@@ -144,7 +144,7 @@ def _native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             layer: Any) -> bool:
     """Whether this product takes a native autograd node (``csrc/packed_products.cpp``): an eager
     call on plain tensors of the dtypes the kernels take, with a chunked strategy, outside forward
-    AD, ``torch.func`` and ``torch.compile``, without the fidelity hook. The node computes what
+    AD, ``torch.func``, ``torch.compile`` and compiled autograd, without the fidelity hook. The node computes what
     this module's Functions compute, with the same ATen calls, in one native call per direction;
     every other case takes the Functions."""
     return (type(x) is torch.Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
