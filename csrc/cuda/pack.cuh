@@ -607,6 +607,60 @@ DROPIT_UNROLL
   }
 }
 
+// Bitmap word w's masks against a bucket [lowest, highest], by one thread alone (pack_warps' lane
+// w): {above, from}, bit j set if key 32w+j is above highest, resp. at least lowest (0 past L).
+// A full word staged at a 16-byte boundary is read 16 bytes at a time, starting at a vector that
+// depends on w (the 8 threads of a quarter warp then read 8 different bank groups); each vector's
+// bits are shifted in at the bottom, so the masks come out rotated, and are rotated back once.
+// Otherwise one key at a time, from key w on (consecutive words' threads, different banks).
+// (Loops, not unrolled whole: straight-line code of this size would hide from the cost model.)
+template <typename Bits, typename Key, KeySource Src>
+DROPIT_DEVICE simt::Vec<uint32_t, 2> word_masks(const ChunkKeys<Bits, Key, Src>& keys, int w, int L, Key lowest,
+                                                 Key highest) {
+  const ChunkKeys<Bits, Key, Src> word = keys.from_word(w);
+  const int n = L - 32 * w;  // the word's elements, when below 32
+  uint32_t above = 0, from = 0;
+  if constexpr (Src == KeySource::kSharedBits) {
+    constexpr int V = simt::kVec16<Bits>;
+    constexpr int kVecs = 32 / V;
+    if (n >= 32 && simt::address(word.staged) % 16 == 0) {
+      const int r = (kVecs >= 8 ? w : w * kVecs / 8) & (kVecs - 1);
+#if defined(__CUDACC__)
+#pragma unroll 2
+#endif
+      for (int i = kVecs - 1; i >= 0; --i) {
+        const simt::Vec<Bits, V> v = simt::load_vec<V>(word.staged + V * ((i + r) & (kVecs - 1)));
+        uint32_t a = 0, f = 0;
+DROPIT_UNROLL
+        for (int t = 0; t < V; ++t) {
+          const Key key = magnitude_key<Bits>(v.v[t]);
+          a |= static_cast<uint32_t>(key > highest) << t;
+          f |= static_cast<uint32_t>(key >= lowest) << t;
+        }
+        above = (above << V) | a;
+        from = (from << V) | f;
+      }
+      // Vector q of the word sits at (q - r) mod kVecs: rotate left by r vectors.
+      const int rot = V * r;
+      return simt::Vec<uint32_t, 2>{{(above << rot) | (above >> ((32 - rot) & 31)),
+                                     (from << rot) | (from >> ((32 - rot) & 31))}};
+    }
+  }
+  if (n > 0) {
+#if defined(__CUDACC__)
+#pragma unroll 1
+#endif
+    for (int i = 0; i < 32; ++i) {
+      const int j = (i + w) & 31;
+      const bool in = j < n;
+      const Key key = in ? word(j) : Key(0);
+      above |= static_cast<uint32_t>(in && key > highest) << j;
+      from |= static_cast<uint32_t>(in && key >= lowest) << j;
+    }
+  }
+  return simt::Vec<uint32_t, 2>{{above, from}};
+}
+
 // The body of the per-warp pack kernel: warp w of block b packs chunks b * warps + w, striding by
 // the grid's warps, each chunk of at most kWarpMaxChunk elements, by the warp alone: a 1024-bin
 // first digit; ballots against the bucket's bounds, lane w keeping bitmap word w (at most 32
@@ -647,40 +701,10 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     Selection<Key> s = first_digit<kWarpBits, kKeyBits>(WarpTeam(), keys, L, k, kStaged, hist, hist + (kWarpBins + lane),
                                                         sel, sel, sync, kWarpCounted, kNarrowScanned, kWarpChosen);
 
-    // ---- 2. ballots against the bucket's bounds: lane w ends with word w's masks ----
-    const Key lowest = s.prefix;
-    const Key highest = s.highest();
-    const int used_words = (L + 31) >> 5;
-    const int full_words = L >> 5;
-    uint32_t above = 0, from = 0;  // of word `lane`
-    // With the bucket kept whole, "above" is "at least its lowest": one ballot a word.
-    auto ballot_words = [&](auto ties_matter) {
-      constexpr bool kTies = decltype(ties_matter)::value;
-      for (int w = 0; w < full_words; ++w) {
-        const Key key = keys(32 * w + lane);
-        const uint32_t a = simt::ballot(kTies ? key > highest : key >= lowest);
-        above = lane == w ? a : above;
-        if constexpr (kTies) {
-          const uint32_t f = simt::ballot(key >= lowest);
-          from = lane == w ? f : from;
-        }
-      }
-      if (full_words < used_words) {
-        const bool in = 32 * full_words + lane < L;
-        const Key key = in ? keys(32 * full_words + lane) : Key(0);
-        const uint32_t a = simt::ballot(in && (kTies ? key > highest : key >= lowest));
-        above = lane == full_words ? a : above;
-        if constexpr (kTies) {
-          const uint32_t f = simt::ballot(in && key >= lowest);
-          from = lane == full_words ? f : from;
-        }
-      }
-      if constexpr (!kTies) from = above;
-    };
-    if (s.whole()) {
-      ballot_words(std::false_type{});
-    } else {
-      ballot_words(std::true_type{});
+    // ---- 2. word `lane`'s masks against the bucket's bounds, by the lane alone ----
+    const simt::Vec<uint32_t, 2> bounds = word_masks(keys, lane, L, s.prefix, s.highest());
+    uint32_t above = bounds.v[0], from = bounds.v[1];
+    if (!s.whole()) {
       // ---- 3. the bucket's keys of word `lane` into the lane's own slot; narrower digits; then
       // each of them above the final bucket, in it (a tie) or neither ----
       const uint32_t in_bucket = from & ~above;
