@@ -307,10 +307,10 @@ DROPIT_UNROLL
     }
   });
   team.sync(sync, counted);
-  choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync, scanned,
-                         chosen);
+  const BinChoice bin = choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots,
+                                               sel, sync, scanned, chosen);
   Selection<Key> s{0, kKeyBits, k, L};
-  take_bin(s, sel, kShift);
+  take_bin(s, bin, kShift);
   return s;
 }
 
@@ -698,8 +698,8 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     // ---- 1. the first digit ----
     for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(hist + 4 * i, simt::Vec<uint32_t, 4>{});
     sync.warp(kWarpCleared);
-    Selection<Key> s = first_digit<kWarpBits, kKeyBits>(WarpTeam(), keys, L, k, kStaged, hist, hist + (kWarpBins + lane),
-                                                        sel, sel, sync, kWarpCounted, kNarrowScanned, kWarpChosen);
+    Selection<Key> s = first_digit<kWarpBits, kKeyBits>(SoloWarpTeam(), keys, L, k, kStaged, hist,
+                                                        hist + (kWarpBins + lane), sel, sel, sync, kWarpCounted, 0, 0);
 
     // ---- 2. word `lane`'s masks against the bucket's bounds, by the lane alone ----
     const simt::Vec<uint32_t, 2> bounds = word_masks(keys, lane, L, s.prefix, s.highest());
@@ -716,7 +716,7 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
       auto own_candidates = [&](const auto& f) {
         for (int i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
       };
-      narrow_selection(WarpTeam(), s, own_candidates, narrow, sel, sel, sync);
+      narrow_selection(SoloWarpTeam(), s, own_candidates, narrow, sel, sel, sync);
       const simt::Vec<uint32_t, 2> m = sort_bucket_keys(keys, lane, in_bucket, above, s);
       above = m.v[0];
       from = m.v[1];
@@ -726,9 +726,8 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     const uint32_t ties = from & ~above;
     const int n_tie = simt::popc(ties);
     // Keys above and ties of the words before this lane's (both below 2^16: a chunk is <= 1024).
-    uint32_t total = 0;
-    const uint32_t before = WarpTeam().exclusive_scan<uint32_t>(
-        (static_cast<uint32_t>(simt::popc(above)) << 16) | static_cast<uint32_t>(n_tie), sel, &total, sync, 0);
+    const uint32_t counts = (static_cast<uint32_t>(simt::popc(above)) << 16) | static_cast<uint32_t>(n_tie);
+    const uint32_t before = bitmap::warp_inclusive_scan(counts) - counts;
     const int ties_before = static_cast<int>(before & 0xffffu);
     const int ties_left = s.need - ties_before;
     const uint32_t kept_ties =
@@ -739,9 +738,9 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     simt::gptr<Bits> vp = out.values + pos;
     simt::gptr<uint16_t> op = out.offsets ? out.offsets + pos : nullptr;
     write_kept(keys, kept, lane, vp, op);
-    // No barrier before the next chunk: it writes shared memory only after kWarpCleared, which
-    // every lane reaches after its last read here (its candidates were last read before
-    // kNarrowChosen).
+    // No barrier before the next chunk: it writes the staged chunk only after kWarpCleared, which
+    // every lane reaches after its last read here, and its bins only after every lane has gone
+    // past kNarrowCounted (the last reads of the candidates) or the shuffles of the last choice.
   }
 }
 
