@@ -358,21 +358,30 @@ DROPIT_DEVICE void keep_whole_chunk(const ChunkOutputs<Bits>& out, simt::gptr<co
 // Word w's masks once its bucket's keys (the set bits of in_bucket) are sorted against the final
 // bucket: {above, from}, with those above it added to `above` and those in it to "from" (the
 // rest of the bucket in neither). Every such key is at least the first bucket's lowest, so one
-// compare a side: at least the final lowest is in the final bucket or above it.
+// compare a side: at least the final lowest is in the final bucket or above it. key_of(i, j): the
+// i-th of them, bit j of the word.
+template <typename Key, typename KeyOf>
+DROPIT_DEVICE simt::Vec<uint32_t, 2> sort_keys(uint32_t in_bucket, uint32_t above, const Selection<Key>& s,
+                                               const KeyOf& key_of) {
+  const Key lowest = s.prefix;
+  const Key highest = s.highest();
+  uint32_t from = above;
+  int i = 0;
+  for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
+    const int j = simt::ffs(rest) - 1;
+    const Key key = key_of(i, j);
+    above |= static_cast<uint32_t>(key > highest) << j;
+    from |= static_cast<uint32_t>(key >= lowest) << j;
+    ++i;
+  }
+  return simt::Vec<uint32_t, 2>{{above, from}};
+}
+// The same with the keys read from the chunk.
 template <typename Bits, typename Key, KeySource Src>
 DROPIT_DEVICE simt::Vec<uint32_t, 2> sort_bucket_keys(const ChunkKeys<Bits, Key, Src>& keys, int w, uint32_t in_bucket,
                                                        uint32_t above, const Selection<Key>& s) {
-  const Key lowest = s.prefix;
-  const Key highest = s.highest();
   const ChunkKeys<Bits, Key, Src> word = keys.from_word(w);
-  uint32_t from = above;
-  for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
-    const int j = simt::ffs(rest) - 1;
-    const Key key = word(j);
-    above |= static_cast<uint32_t>(key > highest) << j;
-    from |= static_cast<uint32_t>(key >= lowest) << j;
-  }
-  return simt::Vec<uint32_t, 2>{{above, from}};
+  return sort_keys(in_bucket, above, s, [&](int, int j) { return word(j); });
 }
 
 // Writes the values of word w's kept keys (the set bits of `kept`) at vp and, with offsets,
@@ -629,13 +638,29 @@ DROPIT_DEVICE simt::Vec<uint32_t, 2> word_masks(const ChunkKeys<Bits, Key, Src>&
 #pragma unroll 2
 #endif
       for (int i = kVecs - 1; i >= 0; --i) {
-        const simt::Vec<Bits, V> v = simt::load_vec<V>(word.staged + V * ((i + r) & (kVecs - 1)));
+        const simt::sptr<Bits> at = word.staged + V * ((i + r) & (kVecs - 1));
         uint32_t a = 0, f = 0;
+        if constexpr (sizeof(Bits) == 2) {
+          // Two keys a 32-bit word: the high one is compared where it is, against bounds moved
+          // up 16 bits (its magnitude bits, the rest cleared: above highest iff above highest's
+          // with all low bits set).
+          const simt::Vec<uint32_t, 4> v = simt::load_vec<4>(simt::ptr_cast<uint32_t>(at));
+          const uint32_t highest_hi = (static_cast<uint32_t>(highest) << 16) | 0xffffu;
+          const uint32_t lowest_hi = static_cast<uint32_t>(lowest) << 16;
 DROPIT_UNROLL
-        for (int t = 0; t < V; ++t) {
-          const Key key = magnitude_key<Bits>(v.v[t]);
-          a |= static_cast<uint32_t>(key > highest) << t;
-          f |= static_cast<uint32_t>(key >= lowest) << t;
+          for (int t = 0; t < V; ++t) {
+            const uint32_t key = v.v[t / 2] & (t % 2 == 0 ? 0x7fffu : 0x7fff0000u);
+            a |= static_cast<uint32_t>(key > (t % 2 == 0 ? static_cast<uint32_t>(highest) : highest_hi)) << t;
+            f |= static_cast<uint32_t>(key >= (t % 2 == 0 ? static_cast<uint32_t>(lowest) : lowest_hi)) << t;
+          }
+        } else {
+          const simt::Vec<Bits, V> v = simt::load_vec<V>(at);
+DROPIT_UNROLL
+          for (int t = 0; t < V; ++t) {
+            const Key key = magnitude_key<Bits>(v.v[t]);
+            a |= static_cast<uint32_t>(key > highest) << t;
+            f |= static_cast<uint32_t>(key >= lowest) << t;
+          }
         }
         above = (above << V) | a;
         from = (from << V) | f;
@@ -717,7 +742,9 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
         for (int i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
       };
       narrow_selection(SoloWarpTeam(), s, own_candidates, narrow, sel, sel, sync);
-      const simt::Vec<uint32_t, 2> m = sort_bucket_keys(keys, lane, in_bucket, above, s);
+      // (read back from the lane's slot, in the order they were put there)
+      const simt::Vec<uint32_t, 2> m =
+          sort_keys(in_bucket, above, s, [&](int i, int) { return static_cast<Key>(candidates[i * 32 + lane]); });
       above = m.v[0];
       from = m.v[1];
     }
