@@ -189,14 +189,22 @@ DROPIT_DEVICE void narrow_selection(Team team, Selection<Key>& s, const Visit& v
     const int shift = high > kNarrowBits ? high - kNarrowBits : 0;
     const Key digit_mask = static_cast<Key>((Key(1) << (high - shift)) - 1);
     const Key fixed = static_cast<Key>(s.prefix >> high);
-    if constexpr (std::is_same_v<Team, SoloWarpTeam>) {
+    // A lone warp counts a digit of up to 5 bits in 32 bins, one a lane: the one narrow digit of
+    // 16-bit keys after its 10-bit first digit. (Wider keys rarely get that far: no such code.)
+    constexpr bool kSolo = std::is_same_v<Team, SoloWarpTeam>;
+    const bool lane_bins = kSolo && sizeof(Key) == 2 && high - shift <= 5;
+    if constexpr (kSolo) {
       // A lane clears the run of bins it reads in choose_bin (so no barrier orders its reads
       // before the next pass's clearing); kNarrowCleared orders the zeros before every count.
       // Its two 16-byte groups in choose_bin's order: each store then uses every bank.
       static_assert(kNarrowBins == 8 * bitmap::kWarp, "a lane's run is two 16-byte groups");
-      const int first = 4 * ((tid >> 2) & 1);
-      simt::store_vec(hist + (kNarrowBins - 8 - 8 * tid + first), simt::Vec<uint32_t, 4>{});
-      simt::store_vec(hist + (kNarrowBins - 8 - 8 * tid + (first ^ 4)), simt::Vec<uint32_t, 4>{});
+      if (lane_bins) {
+        hist[bitmap::kWarp - 1 - tid] = 0u;
+      } else {
+        const int first = 4 * ((tid >> 2) & 1);
+        simt::store_vec(hist + (kNarrowBins - 8 - 8 * tid + first), simt::Vec<uint32_t, 4>{});
+        simt::store_vec(hist + (kNarrowBins - 8 - 8 * tid + (first ^ 4)), simt::Vec<uint32_t, 4>{});
+      }
     } else {
       for (int i = tid; i < kNarrowBins; i += nthreads) hist[i] = 0u;
     }
@@ -206,9 +214,11 @@ DROPIT_DEVICE void narrow_selection(Team team, Selection<Key>& s, const Visit& v
       if (static_cast<Key>(key >> high) == fixed && d != 0) simt::atomic_add_shared(hist + d, 1u);
     });
     team.sync(sync, kNarrowCounted);
+    const uint32_t count = static_cast<uint32_t>(s.count), need = static_cast<uint32_t>(s.need);
+    constexpr int kScanned = kNarrowScanned, kChosen = kNarrowChosen;
     take_bin(s,
-             choose_bin<kNarrowBins>(team, hist, static_cast<uint32_t>(s.count), static_cast<uint32_t>(s.need), slots,
-                                     sel, sync, kNarrowScanned, kNarrowChosen),
+             lane_bins ? choose_bin<bitmap::kWarp>(team, hist, count, need, slots, sel, sync, kScanned, kChosen)
+                       : choose_bin<kNarrowBins>(team, hist, count, need, slots, sel, sync, kScanned, kChosen),
              shift);
   }
 }
