@@ -307,10 +307,16 @@ DROPIT_UNROLL
     }
   });
   team.sync(sync, counted);
-  choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync, scanned,
-                         chosen);
   Selection<Key> s{0, kKeyBits, k, L};
-  take_bin(s, sel, kShift);
+  if constexpr (std::is_same_v<Team, BlockTeam>) {  // `slots`: kNarrowBins words for the runs' sums
+    choose_bin_by_runs<1 << kBits, kNarrowBins>(hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel,
+                                                sync, scanned, chosen);
+    take_bin(s, simt::load_vec<4>(sel), kShift);
+  } else {
+    choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync, scanned,
+                           chosen);
+    take_bin(s, sel, kShift);
+  }
   return s;
 }
 
@@ -448,7 +454,7 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     if (tid < 32) gathered[tid] = 0u;
     sync(kWideCleared);
     Selection<Key> s = first_digit<kWideBits, kKeyBits>(BlockTeam(), keys, L, k, kStaged, wide, wide + (kWideBins + lane),
-                                                        slots32, sel, sync, kWideCounted, kWideScanned, kWideChosen);
+                                                        narrow, sel, sync, kWideCounted, kWideScanned, kWideChosen);
 
     const int used_words = (L + 31) >> 5;
     // Late select: when the bucket's keys fit beside the bitmap masks (two words a bitmap word,
