@@ -43,7 +43,8 @@ DROPIT_DEVICE T warp_inclusive_scan(T v) {
 
 // Block-wide exclusive scan of one value per thread, in thread order. Every
 // thread of the block calls it. Returns the sum of the values of the threads
-// before this one; `*total` receives the sum over the block.
+// before this one; `*total` receives the sum over the block (unless `total` is
+// null: then its shuffle is not run).
 //
 // `slots`: 32 T of shared memory. `barrier()` is called once, between the
 // warps' totals landing in `slots` and their reads; the slots are read after
@@ -59,7 +60,7 @@ DROPIT_DEVICE T block_exclusive_scan(T v, simt::sptr<T> slots, T* total, Barrier
   const T w = lane < nwarps ? static_cast<T>(slots[lane]) : T(0);
   const T warps_inc = warp_inclusive_scan(w);
   const T warps_before = simt::shfl(warps_inc, warp == 0 ? 0 : warp - 1);
-  *total = simt::shfl(warps_inc, nwarps - 1);
+  if (total) *total = simt::shfl(warps_inc, nwarps - 1);
   return (warp == 0 ? T(0) : warps_before) + inc - v;
 }
 

@@ -332,19 +332,22 @@ struct InBucketAboveLowest {
 };
 
 // Warp 0's selection, written by its lane 0 for the block (to read after a barrier), and read.
+// (One 16-byte vector each way: `to` is 16-byte aligned.)
 template <typename Key>
 DROPIT_DEVICE void share_selection(const Selection<Key>& s, simt::sptr<uint64_t> to, int lane) {
   if (lane == 0) {
-    to[0] = static_cast<uint64_t>(s.prefix);
-    to[1] = (static_cast<uint64_t>(s.shift) << 40) | (static_cast<uint64_t>(s.need) << 20) |
-            static_cast<uint64_t>(s.count);
+    simt::store_vec(to, simt::Vec<uint64_t, 2>{{static_cast<uint64_t>(s.prefix),
+                                               (static_cast<uint64_t>(s.shift) << 40) |
+                                                   (static_cast<uint64_t>(s.need) << 20) |
+                                                   static_cast<uint64_t>(s.count)}});
   }
 }
 template <typename Key>
 DROPIT_DEVICE Selection<Key> shared_selection(simt::sptr<uint64_t> from) {
-  const uint64_t packed = from[1];
-  return {static_cast<Key>(static_cast<uint64_t>(from[0])), static_cast<int>(packed >> 40),
-          static_cast<int>((packed >> 20) & 0xfffff), static_cast<int>(packed & 0xfffff)};
+  const simt::Vec<uint64_t, 2> v = simt::load_vec<2>(from);
+  const uint64_t packed = v.v[1];
+  return {static_cast<Key>(v.v[0]), static_cast<int>(packed >> 40), static_cast<int>((packed >> 20) & 0xfffff),
+          static_cast<int>(packed & 0xfffff)};
 }
 
 // A chunk kept whole, written by threads [0, nthreads) of the team (`tid` this thread's rank).
@@ -586,9 +589,8 @@ DROPIT_UNROLL
       n_above += static_cast<uint32_t>(simt::popc(m.v[0]));
       n_ties += static_cast<uint32_t>(simt::popc(m.v[1] & ~m.v[0]));
     }
-    uint64_t total = 0;
     const uint64_t before = bitmap::block_exclusive_scan<uint64_t>(
-        (static_cast<uint64_t>(n_above) << 32) | n_ties, slots, &total, [&] { sync(kCompactionScanned); });
+        (static_cast<uint64_t>(n_above) << 32) | n_ties, slots, nullptr, [&] { sync(kCompactionScanned); });
     const int ties_before = static_cast<int>(before & 0xffffffffu);
     int ties_left = s.need - ties_before;  // ties this thread may still keep
     // Where this thread's first kept value goes: the keys above the bucket and the kept ties
@@ -609,7 +611,9 @@ DROPIT_UNROLL
     if (wc) {
       for (int w = used_words + tid; w < p.words; w += nthreads) wc[w] = 0;
     }
-    sync(kChunkDone);
+    // (A block's last chunk needs no barrier: nothing follows. With one block a chunk, the
+    // launcher's grid, that is every chunk.)
+    if (c + simt::grid_dim() < p.num_chunks) sync(kChunkDone);
   }
 }
 
