@@ -47,6 +47,7 @@ constexpr int kWideBits = 12;
 constexpr int kWideBins = 1 << kWideBits;
 constexpr int kPackMaxThreads = 512;  // the launch bound: the plan uses 256 or 512
 constexpr int kPackLoadAhead = 2;     // 16-byte loads in flight per thread in the wide pass
+constexpr int kPackWordsPerThread = 4;  // bitmap words a thread compacts, at least (pack_block)
 
 // The wide histogram's memory is reused: first the candidates, then two words per bitmap word.
 // After the bins come 32 spare counters, one per lane, that take the keys of digit 0.
@@ -547,8 +548,11 @@ DROPIT_UNROLL
       if (lane == 0) simt::store_vec(masks + 2 * cw, simt::Vec<uint32_t, 2>{{above, from}});
     }
     sync(kMasksWritten);
-    // Thread t owns words [t*R, t*R + R): counts, one scan, then its words and values.
-    const int per_thread = (used_words + nthreads - 1) / nthreads;
+    // Thread t owns words [t*R, t*R + R): counts, one scan, then its words and values. At least
+    // kPackWordsPerThread words a thread (the other warps idle): a warp's loops over its threads'
+    // words run as long as its busiest lane, and every busy warp pays for the scan.
+    const int per_thread = used_words > nthreads * kPackWordsPerThread ? (used_words + nthreads - 1) / nthreads
+                                                                       : kPackWordsPerThread;
     const int t_begin = tid * per_thread < used_words ? tid * per_thread : used_words;
     const int t_end = t_begin + per_thread < used_words ? t_begin + per_thread : used_words;
     if (late) {
@@ -590,7 +594,8 @@ DROPIT_UNROLL
       n_ties += static_cast<uint32_t>(simt::popc(m.v[1] & ~m.v[0]));
     }
     const uint64_t before = bitmap::block_exclusive_scan<uint64_t>(
-        (static_cast<uint64_t>(n_above) << 32) | n_ties, slots, nullptr, [&] { sync(kCompactionScanned); });
+        (static_cast<uint64_t>(n_above) << 32) | n_ties, slots, nullptr, [&] { sync(kCompactionScanned); },
+        (used_words + 32 * per_thread - 1) / (32 * per_thread));
     const int ties_before = static_cast<int>(before & 0xffffffffu);
     int ties_left = s.need - ties_before;  // ties this thread may still keep
     // Where this thread's first kept value goes: the keys above the bucket and the kept ties
