@@ -555,9 +555,16 @@ DROPIT_UNROLL
                                                                        : kPackWordsPerThread;
     const int t_begin = tid * per_thread < used_words ? tid * per_thread : used_words;
     const int t_end = t_begin + per_thread < used_words ? t_begin + per_thread : used_words;
+    // The loops that may visit a thread's words in any order start at a word rotated by lane (for
+    // a power-of-two count): the masks of lanes 4 apart would otherwise share banks.
+    const int own = t_end - t_begin;
+    const int wrap = (own & (own - 1)) == 0 ? own - 1 : -1;
+    const int turn = wrap >= 0 ? (lane >> 2) & wrap : 0;
+    auto any_order = [&](int i) { return t_begin + ((i + turn) & wrap); };
     if (late) {
       // The bucket's keys of this thread's words (in `from`, not `above`), through one counter.
-      for (int w = t_begin; w < t_end; ++w) {
+      for (int i = 0; i < own; ++i) {
+        const int w = any_order(i);
         const simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
         uint32_t rest = m.v[1] & ~m.v[0];
         if (rest != 0) {
@@ -583,7 +590,8 @@ DROPIT_UNROLL
     }
     const auto [vc, oc, wc] = outputs();
     uint32_t n_above = 0, n_ties = 0;
-    for (int w = t_begin; w < t_end; ++w) {
+    for (int i = 0; i < own; ++i) {
+      const int w = any_order(i);
       simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
       const uint32_t in_bucket = m.v[1] & ~m.v[0];
       if (late && in_bucket != 0) {  // each of the bucket's keys: above the final bucket, in it, or neither
