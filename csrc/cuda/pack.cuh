@@ -4,8 +4,8 @@
 //  1. One wide digit: a 4096-bin histogram of each key's top 12 bits, with plain shared atomics
 //     (zeros and other digit-0 keys are counted by difference, not by atomics). The chunk is read
 //     from global memory 16 bytes a lane over its 16-byte aligned middle (the few elements before
-//     and after it one at a time), and staged in shared memory when it fits. One block scan over
-//     the bins picks the bucket of the keep-th largest key.
+//     and after it one at a time), and staged in shared memory when it fits. Warp 0 picks the
+//     bucket of the keep-th largest key from the threads' sums of runs of bins (no block scan).
 //  2. Compaction's ballots: warps ballot "above the bucket" and "in it" into bitmap words (warp
 //     w a run of consecutive words). Unless the bucket is kept whole, the select then finishes
 //     on the bucket's keys alone (a few percent of the chunk for real data) with narrower digits
@@ -18,8 +18,8 @@
 //       warp w to slot (l + w) mod 32, so that ties that all fall on one lane of every warp, a
 //       constant column's, spread), and the ballots run against the final bounds; a bucket that
 //       overflows a slot (128 32-bit keys) is refined over the whole chunk instead.
-//  3. One block scan over per-thread counts orders the words, and each thread writes the bitmap
-//     words it owns and their kept values (ties go to the lower index).
+//  3. One block scan over per-thread counts (at least 4 words a thread) orders the words, and each
+//     thread writes the bitmap words it owns and their kept values (ties go to the lower index).
 //
 // The keys are bit patterns (uint16/32/64): the magnitude key of the value or the random key of
 // its global index, so one body serves every floating dtype. Only the portability layer
@@ -421,7 +421,7 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   constexpr int kPerLane = kBufferKeys / 32;
   constexpr bool kStaged = Src == KeySource::kSharedBits;
   DROPIT_SHARED(uint32_t, wide, kWideBins + 32);  // wide bins (then candidates, then bitmap words), spares
-  DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // narrow bins; then warp 0's selection
+  DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // the wide runs' sums; narrow bins; warp 0's selection
   DROPIT_SHARED(uint64_t, slots, 32);             // block scans
   DROPIT_SHARED(uint32_t, sel, 4);                // chosen bin, keys above it, keys in it
   DROPIT_SHARED(uint32_t, gathered, 32);          // candidates per slot
