@@ -645,7 +645,8 @@ DROPIT_UNROLL
 // A full word staged at a 16-byte boundary is read 16 bytes at a time, starting at a vector that
 // depends on w (the 8 threads of a quarter warp then read 8 different bank groups); each vector's
 // bits are shifted in at the bottom, so the masks come out rotated, and are rotated back once.
-// Otherwise one key at a time, from key w on (consecutive words' threads, different banks).
+// Otherwise one key at a time, from key w on (consecutive words' threads, different banks), the
+// same way.
 // (Loops, not unrolled whole: straight-line code of this size would hide from the cost model.)
 template <typename Bits, typename Key, KeySource Src>
 DROPIT_DEVICE simt::Vec<uint32_t, 2> word_masks(const ChunkKeys<Bits, Key, Src>& keys, int w, int L, Key lowest,
@@ -696,16 +697,34 @@ DROPIT_UNROLL
     }
   }
   if (n > 0) {
+    // Key (b + w) mod 32 of the word is shifted in at the bottom when it will end at bit b of the
+    // masks; they are rotated back by w at the end.
+    int j = w & 31;
+    if (n >= 32) {
+#if defined(__CUDACC__)
+#pragma unroll 4
+#endif
+      for (int i = 0; i < 32; ++i) {
+        j = (j - 1) & 31;
+        const Key key = word(j);
+        above = (above << 1) | static_cast<uint32_t>(key > highest);
+        from = (from << 1) | static_cast<uint32_t>(key >= lowest);
+      }
+    } else {
 #if defined(__CUDACC__)
 #pragma unroll 1
 #endif
-    for (int i = 0; i < 32; ++i) {
-      const int j = (i + w) & 31;
-      const bool in = j < n;
-      const Key key = in ? word(j) : Key(0);
-      above |= static_cast<uint32_t>(in && key > highest) << j;
-      from |= static_cast<uint32_t>(in && key >= lowest) << j;
+      for (int i = 0; i < 32; ++i) {
+        j = (j - 1) & 31;
+        const bool in = j < n;
+        const Key key = in ? word(j) : Key(0);
+        above = (above << 1) | static_cast<uint32_t>(in && key > highest);
+        from = (from << 1) | static_cast<uint32_t>(in && key >= lowest);
+      }
     }
+    const int rot = w & 31;
+    above = (above << rot) | (above >> ((32 - rot) & 31));
+    from = (from << rot) | (from >> ((32 - rot) & 31));
   }
   return simt::Vec<uint32_t, 2>{{above, from}};
 }
