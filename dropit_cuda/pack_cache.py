@@ -22,7 +22,7 @@ import torch
 from . import strategies
 from .settings import Settings
 
-__all__ = ["Scope", "alias", "cache", "find", "keep"]
+__all__ = ["Scope", "alias", "cache", "find", "find_eager", "keep"]
 
 
 class _Local(threading.local):
@@ -89,7 +89,12 @@ def find(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[Optiona
     shared), and the pack an earlier product made of it (None: none yet; :func:`keep` it)."""
     if torch.compiler.is_compiling():  # checked first: reading the thread's state would add guards
         return None, None
-    scope = _current()
+    return find_eager(x, settings, channel_dim)
+
+
+def find_eager(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[Optional[tuple], Optional[Any]]:
+    """:func:`find` for a caller that knows it runs outside ``torch.compile``."""
+    scope = _local.scope
     if scope is None or torch._C._current_graph_task_id() != -1 or x.layout != torch.strided \
             or torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: tensors are wrappers
         return None, None
