@@ -648,10 +648,13 @@ class Conversion:
         """The settings of a product against layer ``index``'s weight ``w``, None where it stays
         dense (a dense layer, or its owner not training); decides ``skip_first`` on the first
         product against a trainable weight."""
-        if w.requires_grad:
+        # (eager calls read the state directly: the two lookups by key are for torch.compile)
+        compiling = torch.compiler.is_compiling()
+        if w.requires_grad and (compiling or self.first_pending):
             _skip_first(self.key, index)
-        settings = _settings_of(self.key, index)
-        if settings is None or not self.layers[index].module.training:
+        layer = self.layers[index]
+        settings = _settings_of(self.key, index) if compiling else layer.settings
+        if settings is None or not layer.module.training:
             return None
         return settings
 
