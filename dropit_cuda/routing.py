@@ -114,7 +114,9 @@ class Layer:
     def record(self, op: str, dense_bytes: int, cached_bytes: int, x: Optional[torch.Tensor] = None) -> None:
         """Called by the autograd functions when they cache this weight's input ``x`` (bytes 0
         when the pack is shared with an earlier product of the forward)."""
-        if in_backward():  # a checkpointed block recomputed: not a new forward
+        # a checkpointed block recomputed: not a new forward (in_backward without its compile
+        # check: the products record in eager calls only)
+        if torch._C._current_graph_task_id() != -1:
             return
         self.op = op
         self.calls += 1
