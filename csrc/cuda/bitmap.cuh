@@ -41,26 +41,44 @@ DROPIT_DEVICE T warp_inclusive_scan(T v) {
   return v;
 }
 
+namespace detail {
+template <bool kIdleWarps, typename T, typename Barrier>
+DROPIT_DEVICE T block_exclusive_scan(T v, simt::sptr<T> slots, T* total, Barrier barrier, int busy_warps) {
+  const int lane = lane_id();
+  const int warp = warp_id();
+  const bool busy = !kIdleWarps || warp < busy_warps;  // the same in the whole warp
+  T inc = v;
+  if (busy) {
+    inc = warp_inclusive_scan(v);
+    if (lane == kWarp - 1) slots[warp] = inc;
+  }
+  barrier();
+  if (!busy) return T(0);
+  const T w = lane < busy_warps ? static_cast<T>(slots[lane]) : T(0);
+  const T warps_inc = warp_inclusive_scan(w);
+  const T warps_before = simt::shfl(warps_inc, warp == 0 ? 0 : warp - 1);
+  if (total) *total = simt::shfl(warps_inc, busy_warps - 1);
+  return (warp == 0 ? T(0) : warps_before) + inc - v;
+}
+}  // namespace detail
+
 // Block-wide exclusive scan of one value per thread, in thread order. Every
 // thread of the block calls it. Returns the sum of the values of the threads
-// before this one; `*total` receives the sum over the block.
+// before this one; `*total` receives the sum over the block (unless `total` is
+// null: then its shuffle is not run). Given `busy_warps`, the warps from it on
+// must hold zeros: they only reach the barrier (their result is 0, not their
+// prefix).
 //
 // `slots`: 32 T of shared memory. `barrier()` is called once, between the
 // warps' totals landing in `slots` and their reads; the slots are read after
 // it, so the next call needs another barrier in between. Up to 1024 threads.
 template <typename T, typename Barrier>
 DROPIT_DEVICE T block_exclusive_scan(T v, simt::sptr<T> slots, T* total, Barrier barrier) {
-  const int lane = lane_id();
-  const int warp = warp_id();
-  const int nwarps = num_warps();
-  const T inc = warp_inclusive_scan(v);
-  if (lane == kWarp - 1) slots[warp] = inc;
-  barrier();
-  const T w = lane < nwarps ? static_cast<T>(slots[lane]) : T(0);
-  const T warps_inc = warp_inclusive_scan(w);
-  const T warps_before = simt::shfl(warps_inc, warp == 0 ? 0 : warp - 1);
-  *total = simt::shfl(warps_inc, nwarps - 1);
-  return (warp == 0 ? T(0) : warps_before) + inc - v;
+  return detail::block_exclusive_scan<false>(v, slots, total, barrier, num_warps());
+}
+template <typename T, typename Barrier>
+DROPIT_DEVICE T block_exclusive_scan(T v, simt::sptr<T> slots, T* total, Barrier barrier, int busy_warps) {
+  return detail::block_exclusive_scan<true>(v, slots, total, barrier, busy_warps);
 }
 
 // Number of 32-bit words of a bitmap over n elements.

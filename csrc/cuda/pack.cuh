@@ -4,8 +4,8 @@
 //  1. One wide digit: a 4096-bin histogram of each key's top 12 bits, with plain shared atomics
 //     (zeros and other digit-0 keys are counted by difference, not by atomics). The chunk is read
 //     from global memory 16 bytes a lane over its 16-byte aligned middle (the few elements before
-//     and after it one at a time), and staged in shared memory when it fits. One block scan over
-//     the bins picks the bucket of the keep-th largest key.
+//     and after it one at a time), and staged in shared memory when it fits. Warp 0 picks the
+//     bucket of the keep-th largest key from the threads' sums of runs of bins (no block scan).
 //  2. Compaction's ballots: warps ballot "above the bucket" and "in it" into bitmap words (warp
 //     w a run of consecutive words). Unless the bucket is kept whole, the select then finishes
 //     on the bucket's keys alone (a few percent of the chunk for real data) with narrower digits
@@ -18,8 +18,8 @@
 //       warp w to slot (l + w) mod 32, so that ties that all fall on one lane of every warp, a
 //       constant column's, spread), and the ballots run against the final bounds; a bucket that
 //       overflows a slot (128 32-bit keys) is refined over the whole chunk instead.
-//  3. One block scan over per-thread counts orders the words, and each thread writes the bitmap
-//     words it owns and their kept values (ties go to the lower index).
+//  3. One block scan over per-thread counts (at least 4 words a thread) orders the words, and each
+//     thread writes the bitmap words it owns and their kept values (ties go to the lower index).
 //
 // The keys are bit patterns (uint16/32/64): the magnitude key of the value or the random key of
 // its global index, so one body serves every floating dtype. Only the portability layer
@@ -47,6 +47,7 @@ constexpr int kWideBits = 12;
 constexpr int kWideBins = 1 << kWideBits;
 constexpr int kPackMaxThreads = 512;  // the launch bound: the plan uses 256 or 512
 constexpr int kPackLoadAhead = 2;     // 16-byte loads in flight per thread in the wide pass
+constexpr int kPackWordsPerThread = 4;  // bitmap words a thread compacts, at least (pack_block)
 
 // The wide histogram's memory is reused: first the candidates, then two words per bitmap word.
 // After the bins come 32 spare counters, one per lane, that take the keys of digit 0.
@@ -307,10 +308,16 @@ DROPIT_UNROLL
     }
   });
   team.sync(sync, counted);
-  choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync, scanned,
-                         chosen);
   Selection<Key> s{0, kKeyBits, k, L};
-  take_bin(s, sel, kShift);
+  if constexpr (std::is_same_v<Team, BlockTeam>) {  // `slots`: kNarrowBins words for the runs' sums
+    choose_bin_by_runs<1 << kBits, kNarrowBins>(hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel,
+                                                sync, scanned, chosen);
+    take_bin(s, simt::load_vec<4>(sel), kShift);
+  } else {
+    choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync, scanned,
+                           chosen);
+    take_bin(s, sel, kShift);
+  }
   return s;
 }
 
@@ -326,19 +333,22 @@ struct InBucketAboveLowest {
 };
 
 // Warp 0's selection, written by its lane 0 for the block (to read after a barrier), and read.
+// (One 16-byte vector each way: `to` is 16-byte aligned.)
 template <typename Key>
 DROPIT_DEVICE void share_selection(const Selection<Key>& s, simt::sptr<uint64_t> to, int lane) {
   if (lane == 0) {
-    to[0] = static_cast<uint64_t>(s.prefix);
-    to[1] = (static_cast<uint64_t>(s.shift) << 40) | (static_cast<uint64_t>(s.need) << 20) |
-            static_cast<uint64_t>(s.count);
+    simt::store_vec(to, simt::Vec<uint64_t, 2>{{static_cast<uint64_t>(s.prefix),
+                                               (static_cast<uint64_t>(s.shift) << 40) |
+                                                   (static_cast<uint64_t>(s.need) << 20) |
+                                                   static_cast<uint64_t>(s.count)}});
   }
 }
 template <typename Key>
 DROPIT_DEVICE Selection<Key> shared_selection(simt::sptr<uint64_t> from) {
-  const uint64_t packed = from[1];
-  return {static_cast<Key>(static_cast<uint64_t>(from[0])), static_cast<int>(packed >> 40),
-          static_cast<int>((packed >> 20) & 0xfffff), static_cast<int>(packed & 0xfffff)};
+  const simt::Vec<uint64_t, 2> v = simt::load_vec<2>(from);
+  const uint64_t packed = v.v[1];
+  return {static_cast<Key>(v.v[0]), static_cast<int>(packed >> 40), static_cast<int>((packed >> 20) & 0xfffff),
+          static_cast<int>(packed & 0xfffff)};
 }
 
 // A chunk kept whole, written by threads [0, nthreads) of the team (`tid` this thread's rank).
@@ -411,7 +421,7 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   constexpr int kPerLane = kBufferKeys / 32;
   constexpr bool kStaged = Src == KeySource::kSharedBits;
   DROPIT_SHARED(uint32_t, wide, kWideBins + 32);  // wide bins (then candidates, then bitmap words), spares
-  DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // narrow bins; then warp 0's selection
+  DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // the wide runs' sums; narrow bins; warp 0's selection
   DROPIT_SHARED(uint64_t, slots, 32);             // block scans
   DROPIT_SHARED(uint32_t, sel, 4);                // chosen bin, keys above it, keys in it
   DROPIT_SHARED(uint32_t, gathered, 32);          // candidates per slot
@@ -448,7 +458,7 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     if (tid < 32) gathered[tid] = 0u;
     sync(kWideCleared);
     Selection<Key> s = first_digit<kWideBits, kKeyBits>(BlockTeam(), keys, L, k, kStaged, wide, wide + (kWideBins + lane),
-                                                        slots32, sel, sync, kWideCounted, kWideScanned, kWideChosen);
+                                                        narrow, sel, sync, kWideCounted, kWideScanned, kWideChosen);
 
     const int used_words = (L + 31) >> 5;
     // Late select: when the bucket's keys fit beside the bitmap masks (two words a bitmap word,
@@ -538,13 +548,23 @@ DROPIT_UNROLL
       if (lane == 0) simt::store_vec(masks + 2 * cw, simt::Vec<uint32_t, 2>{{above, from}});
     }
     sync(kMasksWritten);
-    // Thread t owns words [t*R, t*R + R): counts, one scan, then its words and values.
-    const int per_thread = (used_words + nthreads - 1) / nthreads;
+    // Thread t owns words [t*R, t*R + R): counts, one scan, then its words and values. At least
+    // kPackWordsPerThread words a thread (the other warps idle): a warp's loops over its threads'
+    // words run as long as its busiest lane, and every busy warp pays for the scan.
+    const int per_thread = used_words > nthreads * kPackWordsPerThread ? (used_words + nthreads - 1) / nthreads
+                                                                       : kPackWordsPerThread;
     const int t_begin = tid * per_thread < used_words ? tid * per_thread : used_words;
     const int t_end = t_begin + per_thread < used_words ? t_begin + per_thread : used_words;
+    // The loops that may visit a thread's words in any order start at a word rotated by lane (for
+    // a power-of-two count): the masks of lanes 4 apart would otherwise share banks.
+    const int own = t_end - t_begin;
+    const int wrap = (own & (own - 1)) == 0 ? own - 1 : -1;
+    const int turn = wrap >= 0 ? (lane >> 2) & wrap : 0;
+    auto any_order = [&](int i) { return t_begin + ((i + turn) & wrap); };
     if (late) {
       // The bucket's keys of this thread's words (in `from`, not `above`), through one counter.
-      for (int w = t_begin; w < t_end; ++w) {
+      for (int i = 0; i < own; ++i) {
+        const int w = any_order(i);
         const simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
         uint32_t rest = m.v[1] & ~m.v[0];
         if (rest != 0) {
@@ -570,7 +590,8 @@ DROPIT_UNROLL
     }
     const auto [vc, oc, wc] = outputs();
     uint32_t n_above = 0, n_ties = 0;
-    for (int w = t_begin; w < t_end; ++w) {
+    for (int i = 0; i < own; ++i) {
+      const int w = any_order(i);
       simt::Vec<uint32_t, 2> m = simt::load_vec<2>(masks + 2 * w);
       const uint32_t in_bucket = m.v[1] & ~m.v[0];
       if (late && in_bucket != 0) {  // each of the bucket's keys: above the final bucket, in it, or neither
@@ -580,9 +601,9 @@ DROPIT_UNROLL
       n_above += static_cast<uint32_t>(simt::popc(m.v[0]));
       n_ties += static_cast<uint32_t>(simt::popc(m.v[1] & ~m.v[0]));
     }
-    uint64_t total = 0;
     const uint64_t before = bitmap::block_exclusive_scan<uint64_t>(
-        (static_cast<uint64_t>(n_above) << 32) | n_ties, slots, &total, [&] { sync(kCompactionScanned); });
+        (static_cast<uint64_t>(n_above) << 32) | n_ties, slots, nullptr, [&] { sync(kCompactionScanned); },
+        (used_words + 32 * per_thread - 1) / (32 * per_thread));
     const int ties_before = static_cast<int>(before & 0xffffffffu);
     int ties_left = s.need - ties_before;  // ties this thread may still keep
     // Where this thread's first kept value goes: the keys above the bucket and the kept ties
@@ -603,7 +624,9 @@ DROPIT_UNROLL
     if (wc) {
       for (int w = used_words + tid; w < p.words; w += nthreads) wc[w] = 0;
     }
-    sync(kChunkDone);
+    // (A block's last chunk needs no barrier: nothing follows. With one block a chunk, the
+    // launcher's grid, that is every chunk.)
+    if (c + simt::grid_dim() < p.num_chunks) sync(kChunkDone);
   }
 }
 

@@ -77,18 +77,10 @@ struct Selection {
   DROPIT_DEVICE bool whole() const { return need == count; }
 };
 
-// Chooses the bin of the `need`-th largest key from a histogram of `kBins` bins, in which bin 0 was
-// left uncounted: it holds the `keys` counted keys less the other bins. (Not counting digit 0
-// spares the atomics of the most crowded bin, zeros, and lets keys known only by their number
-// count there.) Writes sel[0] = the bin, sel[1] = keys in the bins above it, sel[2] = keys in it.
-// Every thread of the team calls it; thread t sums a run of bins from the top, one scan orders
-// the runs, and the thread whose run holds the bin writes it.
-template <int kBins, typename Team, typename Sync>
-DROPIT_DEVICE void choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_t keys, uint32_t need,
-                              simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync, int scanned,
-                              int chosen) {
-  const int tid = team.rank();
-  const int per = (kBins + team.size() - 1) / team.size();
+// The sum of bins [bottom, top) of `hist`, a run of `per` bins from the top of kBins bins (the run
+// of thread `tid`: each thread of the team sums one).
+template <int kBins>
+DROPIT_DEVICE uint32_t run_sum(simt::sptr<uint32_t> hist, int tid, int per) {
   const int top = kBins - tid * per;  // this thread's bins: [bottom, top)
   const int bottom = top - per > 0 ? top - per : 0;
   uint32_t sum = 0;  // (bin 0 holds 0: it is cleared and never counted)
@@ -114,6 +106,24 @@ DROPIT_UNROLL
   } else {
     for (int b = bottom; b < top; ++b) sum += hist[b];
   }
+  return sum;
+}
+
+// Chooses the bin of the `need`-th largest key from a histogram of `kBins` bins, in which bin 0 was
+// left uncounted: it holds the `keys` counted keys less the other bins. (Not counting digit 0
+// spares the atomics of the most crowded bin, zeros, and lets keys known only by their number
+// count there.) Writes sel[0] = the bin, sel[1] = keys in the bins above it, sel[2] = keys in it.
+// Every thread of the team calls it; thread t sums a run of bins from the top, one scan orders
+// the runs, and the thread whose run holds the bin writes it.
+template <int kBins, typename Team, typename Sync>
+DROPIT_DEVICE void choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_t keys, uint32_t need,
+                              simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync, int scanned,
+                              int chosen) {
+  const int tid = team.rank();
+  const int per = (kBins + team.size() - 1) / team.size();
+  const int top = kBins - tid * per;  // this thread's bins: [bottom, top)
+  const int bottom = top - per > 0 ? top - per : 0;
+  const uint32_t sum = run_sum<kBins>(hist, tid, per);
   uint32_t counted = 0;
   uint32_t above = team.exclusive_scan(sum, slots, &counted, sync, scanned);
   const uint32_t in_bin0 = keys - counted;
@@ -132,6 +142,54 @@ DROPIT_UNROLL
   team.sync(sync, chosen);
 }
 
+// choose_bin for a whole block, without a block scan (which costs every warp two warp scans):
+// threads [0, P) each write the sum of a run of bins to parts[t] (P = the block size, at most
+// kMaxParts: `parts` holds that many), and after the barrier warp 0 alone scans the runs' sums
+// (lane l a group of consecutive runs); the lane whose group holds the bin walks its runs, then
+// the bins of the run that holds it. Writes sel[0..3] = {bin, keys above it, keys in it, 0} (one
+// vector, for one vector read).
+template <int kBins, int kMaxParts, typename Sync>
+DROPIT_DEVICE void choose_bin_by_runs(simt::sptr<uint32_t> hist, uint32_t keys, uint32_t need,
+                                      simt::sptr<uint32_t> parts, simt::sptr<uint32_t> sel, const Sync& sync,
+                                      int scanned, int chosen) {
+  const int tid = simt::thread_idx();
+  const int nparts = simt::block_dim() < kMaxParts ? simt::block_dim() : kMaxParts;
+  const int per = (kBins + nparts - 1) / nparts;  // run i: bins [max(0, kBins - (i+1) per), kBins - i per)
+  if (tid < nparts) parts[tid] = run_sum<kBins>(hist, tid, per);
+  sync(scanned);
+  if (bitmap::warp_id() == 0) {
+    const int lane = bitmap::lane_id();
+    const int group = (nparts + bitmap::kWarp - 1) / bitmap::kWarp;
+    const int p0 = lane * group < nparts ? lane * group : nparts;  // this lane's runs: [p0, p1)
+    const int p1 = p0 + group < nparts ? p0 + group : nparts;
+    uint32_t sum = 0;
+    for (int i = p0; i < p1; ++i) sum += parts[i];
+    const uint32_t inc = bitmap::warp_inclusive_scan(sum);
+    const uint32_t in_bin0 = keys - simt::shfl(inc, bitmap::kWarp - 1);
+    const int run0 = (kBins - 1) / per;  // the run holding bin 0
+    uint32_t above = inc - sum;
+    if (above < need && above + sum + (p0 <= run0 && run0 < p1 ? in_bin0 : 0u) >= need) {
+      int i = p0;
+      for (;; ++i) {
+        const uint32_t c = parts[i] + (i == run0 ? in_bin0 : 0u);
+        if (above + c >= need) break;
+        above += c;
+      }
+      const int top = kBins - i * per;
+      const int bottom = top - per > 0 ? top - per : 0;
+      for (int b = top - 1; b >= bottom; --b) {
+        const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
+        if (above + c >= need) {
+          simt::store_vec(sel, simt::Vec<uint32_t, 4>{{static_cast<uint32_t>(b), above, c, 0u}});
+          break;
+        }
+        above += c;
+      }
+    }
+  }
+  sync(chosen);
+}
+
 // Applies the choice of choose_bin to a selection narrowed by a digit of `bits` bits at `shift`.
 template <typename Key>
 DROPIT_DEVICE void take_bin(Selection<Key>& s, simt::sptr<uint32_t> sel, int shift) {
@@ -139,6 +197,15 @@ DROPIT_DEVICE void take_bin(Selection<Key>& s, simt::sptr<uint32_t> sel, int shi
   s.need -= static_cast<int>(static_cast<uint32_t>(sel[1]));
   s.count = static_cast<int>(static_cast<uint32_t>(sel[2]));
   s.prefix = static_cast<Key>(s.prefix | (static_cast<Key>(bin) << shift));
+  s.shift = shift;
+}
+
+// The same from the choice read as one vector.
+template <typename Key>
+DROPIT_DEVICE void take_bin(Selection<Key>& s, const simt::Vec<uint32_t, 4>& chosen, int shift) {
+  s.need -= static_cast<int>(chosen.v[1]);
+  s.count = static_cast<int>(chosen.v[2]);
+  s.prefix = static_cast<Key>(s.prefix | (static_cast<Key>(chosen.v[0]) << shift));
   s.shift = shift;
 }
 
