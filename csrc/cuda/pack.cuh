@@ -659,13 +659,17 @@ DROPIT_DEVICE simt::Vec<uint32_t, 2> word_masks(const ChunkKeys<Bits, Key, Src>&
     constexpr int kVecs = 32 / V;
     if (n >= 32 && simt::address(word.staged) % 16 == 0) {
       const int r = (kVecs >= 8 ? w : w * kVecs / 8) & (kVecs - 1);
+      // Vector (i + r) mod kVecs for i = kVecs - 1 down to 0: one pointer, stepped down and
+      // wrapped to the word's last vector after its first (no index arithmetic a vector). (For
+      // 16-bit keys, 4 vectors a word, nvcc's index arithmetic was as short.)
+      simt::sptr<Bits> at = word.staged + V * ((r - 1) & (kVecs - 1));
 #if defined(__CUDACC__)
 #pragma unroll 2
 #endif
       for (int i = kVecs - 1; i >= 0; --i) {
-        const simt::sptr<Bits> at = word.staged + V * ((i + r) & (kVecs - 1));
         uint32_t a = 0, f = 0;
         if constexpr (sizeof(Bits) == 2) {
+          at = word.staged + V * ((i + r) & (kVecs - 1));
           // Two keys a 32-bit word: the high one is compared where it is, against bounds moved
           // up 16 bits (its magnitude bits, the rest cleared: above highest iff above highest's
           // with all low bits set).
@@ -689,6 +693,7 @@ DROPIT_UNROLL
         }
         above = (above << V) | a;
         from = (from << V) | f;
+        if constexpr (sizeof(Bits) != 2) at = at == word.staged ? at + (32 - V) : at - V;
       }
       // Vector q of the word sits at (q - r) mod kVecs: rotate left by r vectors.
       const int rot = V * r;
