@@ -280,7 +280,21 @@ DROPIT_DEVICE void copy_chunk_async(const ChunkKeys<Bits, Key, Src>& keys, int L
   constexpr int V = simt::kVec16<Bits>;
   const int head = head_to_16<Bits>(simt::address(keys.x), L);
   const int nvec = (L - head) / V;
-  for (int i = tid; i < nvec; i += nthreads) simt::copy_async16(keys.staged + (head + i * V), keys.x + (head + i * V));
+  const int step = nthreads * V;  // elements between a thread's consecutive copies
+  simt::gptr<const Bits> from = keys.x + (head + tid * V);
+  simt::sptr<Bits> to = keys.staged + (head + tid * V);
+  int i = tid;
+  for (; i + 3 * nthreads < nvec; i += 4 * nthreads) {
+DROPIT_UNROLL
+    for (int u = 0; u < 4; ++u) simt::copy_async16(to + u * step, from + u * step);
+    from += 4 * step;
+    to += 4 * step;
+  }
+  for (; i < nvec; i += nthreads) {
+    simt::copy_async16(to, from);
+    from += step;
+    to += step;
+  }
   for (int r = tid; r < L - nvec * V; r += nthreads) {  // r: the head's elements, then the tail's
     const int e = r < head ? r : nvec * V + r;
     keys.staged[e] = keys.x[e];
