@@ -246,6 +246,15 @@ DROPIT_UNROLL
   }
 }
 
+// The magnitude keys of a Vec of bit patterns.
+template <typename Key, typename Bits, int N>
+DROPIT_DEVICE simt::Vec<Key, N> magnitude_keys(const simt::Vec<Bits, N>& v) {
+  simt::Vec<Key, N> k;
+DROPIT_UNROLL
+  for (int j = 0; j < N; ++j) k.v[j] = magnitude_key<Bits>(v.v[j]);
+  return k;
+}
+
 // Calls f(keys) for the keys of the chunk (in no particular order), keys a Vec of up to 16 bytes
 // of them, reading them as cheaply as their source allows (random keys are computed, one element
 // per thread at a time).
@@ -255,13 +264,7 @@ DROPIT_DEVICE void for_each_key(const ChunkKeys<Bits, Key, Src>& keys, int L, in
   if constexpr (Src == KeySource::kRandom) {
     for (int e = tid; e < L; e += nthreads) f(simt::Vec<Key, 1>{{keys(e)}});
   } else {
-    auto g = [&](const auto& v) {
-      constexpr int N = static_cast<int>(sizeof(v.v) / sizeof(v.v[0]));
-      simt::Vec<Key, N> k;
-DROPIT_UNROLL
-      for (int j = 0; j < N; ++j) k.v[j] = magnitude_key<Bits>(v.v[j]);
-      f(k);
-    };
+    auto g = [&](const auto& v) { f(magnitude_keys<Key>(v)); };
     if (from_global) {
       for_each_element<kPackLoadAhead>(keys.x, L, tid, nthreads, stage, keys.staged, g);
     } else {
@@ -341,13 +344,10 @@ DROPIT_UNROLL
     }
   };
   if constexpr (kCopied) {
-    for_each_element<1>(keys.staged, L, team.rank(), team.size(), false, keys.staged, [&](const auto& v) {
-      constexpr int N = static_cast<int>(sizeof(v.v) / sizeof(v.v[0]));
-      simt::Vec<Key, N> k;
-DROPIT_UNROLL
-      for (int j = 0; j < N; ++j) k.v[j] = magnitude_key<Bits>(v.v[j]);
-      count(k);
-    });
+    // (Not through for_each_key: nvcc's line table then gave this pass the gather's call site, and
+    // the cost model could not match it.)
+    for_each_element<1>(keys.staged, L, team.rank(), team.size(), false, keys.staged,
+                        [&](const auto& v) { count(magnitude_keys<Key>(v)); });
   } else {
     for_each_key(keys, L, team.rank(), team.size(), /*from_global=*/true, stage, count);
   }
