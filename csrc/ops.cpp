@@ -1,4 +1,4 @@
-// Op schemas, shared argument checks, CPU registration and the Python module.
+// Op schemas, shared argument checks and CPU registration (the Python module: python_module.cpp).
 #include <string>
 
 #include "ops.h"
@@ -105,14 +105,3 @@ TORCH_LIBRARY_IMPL(dropit_cuda, CPU, m) {
   m.impl("pack", &dropit::pack_cpu);
   m.impl("unpack", &dropit::unpack_cpu);
 }
-
-#ifdef DROPIT_PYTHON_MODULE
-#include <Python.h>
-
-// A Python module so that `import dropit_cuda._C` loads the ops (setup.py builds). CMake builds
-// a plain library for C++ users and leave this out.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-#endif

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -14,7 +15,7 @@ from . import _build
 _state: dict = {}
 
 
-def _jit_build() -> str:
+def _jit_build() -> ModuleType:
     with_cuda = _build.want_cuda()
     if with_cuda:
         _build.prepare_cuda_env()
@@ -29,7 +30,7 @@ def _jit_build() -> str:
             "build ahead of time with `pip install .`"
         )
     args = _build.compile_args(with_cuda)
-    cpp_extension.load(
+    return cpp_extension.load(
         name="dropit_cuda_jit" + ("_cuda" if with_cuda else "_cpu"),
         sources=_build.sources(with_cuda),
         extra_include_paths=[str(_build.root() / "csrc")],
@@ -37,10 +38,9 @@ def _jit_build() -> str:
         extra_cuda_cflags=args["nvcc"],
         extra_ldflags=_build.link_args(),
         with_cuda=with_cuda,
-        is_python_module=False,
+        is_python_module=True,
         verbose=False,
     )
-    return "jit"
 
 
 def load() -> str:
@@ -54,7 +54,7 @@ def load() -> str:
             # dropit_cuda (an editable one, say) could otherwise hand over its older library.
             if Path(spec.origin).resolve().parent != Path(__file__).resolve().parent:
                 raise ImportError(f"_C at {spec.origin} belongs to another copy of dropit_cuda")
-            importlib.import_module("dropit_cuda._C")
+            _state["module"] = importlib.import_module("dropit_cuda._C")
             _state["mode"] = "aot"
         except ImportError:
             if not (_build.root() / "csrc").is_dir():
@@ -62,8 +62,15 @@ def load() -> str:
                     "dropit_cuda's compiled module _C is missing and its C++ sources are not "
                     "beside the package to build it just in time; reinstall with `pip install .`"
                 ) from None
-            _state["mode"] = _jit_build()
+            _state["module"] = _jit_build()
+            _state["mode"] = "jit"
     return _state["mode"]
+
+
+def module() -> ModuleType:
+    """The loaded Python module (``csrc/python_module.cpp``): the eager products bound unboxed."""
+    load()
+    return _state["module"]
 
 
 def extension_info() -> dict:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import dtensor, ops, pack_cache, strategies
+from . import _native, dtensor, ops, pack_cache, strategies
 from .ops import dense_input
 from .settings import DEFAULT_CHUNK, DEFAULT_GAMMA, DEFAULT_STRATEGY, Settings
 
@@ -136,22 +136,29 @@ def _function(cls: type, jvp_cls: type, eager_cls: type) -> type:
 
 # --- the native path of plain eager calls -------------------------------------------------------
 
+#: The ops of csrc/packed_products.cpp as the Python module binds them (unboxed: cheaper to call
+#: than ``torch.ops.dropit_cuda.*``).
+_PRODUCTS = _native.module()
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_CHUNKED = {name: s for name, s in strategies.REGISTRY.items() if s.chunked}
 
 
-def _native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], settings: Settings,
-            layer: Any) -> bool:
-    """Whether this product takes a native autograd node (``csrc/packed_products.cpp``): an eager
-    call on plain tensors of the dtypes the kernels take, with a chunked strategy, outside forward
-    AD, ``torch.func``, ``torch.compile`` and compiled autograd, without the fidelity hook. The node computes what
-    this module's Functions compute, with the same ATen calls, in one native call per direction;
-    every other case takes the Functions."""
-    return (type(x) is torch.Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
-            and not x.is_nested and x.dtype in _NATIVE_DTYPES and strategies.REGISTRY[settings.strategy].chunked
-            and not _forward_ad() and not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is None
-            and (layer is None or layer.watch is None) and not _compiled_autograd())
+def _native_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], settings: Settings,
+                     layer: Any) -> Optional[strategies.Strategy]:
+    """The strategy of this product when it takes a native autograd node
+    (``csrc/packed_products.cpp``), else None: an eager call on plain tensors of the dtypes the
+    kernels take, with a chunked strategy, outside forward AD, ``torch.func``, ``torch.compile``
+    and compiled autograd, without the fidelity hook. The node computes what this module's
+    Functions compute, with the same ATen calls, in one native call per direction; every other
+    case takes the Functions. (Runs on every eager product: the cheap, decisive tests first.)"""
+    strategy = _CHUNKED.get(settings.strategy)
+    if (strategy is None or type(x) is not torch.Tensor or type(weight) not in _PLAIN
+            or (bias is not None and type(bias) not in _PLAIN) or x.dtype not in _NATIVE_DTYPES or x.is_nested
+            or (layer is not None and layer.watch is not None) or _forward_ad() or torch.compiler.is_compiling()
+            or torch._C._functorch.peek_interpreter_stack() is not None or _compiled_autograd()):
+        return None
+    return strategy
 
 
 def _compiled_autograd() -> bool:
@@ -162,9 +169,9 @@ def _compiled_autograd() -> bool:
 
 
 def _native_product(product: Callable, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    settings: Settings, cast: Optional[torch.dtype], layer: Any, op: str, channel_dim: int,
-                    *args: Any) -> torch.Tensor:
-    """``product`` (``torch.ops.dropit_cuda.linear_dropit`` or ``conv_dropit``; ``args``: the
+                    settings: Settings, strategy: strategies.Strategy, cast: Optional[torch.dtype], layer: Any,
+                    op: str, channel_dim: int, *args: Any) -> torch.Tensor:
+    """``product`` (``linear_dropit`` or ``conv_dropit`` of :data:`_PRODUCTS`; ``args``: the
     convolution's) keeping the input as :func:`save_packed` keeps it: as it is where the layer says
     it is kept alive anyway, else packed once per forward (the pack cache's copy, or packed by the
     op and handed to the cache)."""
@@ -172,7 +179,7 @@ def _native_product(product: Callable, x: torch.Tensor, weight: torch.Tensor, bi
         out = product(x, weight, bias, x, None, 0.0, 1, False, 0, None, cast, *args)[0]
         layer.record(op, x.nbytes, 0, x)
         return out
-    where, shared = pack_cache.find(x, settings, channel_dim)
+    where, shared = pack_cache.find_eager(x, settings, channel_dim)
     if shared is not None:
         shared = strategies.as_native(shared)  # (a Python Function may have made it)
         out = product(x, weight, bias, shared.values, shared.index, shared.gamma, shared.chunk, shared.bitmap,
@@ -180,7 +187,6 @@ def _native_product(product: Callable, x: torch.Tensor, weight: torch.Tensor, bi
         if layer is not None:
             layer.record(op, 0, 0, x)
         return out
-    strategy = strategies.REGISTRY[settings.strategy]
     gamma, chunk = settings.gamma, settings.chunk
     bitmap = ops.auto_index(x.numel(), chunk, gamma) == "bitmap"
     order = 0 if x.is_contiguous() else ops.MEMORY_ORDERS.index(ops.memory_format_of(x))
@@ -546,8 +552,9 @@ def linear_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if not _caches(x, weight):
         return _torch_linear(x, weight.t() if transposed else weight, bias)
     x, bias, w_cast = _autocast_operands(x, weight, bias)
-    if _native(x, weight, bias, settings, layer):
-        return _native_product(torch.ops.dropit_cuda.linear_dropit, x, weight, bias, settings, w_cast, layer, op, -1,
+    strategy = _native_strategy(x, weight, bias, settings, layer)
+    if strategy is not None:
+        return _native_product(_PRODUCTS.linear_dropit, x, weight, bias, settings, strategy, w_cast, layer, op, -1,
                                transposed)
     if transposed:
         weight = weight.t()
@@ -724,8 +731,9 @@ def conv_with(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 
     x, bias, w_cast = _autocast_operands(x, weight, bias)
     op = op or f"conv{'_transpose' if transposed else ''}{nd}d"
-    if _native(x, weight, bias, settings, layer):
-        out = _native_product(torch.ops.dropit_cuda.conv_dropit, x, weight, bias, settings, w_cast, layer, op, 1,
+    strategy = _native_strategy(x, weight, bias, settings, layer)
+    if strategy is not None:
+        out = _native_product(_PRODUCTS.conv_dropit, x, weight, bias, settings, strategy, w_cast, layer, op, 1,
                               stride, padding, dilation, transposed, output_padding, groups)
         return out.squeeze(0) if unbatched else out
     fn = _function(_DropITConv, _DropITConvJvp, _DropITConvEager)

@@ -22,7 +22,7 @@ import torch
 from . import strategies
 from .settings import Settings
 
-__all__ = ["Scope", "alias", "cache", "find", "keep"]
+__all__ = ["Scope", "alias", "cache", "find", "find_eager", "keep"]
 
 
 class _Local(threading.local):
@@ -36,13 +36,13 @@ def _current() -> Optional["Scope"]:
     return _local.scope
 
 
-def _key(t: torch.Tensor) -> Optional[tuple]:
-    """Where ``t``'s values are, or None for a tensor without a storage of its own (a
+def _key(t: torch.Tensor) -> Optional[tuple[int, tuple]]:
+    """Where ``t``'s values are: its storage's address, and the rest (device, storage offset,
+    shape, strides, dtype, version); None for a tensor without a storage of its own (a
     ``torch.func`` wrapper, a subclass): such tensors are not shared."""
     try:
-        st = t.untyped_storage()
-        return (t.device, st.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
-                t._version)
+        return (t.untyped_storage().data_ptr(),
+                (t.device, t.storage_offset(), t.shape, t.stride(), t.dtype, t._version))
     except (NotImplementedError, RuntimeError, TypeError):
         return None
 
@@ -51,10 +51,12 @@ class Scope:
     """The packs of one forward; enter with :meth:`open`, leave with :meth:`close`."""
 
     def __init__(self) -> None:
-        #: key -> (weak storage ref of the packed tensor, the pack)
-        self.packs: dict[tuple, tuple[Any, strategies.Cached]] = {}
-        #: id(autocast copy) -> (weak ref of the copy, key of its source + target dtype, weak
-        #: storage ref of the source)
+        #: storage address -> [(the rest of the key: see find, weak storage ref of the packed
+        #: tensor, the pack)]; keyed by the address alone, an int, so that the common lookup (a
+        #: tensor packed by no earlier product) hashes one int
+        self.packs: dict[int, list[tuple[tuple, Any, Any]]] = {}
+        #: id(autocast copy) -> (weak ref of the copy, key of its source with the target dtype
+        #: added to its rest, weak storage ref of the source)
         self.aliases: dict[int, tuple[Any, tuple, Any]] = {}
         self.refs: list[Any] = []
         self.outer: Optional[Scope] = None
@@ -81,7 +83,7 @@ def alias(source: torch.Tensor, copy: torch.Tensor) -> None:
     if key is not None:
         ref = source.untyped_storage()._weak_ref()
         scope.refs.append(ref)
-        scope.aliases[id(copy)] = (weakref.ref(copy), key + (copy.dtype,), ref)
+        scope.aliases[id(copy)] = (weakref.ref(copy), (key[0], key[1] + (copy.dtype,)), ref)
 
 
 def find(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[Optional[tuple], Optional[Any]]:
@@ -89,7 +91,12 @@ def find(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[Optiona
     shared), and the pack an earlier product made of it (None: none yet; :func:`keep` it)."""
     if torch.compiler.is_compiling():  # checked first: reading the thread's state would add guards
         return None, None
-    scope = _current()
+    return find_eager(x, settings, channel_dim)
+
+
+def find_eager(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[Optional[tuple], Optional[Any]]:
+    """:func:`find` for a caller that knows it runs outside ``torch.compile``."""
+    scope = _local.scope
     if scope is None or torch._C._current_graph_task_id() != -1 or x.layout != torch.strided \
             or torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: tensors are wrappers
         return None, None
@@ -100,23 +107,25 @@ def find(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[Optiona
         base, ref = _key(x), None
     if base is None:
         return None, None
-    strategy = strategies.REGISTRY[settings.strategy]  # settings are validated
-    key = (base + (settings, channel_dim % x.dim() if strategy.uses_channels else None), ref)
-    got = scope.packs.get(key[0])
-    if got is not None and not torch.UntypedStorage._expired(got[0]):
-        return key, got[1]
-    return key, None
+    address, rest = base
+    uses_channels = strategies.REGISTRY[settings.strategy].uses_channels  # settings are validated
+    rest += (settings.gamma, settings.strategy, settings.chunk, channel_dim % x.dim() if uses_channels else None)
+    where = (address, rest, ref)
+    for kept_rest, kept_ref, pack in scope.packs.get(address, ()):
+        if kept_rest == rest and not torch.UntypedStorage._expired(kept_ref):
+            return where, pack
+    return where, None
 
 
 def keep(where: tuple, x: torch.Tensor, pack: Any) -> None:
     """Keeps ``pack`` of ``x`` (a ``Cached`` or a :class:`strategies.NativePack`) for the later
     products of this forward, ``where`` :func:`find` said."""
     scope = _current()
-    key, ref = where
+    address, rest, ref = where
     if ref is None:
         ref = x.untyped_storage()._weak_ref()
         scope.refs.append(ref)
-    scope.packs[key] = (ref, pack)
+    scope.packs.setdefault(address, []).append((rest, ref, pack))
 
 
 def cache(x: torch.Tensor, settings: Settings, channel_dim: int) -> tuple[strategies.Cached, bool]:

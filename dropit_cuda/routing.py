@@ -114,7 +114,9 @@ class Layer:
     def record(self, op: str, dense_bytes: int, cached_bytes: int, x: Optional[torch.Tensor] = None) -> None:
         """Called by the autograd functions when they cache this weight's input ``x`` (bytes 0
         when the pack is shared with an earlier product of the forward)."""
-        if in_backward():  # a checkpointed block recomputed: not a new forward
+        # a checkpointed block recomputed: not a new forward (in_backward without its compile
+        # check: the products record in eager calls only)
+        if torch._C._current_graph_task_id() != -1:
             return
         self.op = op
         self.calls += 1
@@ -648,10 +650,13 @@ class Conversion:
         """The settings of a product against layer ``index``'s weight ``w``, None where it stays
         dense (a dense layer, or its owner not training); decides ``skip_first`` on the first
         product against a trainable weight."""
-        if w.requires_grad:
+        # (eager calls read the state directly: the two lookups by key are for torch.compile)
+        compiling = torch.compiler.is_compiling()
+        if w.requires_grad and (compiling or self.first_pending):
             _skip_first(self.key, index)
-        settings = _settings_of(self.key, index)
-        if settings is None or not self.layers[index].module.training:
+        layer = self.layers[index]
+        settings = _settings_of(self.key, index) if compiling else layer.settings
+        if settings is None or not layer.module.training:
             return None
         return settings
 

@@ -133,7 +133,7 @@ class Strategy:
     #: whether ``channel_dim`` matters (the channel strategies)
     uses_channels: bool = False
     #: whether the cache is the chunked kernels' ``(values, index)`` with a ``Packed`` as metadata
-    #: (the native products take it: see ``dropit_cuda.functional._native``)
+    #: (the native products take it: see ``dropit_cuda.functional._native_strategy``)
     chunked: bool = False
 
     def pack(self, x: torch.Tensor, gamma: float, chunk: int, channel_dim: int) -> tuple[tuple, Any]:

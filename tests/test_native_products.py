@@ -32,12 +32,12 @@ def _native_node(out: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def python_functions():
     """Every product through the Python autograd Functions."""
-    native = DF._native
-    DF._native = lambda *args: False
+    native = DF._native_strategy
+    DF._native_strategy = lambda *args: None
     try:
         yield
     finally:
-        DF._native = native
+        DF._native_strategy = native
 
 
 def _run(make, inputs, grad_seed=0):
@@ -241,6 +241,41 @@ def test_only_the_product_output_is_differentiable():
     assert torch.equal(values, ref.values) and torch.equal(index, ref.index)
     with pytest.raises(ValueError, match="memory_order"):
         torch.ops.dropit_cuda.linear_dropit(x, w, None, None, None, 0.5, 16, True, 3, None, None)
+
+
+def _op_run(op, args):
+    """Output, returned pack and input/weight/bias gradients of one call of a product op."""
+    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+              and i < 3 else a for i, a in enumerate(args)]
+    out, values, index = op(*leaves)
+    out.pow(2).sum().backward()
+    return [out, values, index] + [leaves[i].grad for i in range(3) if isinstance(leaves[i], torch.Tensor)]
+
+
+@pytest.mark.parametrize("case", ["linear", "linear_weight_t", "linear_given_pack", "conv"])
+def test_direct_binding_is_the_registered_op(case):
+    """The Python module's unboxed bindings (what dropit_cuda.functional calls) pass every argument
+    to the registered ops in order: the same outputs, packs and gradients as torch.ops'."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 40, generator=g, dtype=torch.float64)  # the weight is cast to it inside (cast=)
+    if case.startswith("linear"):
+        w = torch.randn(40, 24, generator=g) if case == "linear_weight_t" else torch.randn(24, 40, generator=g)
+        given = dc.pack(x, 0.5, 16, "offsets") if case == "linear_given_pack" else None
+        values, index = (given.values, given.index) if given is not None else (None, None)
+        args = (x, w, torch.randn(24, generator=g, dtype=torch.float64), values, index, 0.5, 16, given is None, 0,
+                None, torch.float64,
+                case == "linear_weight_t")
+        ops = (DF._PRODUCTS.linear_dropit, torch.ops.dropit_cuda.linear_dropit)
+    else:
+        x = torch.randn(2, 4, 9, 9, generator=g).to(memory_format=torch.channels_last)
+        args = (x, torch.randn(6, 2, 3, 3, generator=g), torch.randn(6, generator=g), None, None, 0.75, 24, False,
+                1, 7, None, [2, 1], [1, 0], [1, 2], False, [0, 0], 2)
+        ops = (DF._PRODUCTS.conv_dropit, torch.ops.dropit_cuda.conv_dropit)
+    got, want = _op_run(ops[0], args), _op_run(ops[1], args)
+    assert len(got) == len(want) == 6
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert got[0].dtype == (torch.float64 if case.startswith("linear") else torch.float32)
 
 
 @pytest.mark.parametrize("einsum_first", [True, False])

@@ -358,9 +358,10 @@ DROPIT_UNROLL
                                                 sync, scanned, chosen);
     take_bin(s, simt::load_vec<4>(sel), kShift);
   } else {
-    choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync, scanned,
-                           chosen);
-    take_bin(s, sel, kShift);
+    take_bin(s,
+             choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync,
+                                    scanned, chosen),
+             kShift);
   }
   return s;
 }
@@ -412,21 +413,30 @@ DROPIT_DEVICE void keep_whole_chunk(const ChunkOutputs<Bits>& out, simt::gptr<co
 // Word w's masks once its bucket's keys (the set bits of in_bucket) are sorted against the final
 // bucket: {above, from}, with those above it added to `above` and those in it to "from" (the
 // rest of the bucket in neither). Every such key is at least the first bucket's lowest, so one
-// compare a side: at least the final lowest is in the final bucket or above it.
+// compare a side: at least the final lowest is in the final bucket or above it. key_of(i, j): the
+// i-th of them, bit j of the word.
+template <typename Key, typename KeyOf>
+DROPIT_DEVICE simt::Vec<uint32_t, 2> sort_keys(uint32_t in_bucket, uint32_t above, const Selection<Key>& s,
+                                               const KeyOf& key_of) {
+  const Key lowest = s.prefix;
+  const Key highest = s.highest();
+  uint32_t from = above;
+  int i = 0;
+  for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
+    const int j = simt::ffs(rest) - 1;
+    const Key key = key_of(i, j);
+    above |= static_cast<uint32_t>(key > highest) << j;
+    from |= static_cast<uint32_t>(key >= lowest) << j;
+    ++i;
+  }
+  return simt::Vec<uint32_t, 2>{{above, from}};
+}
+// The same with the keys read from the chunk.
 template <typename Bits, typename Key, KeySource Src>
 DROPIT_DEVICE simt::Vec<uint32_t, 2> sort_bucket_keys(const ChunkKeys<Bits, Key, Src>& keys, int w, uint32_t in_bucket,
                                                        uint32_t above, const Selection<Key>& s) {
-  const Key lowest = s.prefix;
-  const Key highest = s.highest();
   const ChunkKeys<Bits, Key, Src> word = keys.from_word(w);
-  uint32_t from = above;
-  for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
-    const int j = simt::ffs(rest) - 1;
-    const Key key = word(j);
-    above |= static_cast<uint32_t>(key > highest) << j;
-    from |= static_cast<uint32_t>(key >= lowest) << j;
-  }
-  return simt::Vec<uint32_t, 2>{{above, from}};
+  return sort_keys(in_bucket, above, s, [&](int, int j) { return word(j); });
 }
 
 // Writes the values of word w's kept keys (the set bits of `kept`) at vp and, with offsets,
@@ -681,6 +691,95 @@ DROPIT_UNROLL
   }
 }
 
+// Bitmap word w's masks against a bucket [lowest, highest], by one thread alone (pack_warps' lane
+// w): {above, from}, bit j set if key 32w+j is above highest, resp. at least lowest (0 past L).
+// A full word staged at a 16-byte boundary is read 16 bytes at a time, starting at a vector that
+// depends on w (the 8 threads of a quarter warp then read 8 different bank groups); each vector's
+// bits are shifted in at the bottom, so the masks come out rotated, and are rotated back once.
+// Otherwise one key at a time, from key w on (consecutive words' threads, different banks), the
+// same way.
+// (Loops, not unrolled whole: straight-line code of this size would hide from the cost model.)
+template <typename Bits, typename Key, KeySource Src>
+DROPIT_DEVICE simt::Vec<uint32_t, 2> word_masks(const ChunkKeys<Bits, Key, Src>& keys, int w, int L, Key lowest,
+                                                 Key highest) {
+  const ChunkKeys<Bits, Key, Src> word = keys.from_word(w);
+  const int n = L - 32 * w;  // the word's elements, when below 32
+  uint32_t above = 0, from = 0;
+  if constexpr (Src == KeySource::kSharedBits) {
+    constexpr int V = simt::kVec16<Bits>;
+    constexpr int kVecs = 32 / V;
+    if (n >= 32 && simt::address(word.staged) % 16 == 0) {
+      const int r = (kVecs >= 8 ? w : w * kVecs / 8) & (kVecs - 1);
+#if defined(__CUDACC__)
+#pragma unroll 2
+#endif
+      for (int i = kVecs - 1; i >= 0; --i) {
+        const simt::sptr<Bits> at = word.staged + V * ((i + r) & (kVecs - 1));
+        uint32_t a = 0, f = 0;
+        if constexpr (sizeof(Bits) == 2) {
+          // Two keys a 32-bit word: the high one is compared where it is, against bounds moved
+          // up 16 bits (its magnitude bits, the rest cleared: above highest iff above highest's
+          // with all low bits set).
+          const simt::Vec<uint32_t, 4> v = simt::load_vec<4>(simt::ptr_cast<uint32_t>(at));
+          const uint32_t highest_hi = (static_cast<uint32_t>(highest) << 16) | 0xffffu;
+          const uint32_t lowest_hi = static_cast<uint32_t>(lowest) << 16;
+DROPIT_UNROLL
+          for (int t = 0; t < V; ++t) {
+            const uint32_t key = v.v[t / 2] & (t % 2 == 0 ? 0x7fffu : 0x7fff0000u);
+            a |= static_cast<uint32_t>(key > (t % 2 == 0 ? static_cast<uint32_t>(highest) : highest_hi)) << t;
+            f |= static_cast<uint32_t>(key >= (t % 2 == 0 ? static_cast<uint32_t>(lowest) : lowest_hi)) << t;
+          }
+        } else {
+          const simt::Vec<Bits, V> v = simt::load_vec<V>(at);
+DROPIT_UNROLL
+          for (int t = 0; t < V; ++t) {
+            const Key key = magnitude_key<Bits>(v.v[t]);
+            a |= static_cast<uint32_t>(key > highest) << t;
+            f |= static_cast<uint32_t>(key >= lowest) << t;
+          }
+        }
+        above = (above << V) | a;
+        from = (from << V) | f;
+      }
+      // Vector q of the word sits at (q - r) mod kVecs: rotate left by r vectors.
+      const int rot = V * r;
+      return simt::Vec<uint32_t, 2>{{(above << rot) | (above >> ((32 - rot) & 31)),
+                                     (from << rot) | (from >> ((32 - rot) & 31))}};
+    }
+  }
+  if (n > 0) {
+    // Key (b + w) mod 32 of the word is shifted in at the bottom when it will end at bit b of the
+    // masks; they are rotated back by w at the end.
+    int j = w & 31;
+    if (n >= 32) {
+#if defined(__CUDACC__)
+#pragma unroll 4
+#endif
+      for (int i = 0; i < 32; ++i) {
+        j = (j - 1) & 31;
+        const Key key = word(j);
+        above = (above << 1) | static_cast<uint32_t>(key > highest);
+        from = (from << 1) | static_cast<uint32_t>(key >= lowest);
+      }
+    } else {
+#if defined(__CUDACC__)
+#pragma unroll 1
+#endif
+      for (int i = 0; i < 32; ++i) {
+        j = (j - 1) & 31;
+        const bool in = j < n;
+        const Key key = in ? word(j) : Key(0);
+        above = (above << 1) | static_cast<uint32_t>(in && key > highest);
+        from = (from << 1) | static_cast<uint32_t>(in && key >= lowest);
+      }
+    }
+    const int rot = w & 31;
+    above = (above << rot) | (above >> ((32 - rot) & 31));
+    from = (from << rot) | (from >> ((32 - rot) & 31));
+  }
+  return simt::Vec<uint32_t, 2>{{above, from}};
+}
+
 // The body of the per-warp pack kernel: warp w of block b packs chunks b * warps + w, striding by
 // the grid's warps, each chunk of at most kWarpMaxChunk elements, by the warp alone: a 1024-bin
 // first digit; ballots against the bucket's bounds, lane w keeping bitmap word w (at most 32
@@ -718,43 +817,13 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     // ---- 1. the first digit ----
     for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(hist + 4 * i, simt::Vec<uint32_t, 4>{});
     sync.warp(kWarpCleared);
-    Selection<Key> s = first_digit<kWarpBits, kKeyBits>(WarpTeam(), keys, L, k, kStaged, hist, hist + (kWarpBins + lane),
-                                                        sel, sel, sync, kWarpCounted, kNarrowScanned, kWarpChosen);
+    Selection<Key> s = first_digit<kWarpBits, kKeyBits>(SoloWarpTeam(), keys, L, k, kStaged, hist,
+                                                        hist + (kWarpBins + lane), sel, sel, sync, kWarpCounted, 0, 0);
 
-    // ---- 2. ballots against the bucket's bounds: lane w ends with word w's masks ----
-    const Key lowest = s.prefix;
-    const Key highest = s.highest();
-    const int used_words = (L + 31) >> 5;
-    const int full_words = L >> 5;
-    uint32_t above = 0, from = 0;  // of word `lane`
-    // With the bucket kept whole, "above" is "at least its lowest": one ballot a word.
-    auto ballot_words = [&](auto ties_matter) {
-      constexpr bool kTies = decltype(ties_matter)::value;
-      for (int w = 0; w < full_words; ++w) {
-        const Key key = keys(32 * w + lane);
-        const uint32_t a = simt::ballot(kTies ? key > highest : key >= lowest);
-        above = lane == w ? a : above;
-        if constexpr (kTies) {
-          const uint32_t f = simt::ballot(key >= lowest);
-          from = lane == w ? f : from;
-        }
-      }
-      if (full_words < used_words) {
-        const bool in = 32 * full_words + lane < L;
-        const Key key = in ? keys(32 * full_words + lane) : Key(0);
-        const uint32_t a = simt::ballot(in && (kTies ? key > highest : key >= lowest));
-        above = lane == full_words ? a : above;
-        if constexpr (kTies) {
-          const uint32_t f = simt::ballot(in && key >= lowest);
-          from = lane == full_words ? f : from;
-        }
-      }
-      if constexpr (!kTies) from = above;
-    };
-    if (s.whole()) {
-      ballot_words(std::false_type{});
-    } else {
-      ballot_words(std::true_type{});
+    // ---- 2. word `lane`'s masks against the bucket's bounds, by the lane alone ----
+    const simt::Vec<uint32_t, 2> bounds = word_masks(keys, lane, L, s.prefix, s.highest());
+    uint32_t above = bounds.v[0], from = bounds.v[1];
+    if (!s.whole()) {
       // ---- 3. the bucket's keys of word `lane` into the lane's own slot; narrower digits; then
       // each of them above the final bucket, in it (a tie) or neither ----
       const uint32_t in_bucket = from & ~above;
@@ -766,8 +835,10 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
       auto own_candidates = [&](const auto& f) {
         for (int i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
       };
-      narrow_selection(WarpTeam(), s, own_candidates, narrow, sel, sel, sync);
-      const simt::Vec<uint32_t, 2> m = sort_bucket_keys(keys, lane, in_bucket, above, s);
+      narrow_selection(SoloWarpTeam(), s, own_candidates, narrow, sel, sel, sync);
+      // (read back from the lane's slot, in the order they were put there)
+      const simt::Vec<uint32_t, 2> m =
+          sort_keys(in_bucket, above, s, [&](int i, int) { return static_cast<Key>(candidates[i * 32 + lane]); });
       above = m.v[0];
       from = m.v[1];
     }
@@ -776,9 +847,8 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     const uint32_t ties = from & ~above;
     const int n_tie = simt::popc(ties);
     // Keys above and ties of the words before this lane's (both below 2^16: a chunk is <= 1024).
-    uint32_t total = 0;
-    const uint32_t before = WarpTeam().exclusive_scan<uint32_t>(
-        (static_cast<uint32_t>(simt::popc(above)) << 16) | static_cast<uint32_t>(n_tie), sel, &total, sync, 0);
+    const uint32_t counts = (static_cast<uint32_t>(simt::popc(above)) << 16) | static_cast<uint32_t>(n_tie);
+    const uint32_t before = bitmap::warp_inclusive_scan(counts) - counts;
     const int ties_before = static_cast<int>(before & 0xffffu);
     const int ties_left = s.need - ties_before;
     const uint32_t kept_ties =
@@ -789,9 +859,9 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     simt::gptr<Bits> vp = out.values + pos;
     simt::gptr<uint16_t> op = out.offsets ? out.offsets + pos : nullptr;
     write_kept(keys, kept, lane, vp, op);
-    // No barrier before the next chunk: it writes shared memory only after kWarpCleared, which
-    // every lane reaches after its last read here (its candidates were last read before
-    // kNarrowChosen).
+    // No barrier before the next chunk: it writes the staged chunk only after kWarpCleared, which
+    // every lane reaches after its last read here, and its bins only after every lane has gone
+    // past kNarrowCounted (the last reads of the candidates) or the shuffles of the last choice.
   }
 }
 

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "bitmap.cuh"
 #include "simt.cuh"
@@ -32,7 +33,6 @@ enum PackBarrier : int {
   // pack_warps (a chunk per warp): warp barriers only
   kWarpCleared,           // the warp's bins' zeros, before its counts; its last chunk's reads, before the next's writes
   kWarpCounted,           // its counts and staged chunk, before the bins and the chunk are read
-  kWarpChosen,            // its chosen bin, before it is read; every bin read, before candidates land there
   // pack_block on sm_80+: not a barrier but the wait for a thread's asynchronous copies of the
   // staged chunk (Sync::copies), before kWideCleared lets any thread read them
   kChunkCopied,
@@ -68,6 +68,11 @@ struct WarpTeam {
     return inc - v;
   }
 };
+
+// A warp that packs a chunk alone (pack_warps): choose_bin hands its choice round by shuffles, and
+// each lane clears the narrow bins it reads. (pack_block's warp 0 keeps the shared-memory
+// hand-over of WarpTeam: there it is a few instructions per chunk of thousands of elements.)
+struct SoloWarpTeam : WarpTeam {};
 
 template <typename Key>
 struct Selection {
@@ -112,16 +117,24 @@ DROPIT_UNROLL
   return sum;
 }
 
+// The bin choose_bin picks: its index, the keys in the bins above it, the keys in it.
+struct BinChoice {
+  uint32_t bin;
+  uint32_t above;
+  uint32_t count;
+};
+
 // Chooses the bin of the `need`-th largest key from a histogram of `kBins` bins, in which bin 0 was
 // left uncounted: it holds the `keys` counted keys less the other bins. (Not counting digit 0
 // spares the atomics of the most crowded bin, zeros, and lets keys known only by their number
-// count there.) Writes sel[0] = the bin, sel[1] = keys in the bins above it, sel[2] = keys in it.
-// Every thread of the team calls it; thread t sums a run of bins from the top, one scan orders
-// the runs, and the thread whose run holds the bin writes it.
+// count there.) Every thread of the team calls it; thread t sums a run of bins from the top, one
+// scan orders the runs, and the thread whose run holds the bin finds it there. It shares the
+// choice through sel[0..2] and the `chosen` barrier; a SoloWarpTeam by shuffles from that lane (no
+// barrier: every bin a lane read has fed a shuffle before any lane goes on).
 template <int kBins, typename Team, typename Sync>
-DROPIT_DEVICE void choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_t keys, uint32_t need,
-                              simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync, int scanned,
-                              int chosen) {
+DROPIT_DEVICE BinChoice choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_t keys, uint32_t need,
+                                   simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync,
+                                   int scanned, int chosen) {
   const int tid = team.rank();
   const int per = (kBins + team.size() - 1) / team.size();
   const int top = kBins - tid * per;  // this thread's bins: [bottom, top)
@@ -130,19 +143,39 @@ DROPIT_DEVICE void choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_t key
   uint32_t counted = 0;
   uint32_t above = team.exclusive_scan(sum, slots, &counted, sync, scanned);
   const uint32_t in_bin0 = keys - counted;
-  if (above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need) {
-    for (int b = top - 1; b >= bottom; --b) {
-      const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
-      if (above + c >= need) {
-        sel[0] = static_cast<uint32_t>(b);
-        sel[1] = above;
-        sel[2] = c;
-        break;
+  if constexpr (std::is_same_v<Team, SoloWarpTeam>) {
+    const bool holds = above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need;
+    BinChoice choice{0, 0, 0};
+    if (holds) {
+      for (int b = top - 1; b >= bottom; --b) {
+        const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
+        if (above + c >= need) {
+          choice = BinChoice{static_cast<uint32_t>(b), above, c};
+          break;
+        }
+        above += c;
       }
-      above += c;
     }
+    static_assert(kBins <= (1 << 12), "a bin and a count share a shuffle");
+    const int from = simt::ffs(simt::ballot(holds)) - 1;
+    const uint32_t bin_count = simt::shfl(choice.bin | (choice.count << 12), from);
+    return BinChoice{bin_count & 0xfffu, simt::shfl(choice.above, from), bin_count >> 12};
+  } else {
+    if (above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need) {
+      for (int b = top - 1; b >= bottom; --b) {
+        const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
+        if (above + c >= need) {
+          sel[0] = static_cast<uint32_t>(b);
+          sel[1] = above;
+          sel[2] = c;
+          break;
+        }
+        above += c;
+      }
+    }
+    team.sync(sync, chosen);
+    return BinChoice{sel[0], sel[1], sel[2]};
   }
-  team.sync(sync, chosen);
 }
 
 // choose_bin for a whole block, without a block scan (which costs every warp two warp scans):
@@ -193,13 +226,12 @@ DROPIT_DEVICE void choose_bin_by_runs(simt::sptr<uint32_t> hist, uint32_t keys, 
   sync(chosen);
 }
 
-// Applies the choice of choose_bin to a selection narrowed by a digit of `bits` bits at `shift`.
+// Applies a choice of choose_bin to a selection narrowed by a digit at `shift`.
 template <typename Key>
-DROPIT_DEVICE void take_bin(Selection<Key>& s, simt::sptr<uint32_t> sel, int shift) {
-  const uint32_t bin = sel[0];
-  s.need -= static_cast<int>(static_cast<uint32_t>(sel[1]));
-  s.count = static_cast<int>(static_cast<uint32_t>(sel[2]));
-  s.prefix = static_cast<Key>(s.prefix | (static_cast<Key>(bin) << shift));
+DROPIT_DEVICE void take_bin(Selection<Key>& s, const BinChoice& c, int shift) {
+  s.need -= static_cast<int>(c.above);
+  s.count = static_cast<int>(c.count);
+  s.prefix = static_cast<Key>(s.prefix | (static_cast<Key>(c.bin) << shift));
   s.shift = shift;
 }
 
@@ -227,16 +259,37 @@ DROPIT_DEVICE void narrow_selection(Team team, Selection<Key>& s, const Visit& v
     const int shift = high > kNarrowBits ? high - kNarrowBits : 0;
     const Key digit_mask = static_cast<Key>((Key(1) << (high - shift)) - 1);
     const Key fixed = static_cast<Key>(s.prefix >> high);
-    for (int i = tid; i < kNarrowBins; i += nthreads) hist[i] = 0u;
+    // A lone warp counts a digit of up to 5 bits in 32 bins, one a lane: the one narrow digit of
+    // 16-bit keys after its 10-bit first digit. (Wider keys rarely get that far: no such code.)
+    constexpr bool kSolo = std::is_same_v<Team, SoloWarpTeam>;
+    const bool lane_bins = kSolo && sizeof(Key) == 2 && high - shift <= 5;
+    if constexpr (kSolo) {
+      // A lane clears the run of bins it reads in choose_bin (so no barrier orders its reads
+      // before the next pass's clearing); kNarrowCleared orders the zeros before every count.
+      // Its two 16-byte groups in choose_bin's order: each store then uses every bank.
+      static_assert(kNarrowBins == 8 * bitmap::kWarp, "a lane's run is two 16-byte groups");
+      if (lane_bins) {
+        hist[bitmap::kWarp - 1 - tid] = 0u;
+      } else {
+        const int first = 4 * ((tid >> 2) & 1);
+        simt::store_vec(hist + (kNarrowBins - 8 - 8 * tid + first), simt::Vec<uint32_t, 4>{});
+        simt::store_vec(hist + (kNarrowBins - 8 - 8 * tid + (first ^ 4)), simt::Vec<uint32_t, 4>{});
+      }
+    } else {
+      for (int i = tid; i < kNarrowBins; i += nthreads) hist[i] = 0u;
+    }
     team.sync(sync, kNarrowCleared);
     visit([&](Key key) {
       const uint32_t d = static_cast<uint32_t>((key >> shift) & digit_mask);
       if (static_cast<Key>(key >> high) == fixed && d != 0) simt::atomic_add_shared(hist + d, 1u);
     });
     team.sync(sync, kNarrowCounted);
-    choose_bin<kNarrowBins>(team, hist, static_cast<uint32_t>(s.count), static_cast<uint32_t>(s.need), slots, sel,
-                            sync, kNarrowScanned, kNarrowChosen);
-    take_bin(s, sel, shift);
+    const uint32_t count = static_cast<uint32_t>(s.count), need = static_cast<uint32_t>(s.need);
+    constexpr int kScanned = kNarrowScanned, kChosen = kNarrowChosen;
+    take_bin(s,
+             lane_bins ? choose_bin<bitmap::kWarp>(team, hist, count, need, slots, sel, sync, kScanned, kChosen)
+                       : choose_bin<kNarrowBins>(team, hist, count, need, slots, sel, sync, kScanned, kChosen),
+             shift);
   }
 }
 
