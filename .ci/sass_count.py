@@ -11,7 +11,8 @@ For every kernel and architecture it prints the instructions of the kernel's mai
 divergent-warp fallbacks the compiler parks after the final trap are counted apart, as "cold"),
 then each innermost loop (a backward branch that encloses no other) with its size and the
 instructions in it that the host SIMT layer also counts ("seen": global and shared loads,
-stores and atomics, warp votes, shuffles and matches, barriers). "per seen" is the loops'
+stores and atomics, asynchronous global-to-shared copies, warp votes, shuffles and matches,
+barriers). "per seen" is the loops'
 instructions per seen instruction. The JSON also lists every seen instruction with its chain of
 kernel-header source lines and its loop: benchmarks/bench_kernel_cost.py matches them to the host
 layer's sites to weigh each loop by how often it runs.
@@ -37,6 +38,7 @@ SEEN = {
     "LDG": "global load", "LD": "global load", "STG": "global store", "ST": "global store",
     "LDS": "shared load", "STS": "shared store", "ATOMS": "shared atomic",
     "VOTE": "vote", "SHFL": "shuffle", "MATCH": "match", "BAR": "barrier", "WARPSYNC": "warp barrier",
+    "LDGSTS": "async copy",  # cp.async (sm_80+): a global load and shared store in one
 }
 INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -70,6 +72,7 @@ class Instr:
     target: str  # branch target (address or label), "" otherwise
     predicated: bool
     chain: list  # "file.cuh:N" of its kernel-header frames, innermost first; empty without line info
+    never: bool = False  # predicated on !PT: never executes (nvcc pads LDGSTS with such LDS)
 
     @property
     def line(self) -> str:
@@ -136,8 +139,14 @@ def parse(text: str, func_re: re.Pattern) -> dict[str, list[Instr]]:
                 t = re.search(r"\(?(\.L_x_\d+)\)?|(0x[0-9a-f]+)", args)
                 if t:
                     target = t.group(1) or t.group(2)
-            cur.append(Instr(int(m.group(1), 16), op, target, m.group(2) is not None, kernel_chain(frames)))
+            pred = (m.group(2) or "").strip()
+            cur.append(Instr(int(m.group(1), 16), op, target, pred != "", kernel_chain(frames), pred == "@!PT"))
     return funcs
+
+
+def seen_class(i: Instr) -> str | None:
+    """The class of a seen instruction (one the host layer also counts), else None."""
+    return None if i.never else SEEN.get(i.op.split(".")[0])
 
 
 def analyse(instrs: list[Instr], label_addr: dict[str, int]) -> dict:
@@ -175,7 +184,7 @@ def analyse(instrs: list[Instr], label_addr: dict[str, int]) -> dict:
         lp.blocks = sizes
     seen_list = []  # every seen instruction: class, chain, innermost loop and block (or -1, -1)
     for i in main:
-        cls = SEEN.get(i.op.split(".")[0])
+        cls = seen_class(i)
         if cls:
             loop, block = block_of.get(i.addr, (-1, -1))
             seen_list.append([cls, i.chain, loop, block])
@@ -184,7 +193,7 @@ def analyse(instrs: list[Instr], label_addr: dict[str, int]) -> dict:
         for i in main:
             if lp.start <= i.addr <= lp.end:
                 lp.size += 1
-                cls = SEEN.get(i.op.split(".")[0])
+                cls = seen_class(i)
                 if cls:
                     lp.seen[cls] = lp.seen.get(cls, 0) + 1
                 if i.line:

@@ -71,7 +71,7 @@ BASELINE = ROOT / "benchmarks" / "results" / "kernel_cost_baseline.json"
 PREVIOUS = ROOT / "benchmarks" / "results" / "kernel_cost_issue13.json"
 EARLIER = ROOT / "benchmarks" / "results" / "kernel_cost_issue21_session1.json"
 SEEN = ["global_load_instr", "global_store_instr", "shared_load_instr", "shared_store_instr",
-        "shared_atomic_instr", "ballots", "shuffles", "matches", "warp_syncs", "barrier_warps"]
+        "shared_atomic_instr", "async_copy_instr", "ballots", "shuffles", "matches", "warp_syncs", "barrier_warps"]
 
 
 DATA = ["normal", "relu", "misaligned", "ties"]

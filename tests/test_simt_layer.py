@@ -73,6 +73,14 @@ def test_shared_memory_and_barrier(simt):
                 assert got[b * threads + t] == v[b][(t + 33) % threads]
 
 
+def test_async_copies_land_at_the_wait(simt):
+    # After its wait and a barrier, every thread reads what another thread copied from global memory.
+    for threads, arg in ((64, 1), (256, 37)):
+        got = simt.exchange("async_copy", threads, arg)
+        for t in range(threads):
+            assert got[t] == 5000 + 3 * (2 * ((t + arg) % threads) + 1)
+
+
 def test_indices(simt):
     got = simt.exchange("dims", 96, 0, 4)
     for b in range(4):
@@ -92,6 +100,14 @@ def test_indices(simt):
     ("misaligned_vector_store", "global store of 16 bytes .* misaligned"),
     ("misaligned_shared_vector", "shared load of 8 bytes .* misaligned"),
     ("misaligned_scalar", "global load of 4 bytes .* misaligned"),
+    # Asynchronous copies: checked like any 16-byte access when issued; their bytes land only at the
+    # issuing thread's wait, and touching them before that (or, for another thread, before a
+    # barrier after it) is a race the layer reports, as is a thread that never waits.
+    ("misaligned_async_source", "global load of 16 bytes .* misaligned"),
+    ("misaligned_async_shared", "shared store of 16 bytes .* misaligned"),
+    ("async_read_before_wait", "shared load of 4 bytes .* asynchronous copy has not landed"),
+    ("async_no_barrier", "shared load of 4 bytes .* thread 1's asynchronous copy has not landed"),
+    ("async_never_waited", "exited with asynchronous copies it never waited for"),
 ])
 def test_misuse_is_reported(simt, what, message):
     with pytest.raises(RuntimeError, match=message):
@@ -110,6 +126,9 @@ def test_misuse_is_reported(simt, what, message):
     ("two_way", {"shared_load_instr": 1, "shared_load_wavefronts": 2, "shared_conflict_passes": 1}),
     ("atomic_same", {"shared_atomic_instr": 1, "shared_atomic_wavefronts": 32, "shared_conflict_passes": 31}),
     ("atomic_spread", {"shared_atomic_instr": 1, "shared_atomic_wavefronts": 1, "shared_conflict_passes": 0}),
+    ("async_copy", {"async_copy_instr": 1, "async_copies": 32, "global_load_instr": 0, "global_load_sectors": 16,
+                    "global_load_distinct_bytes": 512, "shared_store_instr": 0, "shared_store_wavefronts": 4,
+                    "shared_conflict_passes": 0}),
 ])
 def test_profile_groups_lanes_into_warp_instructions(simt, what, expect):
     # One warp, one memory instruction of a known pattern: sectors and bank-conflict passes as the

@@ -151,6 +151,34 @@ def test_layer_really_synchronises(simt):
     assert 2 * 16384 // 32 <= stats["ballots"] <= 2 * 16384 // 32 + 512 // 32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_path_stages_by_async_copies(simt, dtype):
+    # pack_block with the chunk staged in shared memory (sm_80+, which the host layer emulates):
+    # the 16-byte aligned middle of each chunk moves by asynchronous copies, the elements before
+    # and after it by scalar loads, and each input byte is read from global memory once. Aligned
+    # and misaligned views; every copy is waited for (else the layer fails the launch).
+    es = torch.tensor([], dtype=dtype).element_size()
+    D, chunks = 4096, 2
+    base = randn(chunks * D + 16, dtype, 23)
+    for offset in (0, 1, 3):
+        x = base[offset:offset + chunks * D]
+        check(simt, x, 0.9, D, True, threads=256)
+        simt.pack(x, 0.9, D, True, threads=256)
+        stats = simt.last_stats()
+        copies = 0
+        for c in range(chunks):
+            head = (-(x.data_ptr() + c * D * es) % 16) // es  # elements before a 16-byte boundary
+            copies += (D - head) * es // 16
+        assert stats["async_copies"] == copies
+        assert stats["global_load_bytes"] == x.numel() * es
+        assert stats["global_loads"] - copies == x.numel() - copies * 16 // es  # the heads and tails
+    # Not where the keys are re-read from global memory, nor in the per-warp kernel (D <= 1024).
+    simt.pack(base[:chunks * D], 0.9, D, True, threads=256, source=1)
+    assert simt.last_stats()["async_copies"] == 0
+    simt.pack(base[:3000], 0.9, 1000, True)
+    assert simt.last_stats()["async_copies"] == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_small_chunks_one_to_a_warp(simt, dtype):
     # Chunks up to 1024 elements go one to a warp: 8 chunks a block of 256 threads, warp barriers

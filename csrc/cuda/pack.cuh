@@ -246,6 +246,15 @@ DROPIT_UNROLL
   }
 }
 
+// The magnitude keys of a Vec of bit patterns.
+template <typename Key, typename Bits, int N>
+DROPIT_DEVICE simt::Vec<Key, N> magnitude_keys(const simt::Vec<Bits, N>& v) {
+  simt::Vec<Key, N> k;
+DROPIT_UNROLL
+  for (int j = 0; j < N; ++j) k.v[j] = magnitude_key<Bits>(v.v[j]);
+  return k;
+}
+
 // Calls f(keys) for the keys of the chunk (in no particular order), keys a Vec of up to 16 bytes
 // of them, reading them as cheaply as their source allows (random keys are computed, one element
 // per thread at a time).
@@ -255,18 +264,43 @@ DROPIT_DEVICE void for_each_key(const ChunkKeys<Bits, Key, Src>& keys, int L, in
   if constexpr (Src == KeySource::kRandom) {
     for (int e = tid; e < L; e += nthreads) f(simt::Vec<Key, 1>{{keys(e)}});
   } else {
-    auto g = [&](const auto& v) {
-      constexpr int N = static_cast<int>(sizeof(v.v) / sizeof(v.v[0]));
-      simt::Vec<Key, N> k;
-DROPIT_UNROLL
-      for (int j = 0; j < N; ++j) k.v[j] = magnitude_key<Bits>(v.v[j]);
-      f(k);
-    };
+    auto g = [&](const auto& v) { f(magnitude_keys<Key>(v)); };
     if (from_global) {
       for_each_element<kPackLoadAhead>(keys.x, L, tid, nthreads, stage, keys.staged, g);
     } else {
       for_each_element<1>(keys.staged, L, tid, nthreads, false, keys.staged, g);
     }
+  }
+}
+
+// pack_block on sm_80+: stages chunk `keys` asynchronously. The 16-byte aligned middle by copies
+// from global to shared memory that need no registers, so every copy of a thread is in flight at
+// once (before: kPackLoadAhead loads a thread, interleaved with the histogram's atomics); the head
+// and tail (fewer than a vector each) through registers, an element a thread. The copies land at
+// the thread's wait (Sync::copies); a barrier after it, and the chunk is read from shared memory.
+template <typename Bits, typename Key, KeySource Src>
+DROPIT_DEVICE void copy_chunk_async(const ChunkKeys<Bits, Key, Src>& keys, int L, int tid, int nthreads) {
+  constexpr int V = simt::kVec16<Bits>;
+  const int head = head_to_16<Bits>(simt::address(keys.x), L);
+  const int nvec = (L - head) / V;
+  const int step = nthreads * V;  // elements between a thread's consecutive copies
+  simt::gptr<const Bits> from = keys.x + (head + tid * V);
+  simt::sptr<Bits> to = keys.staged + (head + tid * V);
+  int i = tid;
+  for (; i + 3 * nthreads < nvec; i += 4 * nthreads) {
+DROPIT_UNROLL
+    for (int u = 0; u < 4; ++u) simt::copy_async16(to + u * step, from + u * step);
+    from += 4 * step;
+    to += 4 * step;
+  }
+  for (; i < nvec; i += nthreads) {
+    simt::copy_async16(to, from);
+    from += step;
+    to += step;
+  }
+  for (int r = tid; r < L - nvec * V; r += nthreads) {  // r: the head's elements, then the tail's
+    const int e = r < head ? r : nvec * V + r;
+    keys.staged[e] = keys.x[e];
   }
 }
 
@@ -293,20 +327,30 @@ DROPIT_DEVICE ChunkOutputs<Bits> chunk_outputs(const PackParams<Bits>& p, int64_
 // The first digit of a chunk's keys, by the team (the block, or a warp) on its cleared bins:
 // each key's top kBits bits counted in `hist` (digit 0, zeros among them, to the thread's `spare`
 // counter: no atomics piling on one bin; choose_bin counts bin 0 by difference), then the bin of
-// the k-th largest key chosen. `counted`, `scanned`, `chosen`: the barriers' ids.
-template <int kBits, int kKeyBits, typename Team, typename Bits, typename Key, KeySource Src, typename Sync>
+// the k-th largest key chosen. `counted`, `scanned`, `chosen`: the barriers' ids. kCopied: the
+// chunk is staged already (copy_chunk_async), and is read from shared memory.
+template <int kBits, int kKeyBits, bool kCopied = false, typename Team, typename Bits, typename Key, KeySource Src,
+          typename Sync>
 DROPIT_DEVICE Selection<Key> first_digit(Team team, const ChunkKeys<Bits, Key, Src>& keys, int L, int k, bool stage,
                                          simt::sptr<uint32_t> hist, simt::sptr<uint32_t> spare,
                                          simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync,
                                          int counted, int scanned, int chosen) {
   constexpr int kShift = kKeyBits - kBits;
-  for_each_key(keys, L, team.rank(), team.size(), /*from_global=*/true, stage, [&](const auto& ks) {
+  auto count = [&](const auto& ks) {
 DROPIT_UNROLL
     for (const Key key : ks.v) {
       const uint32_t d = static_cast<uint32_t>(key >> kShift);
       simt::atomic_add_shared(d != 0 ? hist + d : spare, 1u);
     }
-  });
+  };
+  if constexpr (kCopied) {
+    // (Not through for_each_key: nvcc's line table then gave this pass the gather's call site, and
+    // the cost model could not match it.)
+    for_each_element<1>(keys.staged, L, team.rank(), team.size(), false, keys.staged,
+                        [&](const auto& v) { count(magnitude_keys<Key>(v)); });
+  } else {
+    for_each_key(keys, L, team.rank(), team.size(), /*from_global=*/true, stage, count);
+  }
   team.sync(sync, counted);
   Selection<Key> s{0, kKeyBits, k, L};
   if constexpr (std::is_same_v<Team, BlockTeam>) {  // `slots`: kNarrowBins words for the runs' sums
@@ -430,6 +474,9 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
   constexpr int kBufferKeys = static_cast<int>(kPackWideBytes / sizeof(Key));
   constexpr int kPerLane = kBufferKeys / 32;
   constexpr bool kStaged = Src == KeySource::kSharedBits;
+  // sm_80+: the staged chunk is copied in asynchronously before the histogram reads it (below
+  // sm_80, the histogram's pass over global memory stages it).
+  constexpr bool kCopied = kStaged && simt::has_async_copy();
   DROPIT_SHARED(uint32_t, wide, kWideBins + 32);  // wide bins (then candidates, then bitmap words), spares
   DROPIT_SHARED(uint32_t, narrow, kNarrowBins);   // the wide runs' sums; narrow bins; warp 0's selection
   DROPIT_SHARED(uint64_t, slots, 32);             // block scans
@@ -464,11 +511,15 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     }
 
     // ---- 1. the wide digit ----
+    // (sm_80+: the chunk's copies to shared memory are in flight while the bins are cleared.)
+    if constexpr (kCopied) copy_chunk_async(keys, L, tid, nthreads);
     for (int i = tid; i < kWideBins / 4; i += nthreads) simt::store_vec(wide + 4 * i, simt::Vec<uint32_t, 4>{});
     if (tid < 32) gathered[tid] = 0u;
+    if constexpr (kCopied) sync.copies(kChunkCopied);
     sync(kWideCleared);
-    Selection<Key> s = first_digit<kWideBits, kKeyBits>(BlockTeam(), keys, L, k, kStaged, wide, wide + (kWideBins + lane),
-                                                        narrow, sel, sync, kWideCounted, kWideScanned, kWideChosen);
+    Selection<Key> s = first_digit<kWideBits, kKeyBits, kCopied>(BlockTeam(), keys, L, k, kStaged, wide,
+                                                                 wide + (kWideBins + lane), narrow, sel, sync,
+                                                                 kWideCounted, kWideScanned, kWideChosen);
 
     const int used_words = (L + 31) >> 5;
     // Late select: when the bucket's keys fit beside the bitmap masks (two words a bitmap word,

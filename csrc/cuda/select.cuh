@@ -33,6 +33,9 @@ enum PackBarrier : int {
   // pack_warps (a chunk per warp): warp barriers only
   kWarpCleared,           // the warp's bins' zeros, before its counts; its last chunk's reads, before the next's writes
   kWarpCounted,           // its counts and staged chunk, before the bins and the chunk are read
+  // pack_block on sm_80+: not a barrier but the wait for a thread's asynchronous copies of the
+  // staged chunk (Sync::copies), before kWideCleared lets any thread read them
+  kChunkCopied,
 };
 
 // The narrow digits' width: a 256-bin histogram, which one warp scans with 8 bins a lane.

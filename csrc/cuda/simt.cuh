@@ -3,7 +3,8 @@
 // Kernel bodies use nothing of CUDA but what is declared here: thread and block
 // indices, block barriers, static and dynamic shared memory, shared-memory
 // atomics, global and shared memory through gptr/sptr (and 16-byte vector
-// accesses), and the warp intrinsics (ballot, shuffles, popc/ffs/clz). Compiled
+// accesses), asynchronous global-to-shared copies, and the warp intrinsics
+// (ballot, shuffles, popc/ffs/clz). Compiled
 // by nvcc they map onto CUDA (gptr<T> and sptr<T> are plain T*); compiled as
 // plain C++ with DROPIT_SIMT_HOST defined they call a host SIMT implementation
 // (tests/simt/) that runs a block's threads as cooperative fibers and checks
@@ -25,6 +26,10 @@
 //    (the host layer's warp-instruction counts pair each copy's lanes), and a
 //    statement holds one memory access or warp intrinsic per source line (the
 //    cost model matches the host's sites to SASS by source line);
+//  - an asynchronous copy (copy_async16) has landed only after its thread's
+//    copy_async_wait_all(), called through the barrier policy (BlockSync::copies);
+//    no thread touches its destination before then, and other threads only after a
+//    barrier that follows that wait;
 //  - launch syntax and stream handling live in the .cu launchers only.
 #pragma once
 
@@ -187,6 +192,35 @@ DROPIT_DEVICE void store_vec(const gptr<T>& p, const Vec<T, N>& v) {
       : "memory");
 }
 
+// Whether copy_async16 is a real asynchronous copy (cp.async, sm_80+) on the architecture being
+// compiled; below sm_80 it is a plain load and store, and callers keep their fused paths.
+DROPIT_DEVICE constexpr bool has_async_copy() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return true;
+#else
+  return false;
+#endif
+}
+
+// 16 bytes from global `src` to shared `dst`, both 16-byte aligned, without passing through
+// registers (cp.async.cg: L2 only, the data is read once): a thread may have any number in flight.
+// They land by this thread's copy_async_wait_all(); see the rules above.
+template <typename T>
+DROPIT_DEVICE void copy_async16(T* dst, const gptr<const T>& src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(src.get()) : "memory");
+#else
+  store_vec(dst, load_vec<static_cast<int>(16 / sizeof(T))>(src));
+#endif
+}
+// Waits for every asynchronous copy this thread issued (commit and wait for all groups).
+DROPIT_DEVICE void copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
 DROPIT_DEVICE uint32_t ballot(bool pred) { return __ballot_sync(0xffffffffu, pred); }
 // The lanes whose v equals this lane's (sm_70+).
 DROPIT_DEVICE uint32_t match_any(uint32_t v) { return __match_any_sync(0xffffffffu, v); }
@@ -243,6 +277,13 @@ __attribute__((noinline)) uint64_t warp_op(WarpOp op, uint64_t value, int arg);
 // writable buffer) and counts it. A failed check stops the launch with an
 // error. Never inlined: its return address tells the access sites apart.
 __attribute__((noinline)) void access(Space space, Access kind, const void* p, size_t bytes, size_t align);
+// An asynchronous copy of `bytes` from global `src` to shared `dst`: both checked (bounds, and
+// alignment to `bytes`) and counted now, as one access site; the bytes move only at this thread's
+// copy_async_wait_all(). Until then any access to `dst` by any thread fails the launch, and a
+// thread that exits with copies pending fails it too. Never inlined (its return address is the
+// site).
+__attribute__((noinline)) void copy_async(void* dst, const void* src, size_t bytes);
+void copy_async_wait_all();
 }  // namespace host
 
 template <typename T, host::Space S>
@@ -356,6 +397,14 @@ DROPIT_SIMT_INLINE void store_vec(const Ptr<T, S>& p, const Vec<T, N>& v) {
   std::memcpy(p.get(), &v, sizeof(v));
 }
 
+// The host layer emulates sm_80+: copies land at the wait (see host::copy_async).
+constexpr bool has_async_copy() { return true; }
+template <typename T>
+DROPIT_SIMT_INLINE void copy_async16(const sptr<T>& dst, const gptr<const T>& src) {
+  host::copy_async(dst.get(), src.get(), 16);
+}
+inline void copy_async_wait_all() { host::copy_async_wait_all(); }
+
 DROPIT_SIMT_INLINE uint32_t ballot(bool pred) {
   return static_cast<uint32_t>(host::warp_op(host::WarpOp::kBallot, pred ? 1u : 0u, 0));
 }
@@ -407,6 +456,9 @@ namespace simt {
 struct BlockSync {
   DROPIT_DEVICE void operator()(int /*barrier*/) const { sync(); }
   DROPIT_DEVICE void warp(int /*barrier*/) const { syncwarp(); }
+  // The wait for this thread's asynchronous copies (named like a barrier, so that the tests can
+  // leave it out too).
+  DROPIT_DEVICE void copies(int /*wait*/) const { copy_async_wait_all(); }
 };
 
 }  // namespace simt

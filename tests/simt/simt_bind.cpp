@@ -175,9 +175,11 @@ py::dict stats_dict(const dropit::simt::host::LaunchStats& s) {
   DROPIT_STAT(shared_store_wavefronts);
   DROPIT_STAT(shared_atomic_wavefronts);
   DROPIT_STAT(shared_conflict_passes);
+  DROPIT_STAT(async_copies);
+  DROPIT_STAT(async_copy_instr);
 #undef DROPIT_STAT
   static const char* kKinds[] = {"global load", "global store", "shared load", "shared store", "shared atomic",
-                                 "vote", "shuffle", "match", "warp barrier"};
+                                 "vote", "shuffle", "match", "warp barrier", "async copy"};
   py::list sites;
   for (const auto& site : s.sites) {
     sites.append(py::make_tuple(reinterpret_cast<uintptr_t>(site.address), kKinds[static_cast<int>(site.kind)],

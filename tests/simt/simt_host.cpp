@@ -71,9 +71,18 @@ dropit_simt_switch:
 struct AccessRecord {
   uint32_t site;
   uint8_t space;
-  uint8_t kind;
+  uint8_t kind;  // an Access, or kAsyncCopyRecord
   uint16_t bytes;
   uintptr_t addr;
+  uintptr_t to;  // an asynchronous copy's shared destination
+};
+constexpr uint8_t kAsyncCopyRecord = 3;
+
+// An asynchronous copy issued and not yet waited for.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
 };
 
 struct Fiber {
@@ -90,6 +99,7 @@ struct Fiber {
   int arg = 0;
   const void* op_site = nullptr;  // profile: where this lane called the warp intrinsic
   std::vector<AccessRecord> log;  // profile only
+  std::vector<PendingCopy> pending;  // its asynchronous copies not yet waited for
 };
 
 struct AlignedBuffer {
@@ -134,6 +144,7 @@ struct Machine {
   std::unordered_map<const void*, uint32_t> sites;  // profile: site -> index in stats.sites
   AlignedBuffer dyn;
   size_t dyn_bytes = 0;
+  size_t pending_copies = 0;  // the block's asynchronous copies not yet waited for
   std::string error;
 };
 
@@ -190,6 +201,7 @@ void fiber_entry() {
   } catch (...) {
     fail(m, "kernel body threw");
   }
+  if (!m.cur->pending.empty()) fail(m, "thread exited with asynchronous copies it never waited for");
   m.cur->state = State::kDone;
   ++m.done;
   if (m.at_barrier > 0) fail(m, "thread exited while others wait at a barrier");
@@ -316,6 +328,25 @@ void account_instruction(LaunchStats& st, const AccessRecord* recs, size_t n) {
   const auto space = static_cast<Space>(recs[0].space);
   const auto kind = static_cast<Access>(recs[0].kind);
   ++st.sites[recs[0].site].warp_instructions;
+  if (recs[0].kind == kAsyncCopyRecord) {
+    // One instruction that reads global memory (its sectors) and writes shared memory (its
+    // wavefronts): accounted as both, counted once as an asynchronous copy.
+    std::vector<AccessRecord> from(recs, recs + n), to(recs, recs + n);
+    for (size_t i = 0; i < n; ++i) {
+      from[i].kind = static_cast<uint8_t>(Access::kLoad);
+      to[i].space = static_cast<uint8_t>(Space::kShared);
+      to[i].kind = static_cast<uint8_t>(Access::kStore);
+      to[i].addr = recs[i].to;
+    }
+    const uint64_t loads = st.global_load_instr, stores = st.shared_store_instr;
+    account_instruction(st, from.data(), n);
+    account_instruction(st, to.data(), n);
+    st.global_load_instr = loads;
+    st.shared_store_instr = stores;
+    st.sites[recs[0].site].warp_instructions -= 2;
+    ++st.async_copy_instr;
+    return;
+  }
   if (space == Space::kGlobal) {
     std::vector<uintptr_t> sectors, bytes;
     for (size_t i = 0; i < n; ++i) {
@@ -415,6 +446,7 @@ void run_block(Machine& m) {
     m.slot_declared[i] = 0;
   }
   m.dyn.reset(m.dyn_bytes > 0 ? m.dyn_bytes : 1, m.opt.poison);
+  m.pending_copies = 0;
   for (int t = 0; t < n; ++t) {
     Fiber& f = m.fibers[t];
     f.state = State::kRunnable;
@@ -422,6 +454,7 @@ void run_block(Machine& m) {
     f.next_slot = 0;
     f.op = WarpOp::kBallot;
     f.log.clear();
+    f.pending.clear();
     init_fiber(m, f, m.stacks[t].get(), m.opt.stack_bytes);
   }
   std::vector<int> order(n);
@@ -532,9 +565,26 @@ bool inside(uintptr_t a, size_t bytes, const void* data, size_t size) {
 
 }  // namespace
 
-void access(Space space, Access kind, const void* p, size_t bytes, size_t align) {
-  Machine& m = machine();
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+namespace {
+
+// Fails the launch if [a, a + bytes) overlaps the destination of an asynchronous copy some thread
+// has not waited for (on a GPU: a race with the copy).
+void check_not_pending(Machine& m, Space space, Access kind, uintptr_t a, size_t bytes) {
+  for (const Fiber& f : m.fibers) {
+    for (const PendingCopy& c : f.pending) {
+      const uintptr_t d = reinterpret_cast<uintptr_t>(c.dst);
+      if (a < d + c.bytes && d < a + bytes) {
+        std::ostringstream os;
+        os << "touches shared memory that thread " << f.tid
+           << "'s asynchronous copy has not landed in (before its wait and a barrier)";
+        fail_access(m, space, kind, a, bytes, os.str().c_str());
+      }
+    }
+  }
+}
+
+// Checks one access (see access()) and counts it at lane level.
+void check_and_count(Machine& m, Space space, Access kind, uintptr_t a, size_t bytes, size_t align) {
   if (align > 1 && a % align != 0) fail_access(m, space, kind, a, bytes, "is misaligned");
   LaunchStats& st = m.stats;
   if (space == Space::kGlobal) {
@@ -560,6 +610,7 @@ void access(Space space, Access kind, const void* p, size_t bytes, size_t align)
     bool ok = inside(a, bytes, m.dyn.data, m.dyn_bytes);
     for (size_t i = 0; !ok && i < m.slots_used; ++i) ok = inside(a, bytes, m.slots[i].data, m.slot_declared[i]);
     if (!ok) fail_access(m, space, kind, a, bytes, "is outside the block's shared memory");
+    if (m.pending_copies > 0) check_not_pending(m, space, kind, a, bytes);
     if (kind == Access::kLoad) {
       ++st.shared_loads;
       st.shared_load_bytes += bytes;
@@ -570,6 +621,14 @@ void access(Space space, Access kind, const void* p, size_t bytes, size_t align)
       ++st.shared_atomics;
     }
   }
+}
+
+}  // namespace
+
+void access(Space space, Access kind, const void* p, size_t bytes, size_t align) {
+  Machine& m = machine();
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  check_and_count(m, space, kind, a, bytes, align);
   if (m.opt.profile) {
     using K = LaunchStats::SiteKind;
     const K site_kind = space == Space::kGlobal ? (kind == Access::kLoad ? K::kGlobalLoad : K::kGlobalStore)
@@ -577,8 +636,31 @@ void access(Space space, Access kind, const void* p, size_t bytes, size_t align)
                         : kind == Access::kStore ? K::kSharedStore
                                                  : K::kSharedAtomic;
     m.cur->log.push_back({site_index(m, __builtin_return_address(0), site_kind), static_cast<uint8_t>(space),
-                          static_cast<uint8_t>(kind), static_cast<uint16_t>(bytes), a});
+                          static_cast<uint8_t>(kind), static_cast<uint16_t>(bytes), a, 0});
   }
+}
+
+void copy_async(void* dst, const void* src, size_t bytes) {
+  Machine& m = machine();
+  const uintptr_t from = reinterpret_cast<uintptr_t>(src), to = reinterpret_cast<uintptr_t>(dst);
+  check_and_count(m, Space::kGlobal, Access::kLoad, from, bytes, bytes);
+  check_and_count(m, Space::kShared, Access::kStore, to, bytes, bytes);
+  ++m.stats.async_copies;
+  m.cur->pending.push_back({dst, src, bytes});
+  ++m.pending_copies;
+  if (m.opt.profile) {
+    m.cur->log.push_back({site_index(m, __builtin_return_address(0), LaunchStats::SiteKind::kAsyncCopy),
+                          static_cast<uint8_t>(Space::kGlobal), kAsyncCopyRecord, static_cast<uint16_t>(bytes), from,
+                          to});
+  }
+}
+
+void copy_async_wait_all() {
+  Machine& m = machine();
+  std::vector<PendingCopy>& pending = m.cur->pending;
+  m.pending_copies -= pending.size();
+  for (const PendingCopy& c : pending) std::memcpy(c.dst, c.src, c.bytes);
+  pending.clear();
 }
 
 void launch(int64_t grid, int block_threads, size_t dynamic_smem, const std::function<void()>& body,

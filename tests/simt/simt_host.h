@@ -9,6 +9,9 @@
 //    32 lanes' values;
 //  - static shared memory (DROPIT_SHARED) and dynamic shared memory are per
 //    block and filled with a poison byte at the start of every block;
+//  - an asynchronous copy (copy_async16) is checked when issued but moves its
+//    bytes only at its thread's copy_async_wait_all(); any access to its
+//    destination before then, or a thread exiting with copies pending, fails;
 //  - every global access (through simt::gptr) must lie inside one of the
 //    buffers the launch registers (stores: a writable one), every shared
 //    access inside the block's shared arrays, and every access must be aligned
@@ -85,10 +88,15 @@ struct LaunchStats {
   uint64_t shared_load_wavefronts = 0, shared_store_wavefronts = 0, shared_atomic_wavefronts = 0;
   // The passes bank conflicts add: wavefronts beyond one per 128 bytes the instruction moves.
   uint64_t shared_conflict_passes = 0;
+  // Asynchronous global-to-shared copies: lane-level (also counted above as a global load and a
+  // shared store each) and warp instructions (profile only; their sectors and wavefronts are
+  // counted above, their instructions only here).
+  uint64_t async_copies = 0, async_copy_instr = 0;
   // Warp instructions per site (profile only): the call's return address in the kernel body and
   // what it does (a memory access's space and kind, or a warp intrinsic).
   enum class SiteKind : int {
-    kGlobalLoad, kGlobalStore, kSharedLoad, kSharedStore, kSharedAtomic, kBallot, kShuffle, kMatch, kWarpSync
+    kGlobalLoad, kGlobalStore, kSharedLoad, kSharedStore, kSharedAtomic, kBallot, kShuffle, kMatch, kWarpSync,
+    kAsyncCopy
   };
   struct Site {
     const void* address;

@@ -15,8 +15,8 @@ namespace {
 
 thread_local std::set<int> g_barrier_ids;
 
-// The barrier policy of the tests: syncs at every barrier but `skip` (block or warp barrier), and
-// records the ids called.
+// The barrier policy of the tests: syncs at every barrier but `skip` (block or warp barrier, or the
+// wait for asynchronous copies), and records the ids called.
 struct TestSync {
   int skip = 0;
   void operator()(int id) const {
@@ -26,6 +26,10 @@ struct TestSync {
   void warp(int id) const {
     g_barrier_ids.insert(id);
     if (id != skip) simt::syncwarp();
+  }
+  void copies(int id) const {  // the wait for this thread's asynchronous copies
+    g_barrier_ids.insert(id);
+    if (id != skip) simt::copy_async_wait_all();
   }
 };
 

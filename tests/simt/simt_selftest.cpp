@@ -14,6 +14,10 @@ namespace simt_test {
 
 std::vector<uint64_t> exchange(const std::string& op, int threads, int arg, int64_t grid) {
   std::vector<uint64_t> out(static_cast<size_t>(threads * grid), 0);
+  simt::host::LaunchOptions opt;
+  std::vector<uint64_t> table(static_cast<size_t>(2 * threads));  // "async_copy"'s global source
+  for (int i = 0; i < 2 * threads; ++i) table[static_cast<size_t>(i)] = 5000u + 3u * i;
+  opt.buffers = {{table.data(), table.size() * sizeof(uint64_t), false, "table"}};
   simt::host::launch(grid, threads, 0, [&] {
     const int t = simt::thread_idx();
     const uint64_t v = 1000u * static_cast<uint64_t>(simt::block_idx()) + 7u * t + 1u;
@@ -44,12 +48,20 @@ std::vector<uint64_t> exchange(const std::string& op, int threads, int arg, int6
       cells[t] = v;
       simt::sync();
       r = cells[(t + arg) % simt::block_dim()];
+    } else if (op == "async_copy") {
+      // Each thread copies 16 bytes of a global table asynchronously, waits, a barrier, then reads
+      // the second half of the copy of the thread `arg` after it.
+      DROPIT_SHARED(uint64_t, cells, 2 * 1024);
+      simt::copy_async16(cells + 2 * t, simt::gptr<const uint64_t>(table.data()) + 2 * t);
+      simt::copy_async_wait_all();
+      simt::sync();
+      r = cells[2 * ((t + arg) % simt::block_dim()) + 1];
     } else if (op == "dims") {
       r = (static_cast<uint64_t>(simt::grid_dim()) << 48) | (static_cast<uint64_t>(simt::block_idx()) << 32) |
           (static_cast<uint64_t>(simt::block_dim()) << 16) | static_cast<uint64_t>(t);
     }
     out[static_cast<size_t>(simt::block_idx() * threads + t)] = r;
-  });
+  }, opt);
   return out;
 }
 
@@ -86,6 +98,23 @@ void misuse(const std::string& what) {
     } else if (what == "misaligned_scalar") {
       // A 4-byte load at a 2-byte offset: faults on a GPU like a misaligned vector.
       dst[t] = simt::gptr<const float>(reinterpret_cast<const float*>(reinterpret_cast<const char*>(in.data()) + 2))[t % 32];
+    } else if (what.rfind("async_", 0) == 0 || what.rfind("misaligned_async", 0) == 0) {
+      // Thread t copies 16 bytes of `in` to its own 16 bytes of `cells`.
+      DROPIT_SHARED(float, cells, 4 * 64);
+      const int v = t % 16;
+      if (what == "misaligned_async_source") {
+        simt::copy_async16(cells + 4 * t, src + (4 * v + (t == 9 ? 2 : 0)));
+      } else if (what == "misaligned_async_shared") {
+        simt::copy_async16(cells + (4 * t + (t == 9 ? 1 : 0)), src + 4 * v);
+      } else {
+        simt::copy_async16(cells + 4 * t, src + 4 * v);
+      }
+      if (what == "async_never_waited") return;
+      if (what == "async_read_before_wait") dst[t] = cells[4 * t];
+      simt::sync();  // every copy issued
+      simt::copy_async_wait_all();
+      if (what != "async_no_barrier") simt::sync();
+      dst[t] = cells[4 * ((t + 1) % 64)];  // the next thread's copy
     } else if (what == "divergent_barrier") {
       if (t < 32) simt::sync();  // the second warp never arrives
     } else if (what == "divergent_warp_op") {
@@ -131,6 +160,10 @@ simt::host::LaunchStats profile_case(const std::string& what) {
       simt::atomic_add_shared(cells + 3, 1u);  // one address: 32 passes
     } else if (what == "atomic_spread") {
       simt::atomic_add_shared(cells + lane, 1u);  // 32 banks: 1 pass
+    } else if (what == "async_copy") {
+      // 512 bytes from global (16 sectors) to shared (4 passes, no conflict), one instruction.
+      simt::copy_async16(cells + 4 * lane, simt::gptr<const uint32_t>(reinterpret_cast<const uint32_t*>(in->v)) + 4 * lane);
+      simt::copy_async_wait_all();
     }
   }, opt);
   return simt::host::last_stats();
