@@ -339,8 +339,11 @@ DROPIT_DEVICE Selection<Key> first_digit(Team team, const ChunkKeys<Bits, Key, S
   auto count = [&](const auto& ks) {
 DROPIT_UNROLL
     for (const Key key : ks.v) {
-      const uint32_t d = static_cast<uint32_t>(key >> kShift);
-      simt::atomic_add_shared(d != 0 ? hist + d : spare, 1u);
+      // The bin's byte offset taken straight from the digit's bits (a mask and one shift-and-add
+      // to the address, not the digit, then its address); 0 for digit 0.
+      const uint32_t at = static_cast<uint32_t>((key & (static_cast<Key>((1 << kBits) - 1) << kShift)) >> (kShift - 2));
+      const simt::sptr<uint32_t> bin = simt::ptr_cast<uint32_t>(simt::ptr_cast<unsigned char>(hist) + static_cast<int>(at));
+      simt::atomic_add_shared(at != 0 ? bin : spare, 1u);
     }
   };
   if constexpr (kCopied) {
