@@ -20,7 +20,10 @@ sm_90 by default):
   instruction on the next source line); a block without seen instructions, as often as the
   loop's most run block; each costs its size (its instructions, as nvcc compiled them) per run;
 - the seen instructions outside those loops (setup, scans, barriers, and any the matching
-  missed) cost the static ratio of the code outside the loops per seen instruction;
+  missed) cost the static ratio of the code outside the loops per seen instruction; but a warp
+  barrier costs one instruction (its NOP) where the SASS has no WARPSYNC in the kernel's main
+  code (a converged __syncwarp is a BRA.DIV check, already among the code outside the loops,
+  and a NOP, which the SASS counter drops);
 - plus replays: the passes bank conflicts add to shared accesses (wavefronts beyond one per 128
   bytes moved; an atomic's lanes on one bank take a pass each, same address or not).
 It cannot see: branches around blocks with no seen instruction (such a block counts every run of
@@ -198,8 +201,17 @@ def model_parts(stats: dict, kernel: dict, chains: dict) -> tuple[list[tuple[str
     rest_ratio = (kernel["instructions"] - sum(lp["size"] for lp in loops)) / max(
         1, kernel["seen_instructions"] - loop_seen_static)
     seen = sum(stats[k] for k in SEEN)
+    # Where the SASS has no warp-barrier instruction, nvcc compiled each converged __syncwarp to a
+    # BRA.DIV check (counted among the instructions outside the loops) and a NOP (dropped by the
+    # counter): the host's warp barriers then cost their NOP each, not the outside ratio.
+    warp_nops = 0.0
+    if not any(cls == "warp barrier" for cls, *_ in kernel["seen_list"]):
+        warp_nops = float(stats.get("warp_syncs", 0))
+        seen -= warp_nops
     outside = max(0.0, seen - in_loops_matched)
     parts.append((f"outside the loops ({rest_ratio:.2f} instr. per seen one)", outside * rest_ratio))
+    if warp_nops:
+        parts.append(("warp barriers (a NOP each: no WARPSYNC in the SASS)", warp_nops))
     return parts, share
 
 

@@ -68,3 +68,26 @@ def test_model_arithmetic():
     # The same, part by part: the loop, then outside the loops.
     parts, _ = bench.model_parts(stats, kernel, chains)
     assert [cost for _, cost in parts] == [680, 200]
+
+
+def test_model_charges_warp_barriers_as_the_sass_has_them():
+    spec = importlib.util.spec_from_file_location("bench_kernel_cost", ROOT / "benchmarks" / "bench_kernel_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # 50 instructions, no loop, two seen ones (a shuffle, a load): 25 instructions per seen one.
+    kernel = {"instructions": 50, "seen_instructions": 2, "innermost_loops": [],
+              "seen_list": [["shuffle", ["bitmap.cuh:38"], -1, -1], ["shared load", ["pack.cuh:9"], -1, -1]]}
+    stats = {k: 0 for k in bench.SEEN}
+    stats.update(shuffles=4, warp_syncs=3)
+    stats["sites"] = [(1, "shuffle", 4)]
+    chains = {1: ("bitmap.cuh:38",)}
+    # No WARPSYNC in the SASS (a converged __syncwarp: BRA.DIV, counted in the 50, and a NOP the
+    # counter drops): the 4 shuffles at 25 each, the 3 warp barriers at 1 each.
+    parts, _ = bench.model_parts(stats, kernel, chains)
+    assert [cost for _, cost in parts] == [100, 3]
+    # A WARPSYNC in the SASS is a seen instruction like any other: the barriers at the ratio,
+    # (50 - 0) / 3 per seen one.
+    kernel["seen_instructions"] = 3
+    kernel["seen_list"].append(["warp barrier", ["pack.cuh:20"], -1, -1])
+    parts, _ = bench.model_parts(stats, kernel, chains)
+    assert [cost for _, cost in parts] == [7 * 50 / 3]

@@ -339,8 +339,11 @@ DROPIT_DEVICE Selection<Key> first_digit(Team team, const ChunkKeys<Bits, Key, S
   auto count = [&](const auto& ks) {
 DROPIT_UNROLL
     for (const Key key : ks.v) {
-      const uint32_t d = static_cast<uint32_t>(key >> kShift);
-      simt::atomic_add_shared(d != 0 ? hist + d : spare, 1u);
+      // The bin's byte offset taken straight from the digit's bits (a mask and one shift-and-add
+      // to the address, not the digit, then its address); 0 for digit 0.
+      const uint32_t at = static_cast<uint32_t>((key & (static_cast<Key>((1 << kBits) - 1) << kShift)) >> (kShift - 2));
+      const simt::sptr<uint32_t> bin = simt::ptr_cast<uint32_t>(simt::ptr_cast<unsigned char>(hist) + static_cast<int>(at));
+      simt::atomic_add_shared(at != 0 ? bin : spare, 1u);
     }
   };
   if constexpr (kCopied) {
@@ -710,13 +713,17 @@ DROPIT_DEVICE simt::Vec<uint32_t, 2> word_masks(const ChunkKeys<Bits, Key, Src>&
     constexpr int kVecs = 32 / V;
     if (n >= 32 && simt::address(word.staged) % 16 == 0) {
       const int r = (kVecs >= 8 ? w : w * kVecs / 8) & (kVecs - 1);
+      // Vector (i + r) mod kVecs for i = kVecs - 1 down to 0: one pointer, stepped down and
+      // wrapped to the word's last vector after its first (no index arithmetic a vector). (For
+      // 16-bit keys, 4 vectors a word, nvcc's index arithmetic was as short.)
+      simt::sptr<Bits> at = word.staged + V * ((r - 1) & (kVecs - 1));
 #if defined(__CUDACC__)
 #pragma unroll 2
 #endif
       for (int i = kVecs - 1; i >= 0; --i) {
-        const simt::sptr<Bits> at = word.staged + V * ((i + r) & (kVecs - 1));
         uint32_t a = 0, f = 0;
         if constexpr (sizeof(Bits) == 2) {
+          at = word.staged + V * ((i + r) & (kVecs - 1));
           // Two keys a 32-bit word: the high one is compared where it is, against bounds moved
           // up 16 bits (its magnitude bits, the rest cleared: above highest iff above highest's
           // with all low bits set).
@@ -740,6 +747,7 @@ DROPIT_UNROLL
         }
         above = (above << V) | a;
         from = (from << V) | f;
+        if constexpr (sizeof(Bits) != 2) at = at == word.staged ? at + (32 - V) : at - V;
       }
       // Vector q of the word sits at (q - r) mod kVecs: rotate left by r vectors.
       const int rot = V * r;

@@ -147,8 +147,10 @@ DROPIT_DEVICE BinChoice choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_
     const bool holds = above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need;
     BinChoice choice{0, 0, 0};
     if (holds) {
-      for (int b = top - 1; b >= bottom; --b) {
-        const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
+      // The walk ends inside the run (its sum reaches `need`): no bound test; bin 0 holds 0.
+      // (A run of one bin, 32 bins: the tested loop, which nvcc compiles shorter there.)
+      for (int b = top - 1; kBins > bitmap::kWarp || b >= bottom; --b) {
+        const uint32_t c = static_cast<uint32_t>(hist[b]) + (b == 0 ? in_bin0 : 0u);
         if (above + c >= need) {
           choice = BinChoice{static_cast<uint32_t>(b), above, c};
           break;
