@@ -30,6 +30,14 @@ def test_ballot_and_match_any(simt, threads):
             assert got[t] == sum(1 << l for l in range(32) if l % arg == mine)
 
 
+def test_reduce_max(simt):
+    for arg in (0, 5, 64):
+        got = simt.exchange("reduce_max", 96, arg)
+        for t in range(96):
+            warp = range(t - t % 32, t - t % 32 + 32)
+            assert got[t] == max((u * 37 + arg) % 101 for u in warp), (arg, t)
+
+
 @pytest.mark.parametrize("op", ["shfl", "shfl_up", "shfl_down", "shfl_xor"])
 def test_shuffles(simt, op):
     threads = 64

@@ -324,26 +324,93 @@ DROPIT_DEVICE ChunkOutputs<Bits> chunk_outputs(const PackParams<Bits>& p, int64_
                             p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr};
 }
 
+// A first digit's bucket: the selection to narrow, and the bounds of the keys in it, which are
+// those of the selection's bucket (prefix, shift) unless the digit's bin was a clamped one.
+template <typename Key>
+struct FirstBucket {
+  Selection<Key> s;
+  Key lowest;
+  Key highest;
+};
+
+// The first digit of pack_block, and of pack_warps on random keys: the key's top kBits bits.
+template <typename Key, int kBits, int kKeyBits>
+struct TopBitsDigit {
+  static constexpr int kBins = 1 << kBits;
+  static constexpr int kShift = kKeyBits - kBits;
+  // The key's counter: its bin, whose byte offset is taken straight from the digit's bits (a mask
+  // and one shift-and-add to the address, not the digit, then its address); digit 0, `spare`.
+  DROPIT_DEVICE simt::sptr<uint32_t> counter(simt::sptr<uint32_t> bins, simt::sptr<uint32_t> spare, Key key) const {
+    const uint32_t at = static_cast<uint32_t>((key & (static_cast<Key>(kBins - 1) << kShift)) >> (kShift - 2));
+    const simt::sptr<uint32_t> bin = simt::ptr_cast<uint32_t>(simt::ptr_cast<unsigned char>(bins) + static_cast<int>(at));
+    return at != 0 ? bin : spare;
+  }
+  DROPIT_DEVICE FirstBucket<Key> bucket(const BinChoice& c, int k, int L) const {
+    Selection<Key> s{0, kKeyBits, k, L};
+    take_bin(s, c, kShift);
+    return {s, s.prefix, s.highest()};
+  }
+};
+
+// pack_warps' first digit of magnitude keys: kBins bins of 2^kShift keys each (1/64 of a binade of
+// fp32 or fp64, 1/16 of bf16's, 1/128 of fp16's) over a window placed by a sample of the chunk,
+// its top kMargin bins above the sample's largest key. (The top bits' digit gives N(0,1) data 4
+// bins a binade: ~5 % of a chunk shared the threshold's bin, and the gather, narrow passes, sort
+// and the atomics' collisions scaled with that.) Keys above the window count in the top bin, keys
+// below it in bin 0 or in the 32 words below the bins (lane l's at bins[-1 - l]: no atomics piling
+// on one word), which choose_bin reads by difference. These two bins are not buckets of fixed
+// bits: their selection is the whole key range, narrowed on their keys alone (between `lowest`
+// and `highest`).
+template <typename Key>
+struct WindowDigit {
+  static constexpr int kBins = kWarpBins;
+  static constexpr int kKeyBits = static_cast<int>(8 * sizeof(Key)) - 1;  // magnitude keys
+  static constexpr int kShift = sizeof(Key) == 2 ? 2 : (sizeof(Key) == 4 ? 16 : 45);
+  static constexpr int kTopQ = (1 << (kKeyBits - kShift)) - 1;  // the largest key >> kShift
+  static constexpr int kMargin = sizeof(Key) == 2 ? 64 : 128;
+  static_assert(kTopQ >= kBins - 1, "the window fits in the keys' range");
+  int base;    // bin b holds the keys whose key >> kShift is base + b (bin 0: at most, the top: at least)
+  int sink;    // this lane's counter below the bins: -1 - lane
+
+  // From `sample`, a key of this lane's (a sample spread over the chunk).
+  DROPIT_DEVICE WindowDigit(Key sample, int lane) : sink(-1 - lane) {
+    const int top = static_cast<int>(simt::reduce_max(static_cast<uint32_t>(sample >> kShift))) + kMargin;
+    base = (top < kTopQ ? top : kTopQ) - (kBins - 1);
+  }
+  DROPIT_DEVICE simt::sptr<uint32_t> counter(simt::sptr<uint32_t> bins, simt::sptr<uint32_t>, Key key) const {
+    const int d = static_cast<int>(key >> kShift) - base;
+    const int below_top = d < kBins - 1 ? d : kBins - 1;
+    const int at = below_top > sink ? below_top : sink;
+    return bins + at;
+  }
+  DROPIT_DEVICE FirstBucket<Key> bucket(const BinChoice& c, int k, int) const {
+    const bool bottom = c.bin == 0, top = c.bin == kBins - 1;
+    const Key lowest_key = bottom ? Key(0) : static_cast<Key>(static_cast<Key>(base + static_cast<int>(c.bin)) << kShift);
+    const Key highest_key = top ? static_cast<Key>((Key(1) << kKeyBits) - 1)
+                                : static_cast<Key>((static_cast<Key>(base + static_cast<int>(c.bin) + 1) << kShift) - 1);
+    const bool clamped = bottom || top;
+    return {{clamped ? Key(0) : lowest_key, clamped ? kKeyBits : kShift, k - static_cast<int>(c.above),
+             static_cast<int>(c.count)},
+            lowest_key, highest_key};
+  }
+};
+
 // The first digit of a chunk's keys, by the team (the block, or a warp) on its cleared bins:
-// each key's top kBits bits counted in `hist` (digit 0, zeros among them, to the thread's `spare`
+// each key's `digit` counted in `hist` (digit 0, zeros among them, to the thread's `spare`
 // counter: no atomics piling on one bin; choose_bin counts bin 0 by difference), then the bin of
 // the k-th largest key chosen. `counted`, `scanned`, `chosen`: the barriers' ids. kCopied: the
 // chunk is staged already (copy_chunk_async), and is read from shared memory.
-template <int kBits, int kKeyBits, bool kCopied = false, typename Team, typename Bits, typename Key, KeySource Src,
+template <bool kCopied = false, typename Team, typename Digit, typename Bits, typename Key, KeySource Src,
           typename Sync>
-DROPIT_DEVICE Selection<Key> first_digit(Team team, const ChunkKeys<Bits, Key, Src>& keys, int L, int k, bool stage,
-                                         simt::sptr<uint32_t> hist, simt::sptr<uint32_t> spare,
-                                         simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync,
-                                         int counted, int scanned, int chosen) {
-  constexpr int kShift = kKeyBits - kBits;
+DROPIT_DEVICE FirstBucket<Key> first_digit(Team team, const Digit& digit, const ChunkKeys<Bits, Key, Src>& keys, int L,
+                                           int k, bool stage, simt::sptr<uint32_t> hist, simt::sptr<uint32_t> spare,
+                                           simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync,
+                                           int counted, int scanned, int chosen) {
   auto count = [&](const auto& ks) {
 DROPIT_UNROLL
     for (const Key key : ks.v) {
-      // The bin's byte offset taken straight from the digit's bits (a mask and one shift-and-add
-      // to the address, not the digit, then its address); 0 for digit 0.
-      const uint32_t at = static_cast<uint32_t>((key & (static_cast<Key>((1 << kBits) - 1) << kShift)) >> (kShift - 2));
-      const simt::sptr<uint32_t> bin = simt::ptr_cast<uint32_t>(simt::ptr_cast<unsigned char>(hist) + static_cast<int>(at));
-      simt::atomic_add_shared(at != 0 ? bin : spare, 1u);
+      const simt::sptr<uint32_t> counter = digit.counter(hist, spare, key);
+      simt::atomic_add_shared(counter, 1u);
     }
   };
   if constexpr (kCopied) {
@@ -355,18 +422,17 @@ DROPIT_UNROLL
     for_each_key(keys, L, team.rank(), team.size(), /*from_global=*/true, stage, count);
   }
   team.sync(sync, counted);
-  Selection<Key> s{0, kKeyBits, k, L};
+  constexpr int kBins = Digit::kBins;
   if constexpr (std::is_same_v<Team, BlockTeam>) {  // `slots`: kNarrowBins words for the runs' sums
-    choose_bin_by_runs<1 << kBits, kNarrowBins>(hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel,
-                                                sync, scanned, chosen);
-    take_bin(s, simt::load_vec<4>(sel), kShift);
+    choose_bin_by_runs<kBins, kNarrowBins>(hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync,
+                                           scanned, chosen);
+    const simt::Vec<uint32_t, 4> c = simt::load_vec<4>(sel);
+    return digit.bucket(BinChoice{c.v[0], c.v[1], c.v[2]}, k, L);
   } else {
-    take_bin(s,
-             choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync,
-                                    scanned, chosen),
-             kShift);
+    return digit.bucket(choose_bin<kBins>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel,
+                                          sync, scanned, chosen),
+                        k, L);
   }
-  return s;
 }
 
 // Whether a key is in a selection's bucket of `shift` low bits but not its lowest key: key -
@@ -520,9 +586,10 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     if (tid < 32) gathered[tid] = 0u;
     if constexpr (kCopied) sync.copies(kChunkCopied);
     sync(kWideCleared);
-    Selection<Key> s = first_digit<kWideBits, kKeyBits, kCopied>(BlockTeam(), keys, L, k, kStaged, wide,
-                                                                 wide + (kWideBins + lane), narrow, sel, sync,
-                                                                 kWideCounted, kWideScanned, kWideChosen);
+    Selection<Key> s = first_digit<kCopied>(BlockTeam(), TopBitsDigit<Key, kWideBits, kKeyBits>(), keys, L, k, kStaged,
+                                            wide, wide + (kWideBins + lane), narrow, sel, sync, kWideCounted,
+                                            kWideScanned, kWideChosen)
+                           .s;
 
     const int used_words = (L + 31) >> 5;
     // Late select: when the bucket's keys fit beside the bitmap masks (two words a bitmap word,
@@ -806,6 +873,9 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
   const size_t warp_bytes = warp_smem_bytes(p.chunk, sizeof(Bits), Src == KeySource::kRandom);
   const simt::sptr<uint32_t> hist =
       simt::dynamic_shared<uint32_t>() + static_cast<int>(warp * warp_bytes / sizeof(uint32_t));
+  // The first digit's bins: after 32 words of WindowDigit's counters below them, or before the 32
+  // spare counters of TopBitsDigit's.
+  const simt::sptr<uint32_t> bins = hist + (kStaged ? 32 : 0);
   const simt::sptr<Key> candidates = simt::ptr_cast<Key>(hist);  // lane l's i-th at i * 32 + l
   const simt::sptr<uint32_t> narrow = hist + static_cast<int>(warp_bins_bytes(sizeof(Key)) / sizeof(uint32_t));
   const simt::sptr<uint32_t> sel = narrow + kNarrowBins;
@@ -823,13 +893,24 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     }
 
     // ---- 1. the first digit ----
-    for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(hist + 4 * i, simt::Vec<uint32_t, 4>{});
+    // (Magnitude keys: the window's sample, a key a lane spread over the chunk, read first.)
+    const Key sample = kStaged ? magnitude_key<Bits>(keys.x[(lane * L) >> 5]) : Key(0);
+    for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(bins + 4 * i, simt::Vec<uint32_t, 4>{});
     sync.warp(kWarpCleared);
-    Selection<Key> s = first_digit<kWarpBits, kKeyBits>(SoloWarpTeam(), keys, L, k, kStaged, hist,
-                                                        hist + (kWarpBins + lane), sel, sel, sync, kWarpCounted, 0, 0);
+    auto first = [&](const auto& digit) {
+      return first_digit(SoloWarpTeam(), digit, keys, L, k, kStaged, bins, hist + (kWarpBins + lane), sel, sel, sync,
+                         kWarpCounted, 0, 0);
+    };
+    FirstBucket<Key> bucket;
+    if constexpr (kStaged) {
+      bucket = first(WindowDigit<Key>(sample, lane));
+    } else {
+      bucket = first(TopBitsDigit<Key, kWarpBits, kKeyBits>());
+    }
+    Selection<Key> s = bucket.s;
 
     // ---- 2. word `lane`'s masks against the bucket's bounds, by the lane alone ----
-    const simt::Vec<uint32_t, 2> bounds = word_masks(keys, lane, L, s.prefix, s.highest());
+    const simt::Vec<uint32_t, 2> bounds = word_masks(keys, lane, L, bucket.lowest, bucket.highest);
     uint32_t above = bounds.v[0], from = bounds.v[1];
     if (!s.whole()) {
       // ---- 3. the bucket's keys of word `lane` into the lane's own slot; narrower digits; then

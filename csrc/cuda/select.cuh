@@ -144,24 +144,28 @@ DROPIT_DEVICE BinChoice choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_
   uint32_t above = team.exclusive_scan(sum, slots, &counted, sync, scanned);
   const uint32_t in_bin0 = keys - counted;
   if constexpr (std::is_same_v<Team, SoloWarpTeam>) {
+    // The first lane whose run holds the bin (from the top); then the warp walks that run at once,
+    // lane l on its l-th bin from the top (one scan, one ballot), not the lane bin by bin. Bin 0
+    // is read as its stored count plus the uncounted keys, so counts stored there (a first digit's
+    // overflow: see WindowDigit) cancel out.
     const bool holds = above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need;
-    BinChoice choice{0, 0, 0};
-    if (holds) {
-      // The walk ends inside the run (its sum reaches `need`): no bound test; bin 0 holds 0.
-      // (A run of one bin, 32 bins: the tested loop, which nvcc compiles shorter there.)
-      for (int b = top - 1; kBins > bitmap::kWarp || b >= bottom; --b) {
-        const uint32_t c = static_cast<uint32_t>(hist[b]) + (b == 0 ? in_bin0 : 0u);
-        if (above + c >= need) {
-          choice = BinChoice{static_cast<uint32_t>(b), above, c};
-          break;
-        }
-        above += c;
-      }
-    }
-    static_assert(kBins <= (1 << 12), "a bin and a count share a shuffle");
     const int from = simt::ffs(simt::ballot(holds)) - 1;
-    const uint32_t bin_count = simt::shfl(choice.bin | (choice.count << 12), from);
-    return BinChoice{bin_count & 0xfffu, simt::shfl(choice.above, from), bin_count >> 12};
+    // (A count and the keys above it share a shuffle: a warp's chunk has at most 1024 keys.)
+    if constexpr (kBins == bitmap::kWarp) {  // a bin a lane
+      const uint32_t c = sum + (bottom == 0 ? in_bin0 : 0u);
+      const uint32_t above_count = simt::shfl(above | (c << 16), from);
+      return BinChoice{static_cast<uint32_t>(kBins - 1 - from), above_count & 0xffffu, above_count >> 16};
+    } else {
+      const uint32_t run_above = simt::shfl(above, from);
+      const int run_top = kBins - from * per;
+      const int b = run_top - 1 - tid;  // this lane's bin of the run, if tid < per
+      const uint32_t c = tid < per ? static_cast<uint32_t>(hist[b]) + (b == 0 ? in_bin0 : 0u) : 0u;
+      const uint32_t inc = bitmap::warp_inclusive_scan(c);
+      const int at = simt::ffs(simt::ballot(tid < per && run_above + inc >= need)) - 1;
+      const uint32_t above_count = simt::shfl((inc - c) | (c << 16), at);
+      return BinChoice{static_cast<uint32_t>(run_top - 1 - at), run_above + (above_count & 0xffffu),
+                       above_count >> 16};
+    }
   } else {
     if (above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need) {
       for (int b = top - 1; b >= bottom; --b) {

@@ -224,6 +224,18 @@ DROPIT_DEVICE void copy_async_wait_all() {
 DROPIT_DEVICE uint32_t ballot(bool pred) { return __ballot_sync(0xffffffffu, pred); }
 // The lanes whose v equals this lane's (sm_70+).
 DROPIT_DEVICE uint32_t match_any(uint32_t v) { return __match_any_sync(0xffffffffu, v); }
+// The largest v of the warp's lanes: one instruction on sm_80+, five shuffles below.
+DROPIT_DEVICE uint32_t reduce_max(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, v);
+#else
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint32_t other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = v > other ? v : other;
+  }
+  return v;
+#endif
+}
 
 template <typename T>
 DROPIT_DEVICE T shfl(T v, int src_lane) { return __shfl_sync(0xffffffffu, v, src_lane); }
@@ -258,7 +270,7 @@ namespace dropit {
 namespace simt {
 namespace host {
 // Implemented by the host SIMT layer (tests/simt/simt_host.cpp).
-enum class WarpOp : int { kBallot = 1, kShfl, kShflUp, kShflDown, kShflXor, kMatchAny, kSync };
+enum class WarpOp : int { kBallot = 1, kShfl, kShflUp, kShflDown, kShflXor, kMatchAny, kSync, kReduceMax };
 enum class Space : int { kGlobal = 0, kShared = 1 };
 enum class Access : int { kLoad = 0, kStore = 1, kAtomic = 2 };
 int thread_idx();
@@ -411,6 +423,11 @@ DROPIT_SIMT_INLINE uint32_t ballot(bool pred) {
 
 DROPIT_SIMT_INLINE uint32_t match_any(uint32_t v) {
   return static_cast<uint32_t>(host::warp_op(host::WarpOp::kMatchAny, v, 0));
+}
+
+// As on sm_80+: one warp instruction.
+DROPIT_SIMT_INLINE uint32_t reduce_max(uint32_t v) {
+  return static_cast<uint32_t>(host::warp_op(host::WarpOp::kReduceMax, v, 0));
 }
 
 namespace detail {

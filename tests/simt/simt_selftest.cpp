@@ -26,6 +26,8 @@ std::vector<uint64_t> exchange(const std::string& op, int threads, int arg, int6
       r = simt::ballot(t % 3 == 0 || t % 32 == arg);
     } else if (op == "match_any") {
       r = simt::match_any(static_cast<uint32_t>((t % 32) % (arg > 0 ? arg : 1)));
+    } else if (op == "reduce_max") {
+      r = simt::reduce_max(static_cast<uint32_t>((t * 37 + arg) % 101));
     } else if (op == "shfl") {
       r = simt::shfl(v, (t * 5 + arg) % 32);
     } else if (op == "shfl_up") {
