@@ -264,7 +264,7 @@ DROPIT_DEVICE void for_each_key(const ChunkKeys<Bits, Key, Src>& keys, int L, in
   if constexpr (Src == KeySource::kRandom) {
     for (int e = tid; e < L; e += nthreads) f(simt::Vec<Key, 1>{{keys(e)}});
   } else {
-    auto g = [&](const auto& v) { f(magnitude_keys<Key>(v)); };
+    auto g = [&](const auto& v) DROPIT_INLINE_LAMBDA { f(magnitude_keys<Key>(v)); };
     if (from_global) {
       for_each_element<kPackLoadAhead>(keys.x, L, tid, nthreads, stage, keys.staged, g);
     } else {
@@ -345,6 +345,14 @@ struct TopBitsDigit {
     const simt::sptr<uint32_t> bin = simt::ptr_cast<uint32_t>(simt::ptr_cast<unsigned char>(bins) + static_cast<int>(at));
     return at != 0 ? bin : spare;
   }
+  template <int N>
+  DROPIT_DEVICE void count(const simt::Vec<Key, N>& ks, simt::sptr<uint32_t> bins, simt::sptr<uint32_t> spare) const {
+DROPIT_UNROLL
+    for (const Key key : ks.v) {
+      const simt::sptr<uint32_t> at = counter(bins, spare, key);
+      simt::atomic_add_shared(at, 1u);
+    }
+  }
   DROPIT_DEVICE FirstBucket<Key> bucket(const BinChoice& c, int k, int L) const {
     Selection<Key> s{0, kKeyBits, k, L};
     take_bin(s, c, kShift);
@@ -375,13 +383,43 @@ struct WindowDigit {
   // From `sample`, a key of this lane's (a sample spread over the chunk).
   DROPIT_DEVICE WindowDigit(Key sample, int lane) : sink(-1 - lane) {
     const int top = static_cast<int>(simt::reduce_max(static_cast<uint32_t>(sample >> kShift))) + kMargin;
-    base = (top < kTopQ ? top : kTopQ) - (kBins - 1);
+    // (base >= 0: a 16-bit key's offset from it then stays inside 16 bits)
+    const int lowest = (top < kTopQ ? top : kTopQ) - (kBins - 1);
+    base = lowest > 0 ? lowest : 0;
   }
-  DROPIT_DEVICE simt::sptr<uint32_t> counter(simt::sptr<uint32_t> bins, simt::sptr<uint32_t>, Key key) const {
+  DROPIT_DEVICE simt::sptr<uint32_t> counter(simt::sptr<uint32_t> bins, Key key) const {
     const int d = static_cast<int>(key >> kShift) - base;
     const int below_top = d < kBins - 1 ? d : kBins - 1;
     const int at = below_top > sink ? below_top : sink;
     return bins + at;
+  }
+  // Counts a Vec of keys; 16-bit keys two at a time, the halves of a 32-bit word: their counters'
+  // byte offsets are the keys' bits above kShift = 2 (no shift), less the base's, clamped to
+  // [4 * sink, 4 * (kBins - 1)] (sm_90: one DPX add-and-min and one min for the two).
+  template <int N>
+  DROPIT_DEVICE void count(const simt::Vec<Key, N>& ks, simt::sptr<uint32_t> bins, simt::sptr<uint32_t>) const {
+    if constexpr (sizeof(Key) == 2 && N % 2 == 0) {
+      static_assert(kShift == 2, "a key's bits above kShift are its counter's byte offset");
+      const uint32_t minus_base = static_cast<uint16_t>(-4 * base) * 0x10001u;
+      const uint32_t top = static_cast<uint32_t>(4 * (kBins - 1)) * 0x10001u;
+      const uint32_t bottom = static_cast<uint16_t>(4 * sink) * 0x10001u;
+      const simt::sptr<unsigned char> bytes = simt::ptr_cast<unsigned char>(bins);
+DROPIT_UNROLL
+      for (int i = 0; i < N; i += 2) {
+        const uint32_t pair = static_cast<uint32_t>(ks.v[i]) | (static_cast<uint32_t>(ks.v[i + 1]) << 16);
+        const uint32_t at = simt::max_s16x2(simt::add_min_s16x2(pair & 0x7ffc7ffcu, minus_base, top), bottom);
+        const simt::sptr<uint32_t> low = simt::ptr_cast<uint32_t>(bytes + static_cast<int16_t>(at & 0xffffu));
+        const simt::sptr<uint32_t> high = simt::ptr_cast<uint32_t>(bytes + (static_cast<int32_t>(at) >> 16));
+        simt::atomic_add_shared(low, 1u);
+        simt::atomic_add_shared(high, 1u);
+      }
+    } else {
+DROPIT_UNROLL
+      for (const Key key : ks.v) {
+        const simt::sptr<uint32_t> at = counter(bins, key);
+        simt::atomic_add_shared(at, 1u);
+      }
+    }
   }
   DROPIT_DEVICE FirstBucket<Key> bucket(const BinChoice& c, int k, int) const {
     const bool bottom = c.bin == 0, top = c.bin == kBins - 1;
@@ -406,18 +444,12 @@ DROPIT_DEVICE FirstBucket<Key> first_digit(Team team, const Digit& digit, const 
                                            int k, bool stage, simt::sptr<uint32_t> hist, simt::sptr<uint32_t> spare,
                                            simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync,
                                            int counted, int scanned, int chosen) {
-  auto count = [&](const auto& ks) {
-DROPIT_UNROLL
-    for (const Key key : ks.v) {
-      const simt::sptr<uint32_t> counter = digit.counter(hist, spare, key);
-      simt::atomic_add_shared(counter, 1u);
-    }
-  };
+  auto count = [&](const auto& ks) DROPIT_INLINE_LAMBDA { digit.count(ks, hist, spare); };
   if constexpr (kCopied) {
     // (Not through for_each_key: nvcc's line table then gave this pass the gather's call site, and
     // the cost model could not match it.)
     for_each_element<1>(keys.staged, L, team.rank(), team.size(), false, keys.staged,
-                        [&](const auto& v) { count(magnitude_keys<Key>(v)); });
+                        [&](const auto& v) DROPIT_INLINE_LAMBDA { count(magnitude_keys<Key>(v)); });
   } else {
     for_each_key(keys, L, team.rank(), team.size(), /*from_global=*/true, stage, count);
   }
@@ -897,7 +929,7 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     const Key sample = kStaged ? magnitude_key<Bits>(keys.x[(lane * L) >> 5]) : Key(0);
     for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(bins + 4 * i, simt::Vec<uint32_t, 4>{});
     sync.warp(kWarpCleared);
-    auto first = [&](const auto& digit) {
+    auto first = [&](const auto& digit) DROPIT_INLINE_LAMBDA {
       return first_digit(SoloWarpTeam(), digit, keys, L, k, kStaged, bins, hist + (kWarpBins + lane), sel, sel, sync,
                          kWarpCounted, 0, 0);
     };
@@ -915,11 +947,20 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     if (!s.whole()) {
       // ---- 3. the bucket's keys of word `lane` into the lane's own slot; narrower digits; then
       // each of them above the final bucket, in it (a tie) or neither ----
+      // The bucket's keys but those equal to its prefix (zeros, in bin 0's bucket: often half the
+      // chunk after a ReLU), which the narrow digits count by number; `gathered`: their bits.
       const uint32_t in_bucket = from & ~above;
+      const Key prefix = s.prefix;
+      uint32_t gathered = 0;
       int mine = 0;
       for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
-        candidates[mine * 32 + lane] = keys(32 * lane + simt::ffs(rest) - 1);
-        ++mine;
+        const int j = simt::ffs(rest) - 1;
+        const Key key = keys(32 * lane + j);
+        if (key != prefix) {
+          candidates[mine * 32 + lane] = key;
+          ++mine;
+          gathered |= 1u << j;
+        }
       }
       auto own_candidates = [&](const auto& f) {
         for (int i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
@@ -927,9 +968,10 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
       narrow_selection(SoloWarpTeam(), s, own_candidates, narrow, sel, sel, sync);
       // (read back from the lane's slot, in the order they were put there)
       const simt::Vec<uint32_t, 2> m =
-          sort_keys(in_bucket, above, s, [&](int i, int) { return static_cast<Key>(candidates[i * 32 + lane]); });
+          sort_keys(gathered, above, s, [&](int i, int) { return static_cast<Key>(candidates[i * 32 + lane]); });
       above = m.v[0];
-      from = m.v[1];
+      // The keys equal to the first bucket's prefix are in the final bucket when it starts there.
+      from = m.v[1] | (s.prefix == prefix ? in_bucket & ~gathered : 0u);
     }
 
     // ---- 4. compaction ----
