@@ -124,6 +124,23 @@ struct BinChoice {
   uint32_t count;
 };
 
+// The bin of the `need`-th largest key in the run of bins [bottom, top) of `hist`, walked from the
+// top by one thread, `above` keys above the run (the run holds the bin: the walk ends inside it).
+// Bin 0 is read as in_bin0 (choose_bin's count of it by difference).
+DROPIT_DEVICE BinChoice walk_run(simt::sptr<uint32_t> hist, int top, int bottom, uint32_t in_bin0, uint32_t above,
+                                 uint32_t need) {
+  BinChoice choice{0, 0, 0};
+  for (int b = top - 1; b >= bottom; --b) {
+    const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
+    if (above + c >= need) {
+      choice = BinChoice{static_cast<uint32_t>(b), above, c};
+      break;
+    }
+    above += c;
+  }
+  return choice;
+}
+
 // Chooses the bin of the `need`-th largest key from a histogram of `kBins` bins, in which bin 0 was
 // left uncounted: it holds the `keys` counted keys less the other bins. (Not counting digit 0
 // spares the atomics of the most crowded bin, zeros, and lets keys known only by their number
@@ -168,16 +185,10 @@ DROPIT_DEVICE BinChoice choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_
     }
   } else {
     if (above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need) {
-      for (int b = top - 1; b >= bottom; --b) {
-        const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
-        if (above + c >= need) {
-          sel[0] = static_cast<uint32_t>(b);
-          sel[1] = above;
-          sel[2] = c;
-          break;
-        }
-        above += c;
-      }
+      const BinChoice c = walk_run(hist, top, bottom, in_bin0, above, need);
+      sel[0] = c.bin;
+      sel[1] = c.above;
+      sel[2] = c.count;
     }
     team.sync(sync, chosen);
     return BinChoice{sel[0], sel[1], sel[2]};
@@ -218,15 +229,8 @@ DROPIT_DEVICE void choose_bin_by_runs(simt::sptr<uint32_t> hist, uint32_t keys, 
         above += c;
       }
       const int top = kBins - i * per;
-      const int bottom = top - per > 0 ? top - per : 0;
-      for (int b = top - 1; b >= bottom; --b) {
-        const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
-        if (above + c >= need) {
-          simt::store_vec(sel, simt::Vec<uint32_t, 4>{{static_cast<uint32_t>(b), above, c, 0u}});
-          break;
-        }
-        above += c;
-      }
+      const BinChoice c = walk_run(hist, top, top - per > 0 ? top - per : 0, in_bin0, above, need);
+      simt::store_vec(sel, simt::Vec<uint32_t, 4>{{c.bin, c.above, c.count, 0u}});
     }
   }
   sync(chosen);
@@ -238,15 +242,6 @@ DROPIT_DEVICE void take_bin(Selection<Key>& s, const BinChoice& c, int shift) {
   s.need -= static_cast<int>(c.above);
   s.count = static_cast<int>(c.count);
   s.prefix = static_cast<Key>(s.prefix | (static_cast<Key>(c.bin) << shift));
-  s.shift = shift;
-}
-
-// The same from the choice read as one vector.
-template <typename Key>
-DROPIT_DEVICE void take_bin(Selection<Key>& s, const simt::Vec<uint32_t, 4>& chosen, int shift) {
-  s.need -= static_cast<int>(chosen.v[1]);
-  s.count = static_cast<int>(chosen.v[2]);
-  s.prefix = static_cast<Key>(s.prefix | (static_cast<Key>(chosen.v[0]) << shift));
   s.shift = shift;
 }
 
