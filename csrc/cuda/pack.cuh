@@ -925,17 +925,16 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     }
 
     // ---- 1. the first digit ----
-    // (Magnitude keys: the window's sample, a key a lane spread over the chunk, read first.)
-    const Key sample = kStaged ? magnitude_key<Bits>(keys.x[(lane * L) >> 5]) : Key(0);
-    for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(bins + 4 * i, simt::Vec<uint32_t, 4>{});
-    sync.warp(kWarpCleared);
+    // (The digit is made before the bins are cleared: a window's warp reduction overlaps the clear.)
     auto first = [&](const auto& digit) DROPIT_INLINE_LAMBDA {
+      for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(bins + 4 * i, simt::Vec<uint32_t, 4>{});
+      sync.warp(kWarpCleared);
       return first_digit(SoloWarpTeam(), digit, keys, L, k, kStaged, bins, hist + (kWarpBins + lane), sel, sel, sync,
                          kWarpCounted, 0, 0);
     };
     FirstBucket<Key> bucket;
-    if constexpr (kStaged) {
-      bucket = first(WindowDigit<Key>(sample, lane));
+    if constexpr (kStaged) {  // the window from a sample of the chunk: a key a lane, spread over it
+      bucket = first(WindowDigit<Key>(magnitude_key<Bits>(keys.x[(lane * L) >> 5]), lane));
     } else {
       bucket = first(TopBitsDigit<Key, kWarpBits, kKeyBits>());
     }
@@ -991,8 +990,8 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     simt::gptr<uint16_t> op = out.offsets ? out.offsets + pos : nullptr;
     write_kept(keys, kept, lane, vp, op);
     // No barrier before the next chunk: it writes the staged chunk only after kWarpCleared, which
-    // every lane reaches after its last read here, and its bins only after every lane has gone
-    // past kNarrowCounted (the last reads of the candidates) or the shuffles of the last choice.
+    // every lane reaches after its last read here, and its bins (over the candidates) only after
+    // every lane has gone past the compaction's scan, which takes what the lane read of them.
   }
 }
 

@@ -265,8 +265,10 @@ DROPIT_DEVICE void narrow_selection(Team team, Selection<Key>& s, const Visit& v
     constexpr bool kSolo = std::is_same_v<Team, SoloWarpTeam>;
     const bool lane_bins = kSolo && sizeof(Key) == 2 && high - shift <= 5;
     if constexpr (kSolo) {
-      // A lane clears the run of bins it reads in choose_bin (so no barrier orders its reads
-      // before the next pass's clearing); kNarrowCleared orders the zeros before every count.
+      // A lane clears the run of bins it sums in choose_bin; the bins of the run the warp walks
+      // there were read before its shuffles, which every lane passes before the next pass's
+      // clearing (so no barrier orders the reads before it); kNarrowCleared orders the zeros
+      // before every count.
       // Its two 16-byte groups in choose_bin's order: each store then uses every bank.
       static_assert(kNarrowBins == 8 * bitmap::kWarp, "a lane's run is two 16-byte groups");
       if (lane_bins) {
