@@ -97,7 +97,8 @@ DROPIT_HD size_t staged_bytes(int64_t chunk, int elem_bytes) {
 
 // Small chunks go one to a warp (pack_warps): a block's fixed costs (a 4096-bin histogram cleared
 // and scanned, block barriers and scans) would otherwise be paid for every 1024 elements or less.
-// The warp's first digit is narrower (1024 bins), and it needs no block barrier.
+// The warp's first digit is narrower (1024 bins, over a window of the keys' range: WindowDigit),
+// and it needs no block barrier.
 constexpr int kWarpMaxChunk = 1024;
 constexpr int kWarpBits = 10;
 constexpr int kWarpBins = 1 << kWarpBits;
@@ -360,11 +361,12 @@ DROPIT_UNROLL
   }
 };
 
-// pack_warps' first digit of magnitude keys: kBins bins of 2^kShift keys each (1/64 of a binade of
-// fp32 or fp64, 1/16 of bf16's, 1/128 of fp16's) over a window placed by a sample of the chunk,
-// its top kMargin bins above the sample's largest key. (The top bits' digit gives N(0,1) data 4
-// bins a binade: ~5 % of a chunk shared the threshold's bin, and the gather, narrow passes, sort
-// and the atomics' collisions scaled with that.) Keys above the window count in the top bin, keys
+// pack_warps' first digit of magnitude keys: kBins bins of 2^kShift keys each (1/128 of a binade
+// of fp32 or fp64, 1/32 of bf16's, 1/256 of fp16's) over a window placed by a sample of the chunk,
+// its top kMargin bins above the sample's largest key (fp32: 8 binades, the top one above it).
+// (The top bits' digit gives N(0,1) data 4 bins a binade: ~5 % of a chunk shared the threshold's
+// bin, and the gather, narrow passes, sort and the atomics' collisions scaled with that; now
+// ~0.2 %.) Keys above the window count in the top bin, keys
 // below it in bin 0 or in the 32 words below the bins (lane l's at bins[-1 - l]: no atomics piling
 // on one word), which choose_bin reads by difference. These two bins are not buckets of fixed
 // bits: their selection is the whole key range, narrowed on their keys alone (between `lowest`
@@ -889,8 +891,8 @@ DROPIT_UNROLL
 
 // The body of the per-warp pack kernel: warp w of block b packs chunks b * warps + w, striding by
 // the grid's warps, each chunk of at most kWarpMaxChunk elements, by the warp alone: a 1024-bin
-// first digit; ballots against the bucket's bounds, lane w keeping bitmap word w (at most 32
-// words); each lane's bucket keys of its word into its own slot (it reads back only what it
+// first digit (magnitude keys: WindowDigit; random keys, uniform already: the top bits); masks
+// against the bucket's bounds, lane w computing bitmap word w's (at most 32 words); each lane's bucket keys of its word into its own slot (it reads back only what it
 // wrote: no barrier) for the narrow digits, then sorted against the final bounds; one warp scan
 // orders the kept values. Needs warp_smem_bytes() of dynamic shared memory per warp.
 template <typename Bits, typename Key, KeySource Src, typename Sync = simt::BlockSync>

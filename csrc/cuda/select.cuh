@@ -145,9 +145,10 @@ DROPIT_DEVICE BinChoice walk_run(simt::sptr<uint32_t> hist, int top, int bottom,
 // left uncounted: it holds the `keys` counted keys less the other bins. (Not counting digit 0
 // spares the atomics of the most crowded bin, zeros, and lets keys known only by their number
 // count there.) Every thread of the team calls it; thread t sums a run of bins from the top, one
-// scan orders the runs, and the thread whose run holds the bin finds it there. It shares the
-// choice through sel[0..2] and the `chosen` barrier; a SoloWarpTeam by shuffles from that lane (no
-// barrier: every bin a lane read has fed a shuffle before any lane goes on).
+// scan orders the runs, and the thread whose run holds the bin finds it there, sharing the choice
+// through sel[0..2] and the `chosen` barrier; in a SoloWarpTeam the whole warp walks that run and
+// shares the choice by shuffles (no barrier: every bin a lane read has fed a shuffle before any
+// lane goes on).
 template <int kBins, typename Team, typename Sync>
 DROPIT_DEVICE BinChoice choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_t keys, uint32_t need,
                                    simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync,
