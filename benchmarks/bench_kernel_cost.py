@@ -4,9 +4,9 @@ The host SIMT layer (tests/simt/) runs the kernels' own source and counts, per l
 bytes read and written (distinct bytes per warp instruction: lanes reading one word count it
 once; and the 32-byte sectors the warp instructions touch), shared-memory loads, stores and
 atomics (lane accesses, warp instructions, and wavefronts: the passes bank conflicts add), block
-and warp barriers and warp collectives (ballots, shuffles, matches, reductions). The layer sees these
-operations only; it groups each warp's lanes into warp instructions by assuming lockstep (the
-n-th execution of an access site by each lane is one warp instruction).
+and warp barriers and warp collectives (ballots, shuffles, matches, reductions). The layer sees
+these operations only; it groups each warp's lanes into warp instructions by assuming lockstep
+(the n-th execution of an access site by each lane is one warp instruction).
 
 Modelled warp instructions (with --sass, the JSON of `.ci/sass_count.py` for these kernels,
 sm_90 by default):

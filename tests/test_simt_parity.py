@@ -333,23 +333,24 @@ def window_chunks(kind: str, L: int, dtype, seed: int, chunks: int = 3) -> torch
     gen = torch.Generator().manual_seed(seed)
     sampled = torch.zeros(L, dtype=torch.bool)
     sampled[[lane * L // 32 for lane in range(32)]] = True
-    big = torch.finfo(dtype).max if dtype in (torch.float16, torch.bfloat16) else 6e4
+    largest = torch.finfo(dtype).max if dtype in (torch.float16, torch.bfloat16) else 6e4
+    i = torch.arange(L)
     out = []
     for _ in range(chunks):
         x = torch.randn(L, generator=gen, dtype=torch.float64)
         scale = 2.0 ** (6 * torch.rand(L, generator=gen, dtype=torch.float64))  # six binades
-        if kind == "above":
+        if kind == "above":  # a sixth of the chunk 1e4 times the rest (more than 1 - gamma of it)
             x = x * 1e-2
-            x[torch.nonzero(~sampled).flatten()[: L // 6]] *= 1e2 * scale[: L // 6] * 1e2
-        elif kind == "below":
+            x[torch.nonzero(~sampled).flatten()[: L // 6]] *= 1e4 * scale[: L // 6]
+        elif kind == "below":  # half the chunk (every sampled key) large, a quarter tiny, a quarter 0
+            big = (i % 2 == 0) | sampled
             x = x * 1e-5 * scale
-            x[torch.arange(L) % 4 == 3] = 0.0
-            x[(torch.arange(L) % 2 == 0) | sampled] = 1e2 * torch.randn(L, generator=gen, dtype=torch.float64)[
-                (torch.arange(L) % 2 == 0) | sampled]
+            x[i % 4 == 3] = 0.0
+            x[big] = 1e2 * torch.randn(int(big.sum()), generator=gen, dtype=torch.float64)
         else:
-            x = big * torch.rand(L, generator=gen, dtype=torch.float64) * torch.sign(x)
-            x[torch.arange(L) % 7 == 1] = math.inf
-            x[torch.arange(L) % 11 == 2] = -math.nan
+            x = largest * torch.rand(L, generator=gen, dtype=torch.float64) * torch.sign(x)
+            x[i % 7 == 1] = math.inf
+            x[i % 11 == 2] = -math.nan
             x[sampled] = 0.0
         out.append(x)
     return torch.cat(out).to(dtype)

@@ -366,11 +366,10 @@ DROPIT_UNROLL
 // its top kMargin bins above the sample's largest key (fp32: 8 binades, the top one above it).
 // (The top bits' digit gives N(0,1) data 4 bins a binade: ~5 % of a chunk shared the threshold's
 // bin, and the gather, narrow passes, sort and the atomics' collisions scaled with that; now
-// ~0.2 %.) Keys above the window count in the top bin, keys
-// below it in bin 0 or in the 32 words below the bins (lane l's at bins[-1 - l]: no atomics piling
-// on one word), which choose_bin reads by difference. These two bins are not buckets of fixed
-// bits: their selection is the whole key range, narrowed on their keys alone (between `lowest`
-// and `highest`).
+// ~0.2 %.) Keys above the window count in the top bin, keys below it in bin 0 or in the 32 words
+// below the bins (lane l's at bins[-1 - l]: no atomics piling on one word), which choose_bin reads
+// by difference. These two bins are not buckets of fixed bits: their selection is the whole key
+// range, narrowed on their keys alone (between `lowest` and `highest`).
 template <typename Key>
 struct WindowDigit {
   static constexpr int kBins = kWarpBins;
@@ -892,9 +891,9 @@ DROPIT_UNROLL
 // The body of the per-warp pack kernel: warp w of block b packs chunks b * warps + w, striding by
 // the grid's warps, each chunk of at most kWarpMaxChunk elements, by the warp alone: a 1024-bin
 // first digit (magnitude keys: WindowDigit; random keys, uniform already: the top bits); masks
-// against the bucket's bounds, lane w computing bitmap word w's (at most 32 words); each lane's bucket keys of its word into its own slot (it reads back only what it
-// wrote: no barrier) for the narrow digits, then sorted against the final bounds; one warp scan
-// orders the kept values. Needs warp_smem_bytes() of dynamic shared memory per warp.
+// against the bucket's bounds, lane w computing bitmap word w's (at most 32 words); each lane's
+// bucket keys of its word into its own slot (it reads back only what it wrote: no barrier) for
+// the narrow digits, then sorted against the final bounds; one warp scan orders the kept values. Needs warp_smem_bytes() of dynamic shared memory per warp.
 template <typename Bits, typename Key, KeySource Src, typename Sync = simt::BlockSync>
 DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
   constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);

@@ -180,8 +180,7 @@ py::dict stats_dict(const dropit::simt::host::LaunchStats& s) {
   DROPIT_STAT(async_copy_instr);
 #undef DROPIT_STAT
   static const char* kKinds[] = {"global load", "global store", "shared load", "shared store", "shared atomic",
-                                 "vote", "shuffle", "match", "warp barrier", "async copy",
-                                 "reduce"};
+                                 "vote", "shuffle", "match", "warp barrier", "async copy", "reduce"};
   py::list sites;
   for (const auto& site : s.sites) {
     sites.append(py::make_tuple(reinterpret_cast<uintptr_t>(site.address), kKinds[static_cast<int>(site.kind)],
