@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SEEN = {
     "LDG": "global load", "LD": "global load", "STG": "global store", "ST": "global store",
     "LDS": "shared load", "STS": "shared store", "ATOMS": "shared atomic",
-    "VOTE": "vote", "SHFL": "shuffle", "MATCH": "match", "BAR": "barrier", "WARPSYNC": "warp barrier",
+    "VOTE": "vote", "SHFL": "shuffle", "MATCH": "match", "REDUX": "reduce", "BAR": "barrier",
+    "WARPSYNC": "warp barrier",
     "LDGSTS": "async copy",  # cp.async (sm_80+): a global load and shared store in one
 }
 INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")

@@ -4,9 +4,9 @@ The host SIMT layer (tests/simt/) runs the kernels' own source and counts, per l
 bytes read and written (distinct bytes per warp instruction: lanes reading one word count it
 once; and the 32-byte sectors the warp instructions touch), shared-memory loads, stores and
 atomics (lane accesses, warp instructions, and wavefronts: the passes bank conflicts add), block
-and warp barriers and warp collectives (ballots, shuffles, matches). The layer sees these
-operations only; it groups each warp's lanes into warp instructions by assuming lockstep (the
-n-th execution of an access site by each lane is one warp instruction).
+and warp barriers and warp collectives (ballots, shuffles, matches, reductions). The layer sees
+these operations only; it groups each warp's lanes into warp instructions by assuming lockstep
+(the n-th execution of an access site by each lane is one warp instruction).
 
 Modelled warp instructions (with --sass, the JSON of `.ci/sass_count.py` for these kernels,
 sm_90 by default):
@@ -71,7 +71,8 @@ BASELINE = ROOT / "benchmarks" / "results" / "kernel_cost_baseline.json"
 PREVIOUS = ROOT / "benchmarks" / "results" / "kernel_cost_issue13.json"
 EARLIER = ROOT / "benchmarks" / "results" / "kernel_cost_issue21_session1.json"
 SEEN = ["global_load_instr", "global_store_instr", "shared_load_instr", "shared_store_instr",
-        "shared_atomic_instr", "async_copy_instr", "ballots", "shuffles", "matches", "warp_syncs", "barrier_warps"]
+        "shared_atomic_instr", "async_copy_instr", "ballots", "shuffles", "matches", "reductions", "warp_syncs",
+        "barrier_warps"]
 
 
 DATA = ["normal", "relu", "misaligned", "ties"]
@@ -232,7 +233,8 @@ def summarise(stats: dict, n: int, chunks: int, model: tuple[float, float] | Non
         "shared_atomics": stats["shared_atomics"],
         "shared_wavefronts": sum(stats[f"shared_{k}_wavefronts"] for k in ("load", "store", "atomic")),
         "barriers": stats["barriers"],
-        "warp_collectives": stats["ballots"] + stats["shuffles"] + stats["matches"] + stats.get("warp_syncs", 0),
+        "warp_collectives": stats["ballots"] + stats["shuffles"] + stats["matches"] + stats["reductions"]
+        + stats.get("warp_syncs", 0),
         "seen_warp_instructions": seen, "shared_replays": replays,
         "modelled_warp_instructions": None if model is None else model[0] + replays,
     }

@@ -30,6 +30,41 @@ def test_ballot_and_match_any(simt, threads):
             assert got[t] == sum(1 << l for l in range(32) if l % arg == mine)
 
 
+def halves(word):
+    """The two signed 16-bit halves of a 32-bit word, low first."""
+    return [((word >> at) & 0xFFFF) - (0x10000 if (word >> at) & 0x8000 else 0) for at in (0, 16)]
+
+
+def word(halves_):
+    return sum((h & 0xFFFF) << at for h, at in zip(halves_, (0, 16)))
+
+
+@pytest.mark.parametrize("op", ["add_min_s16x2", "max_s16x2"])
+def test_packed_16_bit_min_max(simt, op):
+    # CUDA's __viaddmin_s16x2 (per signed half: min(a + b, c), the add wrapping) and __vmaxs2.
+    m = 1 << 32
+    for arg in (0, 1, 77):
+        got = simt.exchange(op, 96, arg)
+        for t in range(96):
+            a = (t * 2654435761 + arg) % m
+            b = (a * 2246822519 + 3266489917) % m
+            c = (b * 668265263 + 374761393) % m
+            if op == "max_s16x2":
+                want = word([max(x, y) for x, y in zip(halves(a), halves(b))])
+            else:
+                wrapped = [halves(word([x + y]))[0] for x, y in zip(halves(a), halves(b))]
+                want = word([min(s, z) for s, z in zip(wrapped, halves(c))])
+            assert got[t] == want, (op, arg, t, hex(a), hex(b), hex(c))
+
+
+def test_reduce_max(simt):
+    for arg in (0, 5, 64):
+        got = simt.exchange("reduce_max", 96, arg)
+        for t in range(96):
+            warp = range(t - t % 32, t - t % 32 + 32)
+            assert got[t] == max((u * 37 + arg) % 101 for u in warp), (arg, t)
+
+
 @pytest.mark.parametrize("op", ["shfl", "shfl_up", "shfl_down", "shfl_xor"])
 def test_shuffles(simt, op):
     threads = 64

@@ -321,3 +321,50 @@ def test_every_chunk_size(simt, dtype):
         x = randn(n, dtype, 26 + D)
         for bitmap in (True, False):
             check(simt, x, 0.9, D, bitmap)
+
+
+def window_chunks(kind: str, L: int, dtype, seed: int, chunks: int = 3) -> torch.Tensor:
+    """`chunks` chunks of L elements that put pack_warps' first digit (a window of bins placed by a
+    sample of the chunk: the key at floor(l * L / 32) of each lane l, pack.cuh's WindowDigit) on
+    its clamped bins: "above": the kept keys lie far above anything sampled, in the window's top
+    bin; "below": distinct keys far below the sampled ones, and zeros, hold the threshold for a
+    small gamma (bin 0 and the keys equal to its prefix); "edges": zeros sampled and the dtype's
+    largest finite values, inf and NaN between (the window at the bottom of the key range)."""
+    gen = torch.Generator().manual_seed(seed)
+    sampled = torch.zeros(L, dtype=torch.bool)
+    sampled[[lane * L // 32 for lane in range(32)]] = True
+    largest = torch.finfo(dtype).max if dtype in (torch.float16, torch.bfloat16) else 6e4
+    i = torch.arange(L)
+    out = []
+    for _ in range(chunks):
+        x = torch.randn(L, generator=gen, dtype=torch.float64)
+        scale = 2.0 ** (6 * torch.rand(L, generator=gen, dtype=torch.float64))  # six binades
+        if kind == "above":  # a sixth of the chunk 1e4 times the rest (more than 1 - gamma of it)
+            x = x * 1e-2
+            x[torch.nonzero(~sampled).flatten()[: L // 6]] *= 1e4 * scale[: L // 6]
+        elif kind == "below":  # half the chunk (every sampled key) large, a quarter tiny, a quarter 0
+            big = (i % 2 == 0) | sampled
+            x = x * 1e-5 * scale
+            x[i % 4 == 3] = 0.0
+            x[big] = 1e2 * torch.randn(int(big.sum()), generator=gen, dtype=torch.float64)
+        else:
+            x = largest * torch.rand(L, generator=gen, dtype=torch.float64) * torch.sign(x)
+            x[i % 7 == 1] = math.inf
+            x[i % 11 == 2] = -math.nan
+            x[sampled] = 0.0
+        out.append(x)
+    return torch.cat(out).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_window_digit_clamped_bins(simt, dtype):
+    # The per-warp kernel's first digit is exact whatever bin the threshold falls in, including
+    # the window's two clamped ones (their buckets are not fixed-bit buckets).
+    es = torch.empty(0, dtype=dtype).element_size()
+    for L in (1000, 1024):
+        assert simt.pack_plan(3 * L, 0.9, L, es)["per_warp"]
+        for kind, gammas in (("above", (0.9, 0.99)), ("below", (0.1, 0.3, 0.9)), ("edges", (0.5, 0.9))):
+            x = window_chunks(kind, L, dtype, 27 + L)
+            for gamma in gammas:
+                for bitmap in (True, False):
+                    check(simt, x, gamma, L, bitmap, threads=256)

@@ -97,7 +97,8 @@ DROPIT_HD size_t staged_bytes(int64_t chunk, int elem_bytes) {
 
 // Small chunks go one to a warp (pack_warps): a block's fixed costs (a 4096-bin histogram cleared
 // and scanned, block barriers and scans) would otherwise be paid for every 1024 elements or less.
-// The warp's first digit is narrower (1024 bins), and it needs no block barrier.
+// The warp's first digit is narrower (1024 bins, over a window of the keys' range: WindowDigit),
+// and it needs no block barrier.
 constexpr int kWarpMaxChunk = 1024;
 constexpr int kWarpBits = 10;
 constexpr int kWarpBins = 1 << kWarpBits;
@@ -264,7 +265,7 @@ DROPIT_DEVICE void for_each_key(const ChunkKeys<Bits, Key, Src>& keys, int L, in
   if constexpr (Src == KeySource::kRandom) {
     for (int e = tid; e < L; e += nthreads) f(simt::Vec<Key, 1>{{keys(e)}});
   } else {
-    auto g = [&](const auto& v) { f(magnitude_keys<Key>(v)); };
+    auto g = [&](const auto& v) DROPIT_INLINE_LAMBDA { f(magnitude_keys<Key>(v)); };
     if (from_global) {
       for_each_element<kPackLoadAhead>(keys.x, L, tid, nthreads, stage, keys.staged, g);
     } else {
@@ -324,49 +325,147 @@ DROPIT_DEVICE ChunkOutputs<Bits> chunk_outputs(const PackParams<Bits>& p, int64_
                             p.bitmap ? p.bitmap + c * static_cast<int64_t>(p.words) : nullptr};
 }
 
+// A first digit's bucket: the selection to narrow, and the bounds of the keys in it, which are
+// those of the selection's bucket (prefix, shift) unless the digit's bin was a clamped one.
+template <typename Key>
+struct FirstBucket {
+  Selection<Key> s;
+  Key lowest;
+  Key highest;
+};
+
+// The first digit of pack_block, and of pack_warps on random keys: the key's top kBits bits.
+template <typename Key, int kBits, int kKeyBits>
+struct TopBitsDigit {
+  static constexpr int kBins = 1 << kBits;
+  static constexpr int kShift = kKeyBits - kBits;
+  // The key's counter: its bin, whose byte offset is taken straight from the digit's bits (a mask
+  // and one shift-and-add to the address, not the digit, then its address); digit 0, `spare`.
+  DROPIT_DEVICE simt::sptr<uint32_t> counter(simt::sptr<uint32_t> bins, simt::sptr<uint32_t> spare, Key key) const {
+    const uint32_t at = static_cast<uint32_t>((key & (static_cast<Key>(kBins - 1) << kShift)) >> (kShift - 2));
+    const simt::sptr<uint32_t> bin = simt::ptr_cast<uint32_t>(simt::ptr_cast<unsigned char>(bins) + static_cast<int>(at));
+    return at != 0 ? bin : spare;
+  }
+  template <int N>
+  DROPIT_DEVICE void count(const simt::Vec<Key, N>& ks, simt::sptr<uint32_t> bins, simt::sptr<uint32_t> spare) const {
+DROPIT_UNROLL
+    for (const Key key : ks.v) {
+      const simt::sptr<uint32_t> at = counter(bins, spare, key);
+      simt::atomic_add_shared(at, 1u);
+    }
+  }
+  DROPIT_DEVICE FirstBucket<Key> bucket(const BinChoice& c, int k, int L) const {
+    Selection<Key> s{0, kKeyBits, k, L};
+    take_bin(s, c, kShift);
+    return {s, s.prefix, s.highest()};
+  }
+};
+
+// pack_warps' first digit of magnitude keys: kBins bins of 2^kShift keys each (1/128 of a binade
+// of fp32 or fp64, 1/32 of bf16's, 1/256 of fp16's) over a window placed by a sample of the chunk,
+// its top kMargin bins above the sample's largest key (fp32: 8 binades, the top one above it).
+// (The top bits' digit gives N(0,1) data 4 bins a binade: ~5 % of a chunk shared the threshold's
+// bin, and the gather, narrow passes, sort and the atomics' collisions scaled with that; now
+// ~0.2 %.) Keys above the window count in the top bin, keys below it in bin 0 or in the 32 words
+// below the bins (lane l's at bins[-1 - l]: no atomics piling on one word), which choose_bin reads
+// by difference. These two bins are not buckets of fixed bits: their selection is the whole key
+// range, narrowed on their keys alone (between `lowest` and `highest`).
+template <typename Key>
+struct WindowDigit {
+  static constexpr int kBins = kWarpBins;
+  static constexpr int kKeyBits = static_cast<int>(8 * sizeof(Key)) - 1;  // magnitude keys
+  static constexpr int kShift = sizeof(Key) == 2 ? 2 : (sizeof(Key) == 4 ? 16 : 45);
+  static constexpr int kTopQ = (1 << (kKeyBits - kShift)) - 1;  // the largest key >> kShift
+  static constexpr int kMargin = sizeof(Key) == 2 ? 64 : 128;
+  static_assert(kTopQ >= kBins - 1, "the window fits in the keys' range");
+  int base;    // bin b holds the keys whose key >> kShift is base + b (bin 0: at most, the top: at least)
+  int sink;    // this lane's counter below the bins: -1 - lane
+
+  // From `sample`, a key of this lane's (a sample spread over the chunk).
+  DROPIT_DEVICE WindowDigit(Key sample, int lane) : sink(-1 - lane) {
+    const int top = static_cast<int>(simt::reduce_max(static_cast<uint32_t>(sample >> kShift))) + kMargin;
+    // (base >= 0: a 16-bit key's offset from it then stays inside 16 bits)
+    const int lowest = (top < kTopQ ? top : kTopQ) - (kBins - 1);
+    base = lowest > 0 ? lowest : 0;
+  }
+  DROPIT_DEVICE simt::sptr<uint32_t> counter(simt::sptr<uint32_t> bins, Key key) const {
+    const int d = static_cast<int>(key >> kShift) - base;
+    const int below_top = d < kBins - 1 ? d : kBins - 1;
+    const int at = below_top > sink ? below_top : sink;
+    return bins + at;
+  }
+  // Counts a Vec of keys; 16-bit keys two at a time, the halves of a 32-bit word: their counters'
+  // byte offsets are the keys' bits above kShift = 2 (no shift), less the base's, clamped to
+  // [4 * sink, 4 * (kBins - 1)] (sm_90: one DPX add-and-min and one min for the two).
+  template <int N>
+  DROPIT_DEVICE void count(const simt::Vec<Key, N>& ks, simt::sptr<uint32_t> bins, simt::sptr<uint32_t>) const {
+    if constexpr (sizeof(Key) == 2 && N % 2 == 0) {
+      static_assert(kShift == 2, "a key's bits above kShift are its counter's byte offset");
+      const uint32_t minus_base = static_cast<uint16_t>(-4 * base) * 0x10001u;
+      const uint32_t top = static_cast<uint32_t>(4 * (kBins - 1)) * 0x10001u;
+      const uint32_t bottom = static_cast<uint16_t>(4 * sink) * 0x10001u;
+      const simt::sptr<unsigned char> bytes = simt::ptr_cast<unsigned char>(bins);
+DROPIT_UNROLL
+      for (int i = 0; i < N; i += 2) {
+        const uint32_t pair = static_cast<uint32_t>(ks.v[i]) | (static_cast<uint32_t>(ks.v[i + 1]) << 16);
+        const uint32_t at = simt::max_s16x2(simt::add_min_s16x2(pair & 0x7ffc7ffcu, minus_base, top), bottom);
+        const simt::sptr<uint32_t> low = simt::ptr_cast<uint32_t>(bytes + static_cast<int16_t>(at & 0xffffu));
+        const simt::sptr<uint32_t> high = simt::ptr_cast<uint32_t>(bytes + (static_cast<int32_t>(at) >> 16));
+        simt::atomic_add_shared(low, 1u);
+        simt::atomic_add_shared(high, 1u);
+      }
+    } else {
+DROPIT_UNROLL
+      for (const Key key : ks.v) {
+        const simt::sptr<uint32_t> at = counter(bins, key);
+        simt::atomic_add_shared(at, 1u);
+      }
+    }
+  }
+  DROPIT_DEVICE FirstBucket<Key> bucket(const BinChoice& c, int k, int) const {
+    const bool bottom = c.bin == 0, top = c.bin == kBins - 1;
+    const Key lowest_key = bottom ? Key(0) : static_cast<Key>(static_cast<Key>(base + static_cast<int>(c.bin)) << kShift);
+    const Key highest_key = top ? static_cast<Key>((Key(1) << kKeyBits) - 1)
+                                : static_cast<Key>((static_cast<Key>(base + static_cast<int>(c.bin) + 1) << kShift) - 1);
+    const bool clamped = bottom || top;
+    return {{clamped ? Key(0) : lowest_key, clamped ? kKeyBits : kShift, k - static_cast<int>(c.above),
+             static_cast<int>(c.count)},
+            lowest_key, highest_key};
+  }
+};
+
 // The first digit of a chunk's keys, by the team (the block, or a warp) on its cleared bins:
-// each key's top kBits bits counted in `hist` (digit 0, zeros among them, to the thread's `spare`
+// each key's `digit` counted in `hist` (digit 0, zeros among them, to the thread's `spare`
 // counter: no atomics piling on one bin; choose_bin counts bin 0 by difference), then the bin of
 // the k-th largest key chosen. `counted`, `scanned`, `chosen`: the barriers' ids. kCopied: the
 // chunk is staged already (copy_chunk_async), and is read from shared memory.
-template <int kBits, int kKeyBits, bool kCopied = false, typename Team, typename Bits, typename Key, KeySource Src,
+template <bool kCopied = false, typename Team, typename Digit, typename Bits, typename Key, KeySource Src,
           typename Sync>
-DROPIT_DEVICE Selection<Key> first_digit(Team team, const ChunkKeys<Bits, Key, Src>& keys, int L, int k, bool stage,
-                                         simt::sptr<uint32_t> hist, simt::sptr<uint32_t> spare,
-                                         simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync,
-                                         int counted, int scanned, int chosen) {
-  constexpr int kShift = kKeyBits - kBits;
-  auto count = [&](const auto& ks) {
-DROPIT_UNROLL
-    for (const Key key : ks.v) {
-      // The bin's byte offset taken straight from the digit's bits (a mask and one shift-and-add
-      // to the address, not the digit, then its address); 0 for digit 0.
-      const uint32_t at = static_cast<uint32_t>((key & (static_cast<Key>((1 << kBits) - 1) << kShift)) >> (kShift - 2));
-      const simt::sptr<uint32_t> bin = simt::ptr_cast<uint32_t>(simt::ptr_cast<unsigned char>(hist) + static_cast<int>(at));
-      simt::atomic_add_shared(at != 0 ? bin : spare, 1u);
-    }
-  };
+DROPIT_DEVICE FirstBucket<Key> first_digit(Team team, const Digit& digit, const ChunkKeys<Bits, Key, Src>& keys, int L,
+                                           int k, bool stage, simt::sptr<uint32_t> hist, simt::sptr<uint32_t> spare,
+                                           simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync,
+                                           int counted, int scanned, int chosen) {
+  auto count = [&](const auto& ks) DROPIT_INLINE_LAMBDA { digit.count(ks, hist, spare); };
   if constexpr (kCopied) {
     // (Not through for_each_key: nvcc's line table then gave this pass the gather's call site, and
     // the cost model could not match it.)
     for_each_element<1>(keys.staged, L, team.rank(), team.size(), false, keys.staged,
-                        [&](const auto& v) { count(magnitude_keys<Key>(v)); });
+                        [&](const auto& v) DROPIT_INLINE_LAMBDA { count(magnitude_keys<Key>(v)); });
   } else {
     for_each_key(keys, L, team.rank(), team.size(), /*from_global=*/true, stage, count);
   }
   team.sync(sync, counted);
-  Selection<Key> s{0, kKeyBits, k, L};
+  constexpr int kBins = Digit::kBins;
   if constexpr (std::is_same_v<Team, BlockTeam>) {  // `slots`: kNarrowBins words for the runs' sums
-    choose_bin_by_runs<1 << kBits, kNarrowBins>(hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel,
-                                                sync, scanned, chosen);
-    take_bin(s, simt::load_vec<4>(sel), kShift);
+    choose_bin_by_runs<kBins, kNarrowBins>(hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync,
+                                           scanned, chosen);
+    const simt::Vec<uint32_t, 4> c = simt::load_vec<4>(sel);
+    return digit.bucket(BinChoice{c.v[0], c.v[1], c.v[2]}, k, L);
   } else {
-    take_bin(s,
-             choose_bin<1 << kBits>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel, sync,
-                                    scanned, chosen),
-             kShift);
+    return digit.bucket(choose_bin<kBins>(team, hist, static_cast<uint32_t>(L), static_cast<uint32_t>(k), slots, sel,
+                                          sync, scanned, chosen),
+                        k, L);
   }
-  return s;
 }
 
 // Whether a key is in a selection's bucket of `shift` low bits but not its lowest key: key -
@@ -520,9 +619,10 @@ DROPIT_DEVICE void pack_block(const PackParams<Bits>& p, Sync sync = Sync()) {
     if (tid < 32) gathered[tid] = 0u;
     if constexpr (kCopied) sync.copies(kChunkCopied);
     sync(kWideCleared);
-    Selection<Key> s = first_digit<kWideBits, kKeyBits, kCopied>(BlockTeam(), keys, L, k, kStaged, wide,
-                                                                 wide + (kWideBins + lane), narrow, sel, sync,
-                                                                 kWideCounted, kWideScanned, kWideChosen);
+    Selection<Key> s = first_digit<kCopied>(BlockTeam(), TopBitsDigit<Key, kWideBits, kKeyBits>(), keys, L, k, kStaged,
+                                            wide, wide + (kWideBins + lane), narrow, sel, sync, kWideCounted,
+                                            kWideScanned, kWideChosen)
+                           .s;
 
     const int used_words = (L + 31) >> 5;
     // Late select: when the bucket's keys fit beside the bitmap masks (two words a bitmap word,
@@ -790,10 +890,10 @@ DROPIT_UNROLL
 
 // The body of the per-warp pack kernel: warp w of block b packs chunks b * warps + w, striding by
 // the grid's warps, each chunk of at most kWarpMaxChunk elements, by the warp alone: a 1024-bin
-// first digit; ballots against the bucket's bounds, lane w keeping bitmap word w (at most 32
-// words); each lane's bucket keys of its word into its own slot (it reads back only what it
-// wrote: no barrier) for the narrow digits, then sorted against the final bounds; one warp scan
-// orders the kept values. Needs warp_smem_bytes() of dynamic shared memory per warp.
+// first digit (magnitude keys: WindowDigit; random keys, uniform already: the top bits); masks
+// against the bucket's bounds, lane w computing bitmap word w's (at most 32 words); each lane's
+// bucket keys of its word into its own slot (it reads back only what it wrote: no barrier) for
+// the narrow digits, then sorted against the final bounds; one warp scan orders the kept values. Needs warp_smem_bytes() of dynamic shared memory per warp.
 template <typename Bits, typename Key, KeySource Src, typename Sync = simt::BlockSync>
 DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
   constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);
@@ -806,6 +906,9 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
   const size_t warp_bytes = warp_smem_bytes(p.chunk, sizeof(Bits), Src == KeySource::kRandom);
   const simt::sptr<uint32_t> hist =
       simt::dynamic_shared<uint32_t>() + static_cast<int>(warp * warp_bytes / sizeof(uint32_t));
+  // The first digit's bins: after 32 words of WindowDigit's counters below them, or before the 32
+  // spare counters of TopBitsDigit's.
+  const simt::sptr<uint32_t> bins = hist + (kStaged ? 32 : 0);
   const simt::sptr<Key> candidates = simt::ptr_cast<Key>(hist);  // lane l's i-th at i * 32 + l
   const simt::sptr<uint32_t> narrow = hist + static_cast<int>(warp_bins_bytes(sizeof(Key)) / sizeof(uint32_t));
   const simt::sptr<uint32_t> sel = narrow + kNarrowBins;
@@ -823,22 +926,41 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     }
 
     // ---- 1. the first digit ----
-    for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(hist + 4 * i, simt::Vec<uint32_t, 4>{});
-    sync.warp(kWarpCleared);
-    Selection<Key> s = first_digit<kWarpBits, kKeyBits>(SoloWarpTeam(), keys, L, k, kStaged, hist,
-                                                        hist + (kWarpBins + lane), sel, sel, sync, kWarpCounted, 0, 0);
+    // (The digit is made before the bins are cleared: a window's warp reduction overlaps the clear.)
+    auto first = [&](const auto& digit) DROPIT_INLINE_LAMBDA {
+      for (int i = lane; i < kWarpBins / 4; i += 32) simt::store_vec(bins + 4 * i, simt::Vec<uint32_t, 4>{});
+      sync.warp(kWarpCleared);
+      return first_digit(SoloWarpTeam(), digit, keys, L, k, kStaged, bins, hist + (kWarpBins + lane), sel, sel, sync,
+                         kWarpCounted, 0, 0);
+    };
+    FirstBucket<Key> bucket;
+    if constexpr (kStaged) {  // the window from a sample of the chunk: a key a lane, spread over it
+      bucket = first(WindowDigit<Key>(magnitude_key<Bits>(keys.x[(lane * L) >> 5]), lane));
+    } else {
+      bucket = first(TopBitsDigit<Key, kWarpBits, kKeyBits>());
+    }
+    Selection<Key> s = bucket.s;
 
     // ---- 2. word `lane`'s masks against the bucket's bounds, by the lane alone ----
-    const simt::Vec<uint32_t, 2> bounds = word_masks(keys, lane, L, s.prefix, s.highest());
+    const simt::Vec<uint32_t, 2> bounds = word_masks(keys, lane, L, bucket.lowest, bucket.highest);
     uint32_t above = bounds.v[0], from = bounds.v[1];
     if (!s.whole()) {
       // ---- 3. the bucket's keys of word `lane` into the lane's own slot; narrower digits; then
       // each of them above the final bucket, in it (a tie) or neither ----
+      // The bucket's keys but those equal to its prefix (zeros, in bin 0's bucket: often half the
+      // chunk after a ReLU), which the narrow digits count by number; `gathered`: their bits.
       const uint32_t in_bucket = from & ~above;
+      const Key prefix = s.prefix;
+      uint32_t gathered = 0;
       int mine = 0;
       for (uint32_t rest = in_bucket; rest != 0; rest &= rest - 1) {
-        candidates[mine * 32 + lane] = keys(32 * lane + simt::ffs(rest) - 1);
-        ++mine;
+        const int j = simt::ffs(rest) - 1;
+        const Key key = keys(32 * lane + j);
+        if (key != prefix) {
+          candidates[mine * 32 + lane] = key;
+          ++mine;
+          gathered |= 1u << j;
+        }
       }
       auto own_candidates = [&](const auto& f) {
         for (int i = 0; i < mine; ++i) f(static_cast<Key>(candidates[i * 32 + lane]));
@@ -846,9 +968,10 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
       narrow_selection(SoloWarpTeam(), s, own_candidates, narrow, sel, sel, sync);
       // (read back from the lane's slot, in the order they were put there)
       const simt::Vec<uint32_t, 2> m =
-          sort_keys(in_bucket, above, s, [&](int i, int) { return static_cast<Key>(candidates[i * 32 + lane]); });
+          sort_keys(gathered, above, s, [&](int i, int) { return static_cast<Key>(candidates[i * 32 + lane]); });
       above = m.v[0];
-      from = m.v[1];
+      // The keys equal to the first bucket's prefix are in the final bucket when it starts there.
+      from = m.v[1] | (s.prefix == prefix ? in_bucket & ~gathered : 0u);
     }
 
     // ---- 4. compaction ----
@@ -868,8 +991,8 @@ DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
     simt::gptr<uint16_t> op = out.offsets ? out.offsets + pos : nullptr;
     write_kept(keys, kept, lane, vp, op);
     // No barrier before the next chunk: it writes the staged chunk only after kWarpCleared, which
-    // every lane reaches after its last read here, and its bins only after every lane has gone
-    // past kNarrowCounted (the last reads of the candidates) or the shuffles of the last choice.
+    // every lane reaches after its last read here, and its bins (over the candidates) only after
+    // every lane has gone past the compaction's scan, which takes what the lane read of them.
   }
 }
 

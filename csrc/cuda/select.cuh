@@ -124,13 +124,31 @@ struct BinChoice {
   uint32_t count;
 };
 
+// The bin of the `need`-th largest key in the run of bins [bottom, top) of `hist`, walked from the
+// top by one thread, `above` keys above the run (the run holds the bin: the walk ends inside it).
+// Bin 0 is read as in_bin0 (choose_bin's count of it by difference).
+DROPIT_DEVICE BinChoice walk_run(simt::sptr<uint32_t> hist, int top, int bottom, uint32_t in_bin0, uint32_t above,
+                                 uint32_t need) {
+  BinChoice choice{0, 0, 0};
+  for (int b = top - 1; b >= bottom; --b) {
+    const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
+    if (above + c >= need) {
+      choice = BinChoice{static_cast<uint32_t>(b), above, c};
+      break;
+    }
+    above += c;
+  }
+  return choice;
+}
+
 // Chooses the bin of the `need`-th largest key from a histogram of `kBins` bins, in which bin 0 was
 // left uncounted: it holds the `keys` counted keys less the other bins. (Not counting digit 0
 // spares the atomics of the most crowded bin, zeros, and lets keys known only by their number
 // count there.) Every thread of the team calls it; thread t sums a run of bins from the top, one
-// scan orders the runs, and the thread whose run holds the bin finds it there. It shares the
-// choice through sel[0..2] and the `chosen` barrier; a SoloWarpTeam by shuffles from that lane (no
-// barrier: every bin a lane read has fed a shuffle before any lane goes on).
+// scan orders the runs, and the thread whose run holds the bin finds it there, sharing the choice
+// through sel[0..2] and the `chosen` barrier; in a SoloWarpTeam the whole warp walks that run and
+// shares the choice by shuffles (no barrier: every bin a lane read has fed a shuffle before any
+// lane goes on).
 template <int kBins, typename Team, typename Sync>
 DROPIT_DEVICE BinChoice choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_t keys, uint32_t need,
                                    simt::sptr<uint32_t> slots, simt::sptr<uint32_t> sel, const Sync& sync,
@@ -144,36 +162,34 @@ DROPIT_DEVICE BinChoice choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_
   uint32_t above = team.exclusive_scan(sum, slots, &counted, sync, scanned);
   const uint32_t in_bin0 = keys - counted;
   if constexpr (std::is_same_v<Team, SoloWarpTeam>) {
+    // The first lane whose run holds the bin (from the top); then the warp walks that run at once,
+    // lane l on its l-th bin from the top (one scan, one ballot), not the lane bin by bin. Bin 0
+    // is read as its stored count plus the uncounted keys, so counts stored there (a first digit's
+    // overflow: see WindowDigit) cancel out.
     const bool holds = above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need;
-    BinChoice choice{0, 0, 0};
-    if (holds) {
-      // The walk ends inside the run (its sum reaches `need`): no bound test; bin 0 holds 0.
-      // (A run of one bin, 32 bins: the tested loop, which nvcc compiles shorter there.)
-      for (int b = top - 1; kBins > bitmap::kWarp || b >= bottom; --b) {
-        const uint32_t c = static_cast<uint32_t>(hist[b]) + (b == 0 ? in_bin0 : 0u);
-        if (above + c >= need) {
-          choice = BinChoice{static_cast<uint32_t>(b), above, c};
-          break;
-        }
-        above += c;
-      }
-    }
-    static_assert(kBins <= (1 << 12), "a bin and a count share a shuffle");
     const int from = simt::ffs(simt::ballot(holds)) - 1;
-    const uint32_t bin_count = simt::shfl(choice.bin | (choice.count << 12), from);
-    return BinChoice{bin_count & 0xfffu, simt::shfl(choice.above, from), bin_count >> 12};
+    // (A count and the keys above it share a shuffle: a warp's chunk has at most 1024 keys.)
+    if constexpr (kBins == bitmap::kWarp) {  // a bin a lane
+      const uint32_t c = sum + (bottom == 0 ? in_bin0 : 0u);
+      const uint32_t above_count = simt::shfl(above | (c << 16), from);
+      return BinChoice{static_cast<uint32_t>(kBins - 1 - from), above_count & 0xffffu, above_count >> 16};
+    } else {
+      const uint32_t run_above = simt::shfl(above, from);
+      const int run_top = kBins - from * per;
+      const int b = run_top - 1 - tid;  // this lane's bin of the run, if tid < per
+      const uint32_t c = tid < per ? static_cast<uint32_t>(hist[b]) + (b == 0 ? in_bin0 : 0u) : 0u;
+      const uint32_t inc = bitmap::warp_inclusive_scan(c);
+      const int at = simt::ffs(simt::ballot(tid < per && run_above + inc >= need)) - 1;
+      const uint32_t above_count = simt::shfl((inc - c) | (c << 16), at);
+      return BinChoice{static_cast<uint32_t>(run_top - 1 - at), run_above + (above_count & 0xffffu),
+                       above_count >> 16};
+    }
   } else {
     if (above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need) {
-      for (int b = top - 1; b >= bottom; --b) {
-        const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
-        if (above + c >= need) {
-          sel[0] = static_cast<uint32_t>(b);
-          sel[1] = above;
-          sel[2] = c;
-          break;
-        }
-        above += c;
-      }
+      const BinChoice c = walk_run(hist, top, bottom, in_bin0, above, need);
+      sel[0] = c.bin;
+      sel[1] = c.above;
+      sel[2] = c.count;
     }
     team.sync(sync, chosen);
     return BinChoice{sel[0], sel[1], sel[2]};
@@ -214,15 +230,8 @@ DROPIT_DEVICE void choose_bin_by_runs(simt::sptr<uint32_t> hist, uint32_t keys, 
         above += c;
       }
       const int top = kBins - i * per;
-      const int bottom = top - per > 0 ? top - per : 0;
-      for (int b = top - 1; b >= bottom; --b) {
-        const uint32_t c = b == 0 ? in_bin0 : static_cast<uint32_t>(hist[b]);
-        if (above + c >= need) {
-          simt::store_vec(sel, simt::Vec<uint32_t, 4>{{static_cast<uint32_t>(b), above, c, 0u}});
-          break;
-        }
-        above += c;
-      }
+      const BinChoice c = walk_run(hist, top, top - per > 0 ? top - per : 0, in_bin0, above, need);
+      simt::store_vec(sel, simt::Vec<uint32_t, 4>{{c.bin, c.above, c.count, 0u}});
     }
   }
   sync(chosen);
@@ -234,15 +243,6 @@ DROPIT_DEVICE void take_bin(Selection<Key>& s, const BinChoice& c, int shift) {
   s.need -= static_cast<int>(c.above);
   s.count = static_cast<int>(c.count);
   s.prefix = static_cast<Key>(s.prefix | (static_cast<Key>(c.bin) << shift));
-  s.shift = shift;
-}
-
-// The same from the choice read as one vector.
-template <typename Key>
-DROPIT_DEVICE void take_bin(Selection<Key>& s, const simt::Vec<uint32_t, 4>& chosen, int shift) {
-  s.need -= static_cast<int>(chosen.v[1]);
-  s.count = static_cast<int>(chosen.v[2]);
-  s.prefix = static_cast<Key>(s.prefix | (static_cast<Key>(chosen.v[0]) << shift));
   s.shift = shift;
 }
 
@@ -266,8 +266,10 @@ DROPIT_DEVICE void narrow_selection(Team team, Selection<Key>& s, const Visit& v
     constexpr bool kSolo = std::is_same_v<Team, SoloWarpTeam>;
     const bool lane_bins = kSolo && sizeof(Key) == 2 && high - shift <= 5;
     if constexpr (kSolo) {
-      // A lane clears the run of bins it reads in choose_bin (so no barrier orders its reads
-      // before the next pass's clearing); kNarrowCleared orders the zeros before every count.
+      // A lane clears the run of bins it sums in choose_bin; the bins of the run the warp walks
+      // there were read before its shuffles, which every lane passes before the next pass's
+      // clearing (so no barrier orders the reads before it); kNarrowCleared orders the zeros
+      // before every count.
       // Its two 16-byte groups in choose_bin's order: each store then uses every bank.
       static_assert(kNarrowBins == 8 * bitmap::kWarp, "a lane's run is two 16-byte groups");
       if (lane_bins) {

@@ -33,6 +33,7 @@
 //  - launch syntax and stream handling live in the .cu launchers only.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -58,6 +59,8 @@ constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
 #if defined(__CUDACC__)
 
 #define DROPIT_DEVICE __device__ __forceinline__
+// A lambda of a kernel body (nvcc inlines them already).
+#define DROPIT_INLINE_LAMBDA
 // 16-byte aligned, so that any array may take vector accesses.
 #define DROPIT_SHARED(type, name, count) __shared__ __align__(16) type name[(count)]
 #define DROPIT_UNROLL _Pragma("unroll")
@@ -224,6 +227,18 @@ DROPIT_DEVICE void copy_async_wait_all() {
 DROPIT_DEVICE uint32_t ballot(bool pred) { return __ballot_sync(0xffffffffu, pred); }
 // The lanes whose v equals this lane's (sm_70+).
 DROPIT_DEVICE uint32_t match_any(uint32_t v) { return __match_any_sync(0xffffffffu, v); }
+// The largest v of the warp's lanes: one instruction on sm_80+, five shuffles below.
+DROPIT_DEVICE uint32_t reduce_max(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, v);
+#else
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint32_t other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = v > other ? v : other;
+  }
+  return v;
+#endif
+}
 
 template <typename T>
 DROPIT_DEVICE T shfl(T v, int src_lane) { return __shfl_sync(0xffffffffu, v, src_lane); }
@@ -238,6 +253,10 @@ DROPIT_DEVICE int popc(uint32_t v) { return __popc(v); }
 DROPIT_DEVICE int ffs(uint32_t v) { return __ffs(static_cast<int>(v)); }  // 1-based, 0 if v == 0
 DROPIT_DEVICE int clz(uint32_t v) { return __clz(static_cast<int>(v)); }  // 32 if v == 0
 
+// Per signed 16-bit half: min(a + b, c), the add wrapping (sm_90: one DPX instruction); max(a, b).
+DROPIT_DEVICE uint32_t add_min_s16x2(uint32_t a, uint32_t b, uint32_t c) { return __viaddmin_s16x2(a, b, c); }
+DROPIT_DEVICE uint32_t max_s16x2(uint32_t a, uint32_t b) { return __vmaxs2(a, b); }
+
 }  // namespace simt
 }  // namespace dropit
 
@@ -248,6 +267,8 @@ DROPIT_DEVICE int clz(uint32_t v) { return __clz(static_cast<int>(v)); }  // 32 
 // instruction or warp intrinsic), with the same chain of inlined source lines.
 #define DROPIT_DEVICE inline __attribute__((always_inline))
 #define DROPIT_SIMT_INLINE inline __attribute__((always_inline))
+// A lambda of a kernel body: after its parameter list (gcc left some out of line).
+#define DROPIT_INLINE_LAMBDA __attribute__((always_inline))
 // Unrolled on the host too, so that each copy of an access is a site of its own, as on the GPU.
 #define DROPIT_UNROLL _Pragma("GCC unroll 16")
 #define DROPIT_SHARED(type, name, count)                                                   \
@@ -258,7 +279,7 @@ namespace dropit {
 namespace simt {
 namespace host {
 // Implemented by the host SIMT layer (tests/simt/simt_host.cpp).
-enum class WarpOp : int { kBallot = 1, kShfl, kShflUp, kShflDown, kShflXor, kMatchAny, kSync };
+enum class WarpOp : int { kBallot = 1, kShfl, kShflUp, kShflDown, kShflXor, kMatchAny, kSync, kReduceMax };
 enum class Space : int { kGlobal = 0, kShared = 1 };
 enum class Access : int { kLoad = 0, kStore = 1, kAtomic = 2 };
 int thread_idx();
@@ -413,6 +434,11 @@ DROPIT_SIMT_INLINE uint32_t match_any(uint32_t v) {
   return static_cast<uint32_t>(host::warp_op(host::WarpOp::kMatchAny, v, 0));
 }
 
+// As on sm_80+: one warp instruction.
+DROPIT_SIMT_INLINE uint32_t reduce_max(uint32_t v) {
+  return static_cast<uint32_t>(host::warp_op(host::WarpOp::kReduceMax, v, 0));
+}
+
 namespace detail {
 template <typename T>
 DROPIT_SIMT_INLINE T exchange(host::WarpOp op, T v, int arg) {
@@ -438,6 +464,27 @@ DROPIT_SIMT_INLINE T shfl_xor(T v, int lane_mask) { return detail::exchange(host
 inline int popc(uint32_t v) { return __builtin_popcount(v); }
 inline int ffs(uint32_t v) { return v == 0 ? 0 : __builtin_ctz(v) + 1; }
 inline int clz(uint32_t v) { return v == 0 ? 32 : __builtin_clz(v); }
+
+namespace detail {
+// The signed 16-bit half of v at bit `at` (0 or 16), and v with that half replaced by h.
+inline int16_t half(uint32_t v, int at) { return static_cast<int16_t>(static_cast<uint16_t>(v >> at)); }
+inline uint32_t with_half(uint32_t v, int at, int h) {
+  return (v & ~(0xffffu << at)) | (static_cast<uint32_t>(static_cast<uint16_t>(h)) << at);
+}
+}  // namespace detail
+inline uint32_t add_min_s16x2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r = 0;
+  for (int at : {0, 16}) {
+    const int16_t sum = static_cast<int16_t>(static_cast<uint16_t>(detail::half(a, at) + detail::half(b, at)));
+    r = detail::with_half(r, at, std::min<int>(sum, detail::half(c, at)));
+  }
+  return r;
+}
+inline uint32_t max_s16x2(uint32_t a, uint32_t b) {
+  uint32_t r = 0;
+  for (int at : {0, 16}) r = detail::with_half(r, at, std::max<int>(detail::half(a, at), detail::half(b, at)));
+  return r;
+}
 
 }  // namespace simt
 }  // namespace dropit

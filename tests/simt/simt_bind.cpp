@@ -151,6 +151,7 @@ py::dict stats_dict(const dropit::simt::host::LaunchStats& s) {
   DROPIT_STAT(warp_ops);
   DROPIT_STAT(ballots);
   DROPIT_STAT(shuffles);
+  DROPIT_STAT(reductions);
   DROPIT_STAT(matches);
   DROPIT_STAT(warp_syncs);
   DROPIT_STAT(global_loads);
@@ -179,7 +180,7 @@ py::dict stats_dict(const dropit::simt::host::LaunchStats& s) {
   DROPIT_STAT(async_copy_instr);
 #undef DROPIT_STAT
   static const char* kKinds[] = {"global load", "global store", "shared load", "shared store", "shared atomic",
-                                 "vote", "shuffle", "match", "warp barrier", "async copy"};
+                                 "vote", "shuffle", "match", "warp barrier", "async copy", "reduce"};
   py::list sites;
   for (const auto& site : s.sites) {
     sites.append(py::make_tuple(reinterpret_cast<uintptr_t>(site.address), kKinds[static_cast<int>(site.kind)],

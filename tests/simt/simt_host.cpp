@@ -281,6 +281,12 @@ void complete_warp(Machine& m, int w) {
       break;
     case WarpOp::kSync:
       break;
+    case WarpOp::kReduceMax: {
+      uint32_t top = 0;
+      for (int l = 0; l < kWarp; ++l) top = std::max(top, static_cast<uint32_t>(lanes[l].in));
+      for (int l = 0; l < kWarp; ++l) lanes[l].out = top;
+      break;
+    }
     default:
       fail(m, "unknown warp intrinsic");
   }
@@ -292,6 +298,7 @@ void complete_warp(Machine& m, int w) {
     const K kind = op == WarpOp::kBallot ? K::kBallot
                    : op == WarpOp::kMatchAny ? K::kMatch
                    : op == WarpOp::kSync     ? K::kWarpSync
+                   : op == WarpOp::kReduceMax ? K::kReduce
                                              : K::kShuffle;
     ++m.stats.sites[site_index(m, lanes[0].op_site, kind)].warp_instructions;
   }
@@ -301,6 +308,8 @@ void complete_warp(Machine& m, int w) {
     ++m.stats.matches;
   } else if (op == WarpOp::kSync) {
     ++m.stats.warp_syncs;
+  } else if (op == WarpOp::kReduceMax) {
+    ++m.stats.reductions;
   } else {
     ++m.stats.shuffles;
   }

@@ -65,11 +65,12 @@ struct LaunchStats {
   uint64_t switches = 0;      // fiber resumptions
   uint64_t barriers = 0;      // block barriers completed
   uint64_t barrier_warps = 0;  // barrier instructions issued (one per warp and barrier)
-  uint64_t warp_ops = 0;      // warp-wide exchanges completed (= the four below)
+  uint64_t warp_ops = 0;      // warp-wide exchanges completed (= the five below)
   uint64_t ballots = 0;
   uint64_t shuffles = 0;
   uint64_t matches = 0;
   uint64_t warp_syncs = 0;    // warp barriers
+  uint64_t reductions = 0;    // warp reductions (reduce_max)
   // Lane-level accesses and the bytes they move (always counted).
   uint64_t global_loads = 0, global_stores = 0;
   uint64_t global_load_bytes = 0, global_store_bytes = 0;
@@ -96,7 +97,7 @@ struct LaunchStats {
   // what it does (a memory access's space and kind, or a warp intrinsic).
   enum class SiteKind : int {
     kGlobalLoad, kGlobalStore, kSharedLoad, kSharedStore, kSharedAtomic, kBallot, kShuffle, kMatch, kWarpSync,
-    kAsyncCopy
+    kAsyncCopy, kReduce
   };
   struct Site {
     const void* address;

@@ -26,6 +26,14 @@ std::vector<uint64_t> exchange(const std::string& op, int threads, int arg, int6
       r = simt::ballot(t % 3 == 0 || t % 32 == arg);
     } else if (op == "match_any") {
       r = simt::match_any(static_cast<uint32_t>((t % 32) % (arg > 0 ? arg : 1)));
+    } else if (op == "add_min_s16x2" || op == "max_s16x2") {
+      // Three pseudo-random words of t and arg (the test recomputes them).
+      const uint32_t a = static_cast<uint32_t>(t) * 2654435761u + static_cast<uint32_t>(arg);
+      const uint32_t b = a * 2246822519u + 3266489917u;
+      const uint32_t c = b * 668265263u + 374761393u;
+      r = op == "max_s16x2" ? simt::max_s16x2(a, b) : simt::add_min_s16x2(a, b, c);
+    } else if (op == "reduce_max") {
+      r = simt::reduce_max(static_cast<uint32_t>((t * 37 + arg) % 101));
     } else if (op == "shfl") {
       r = simt::shfl(v, (t * 5 + arg) % 32);
     } else if (op == "shfl_up") {
