@@ -11,9 +11,8 @@ For every kernel and architecture it prints the instructions of the kernel's mai
 divergent-warp fallbacks the compiler parks after the final trap are counted apart, as "cold"),
 then each innermost loop (a backward branch that encloses no other) with its size and the
 instructions in it that the host SIMT layer also counts ("seen": global and shared loads,
-stores and atomics, asynchronous global-to-shared copies, warp votes, shuffles and matches,
-barriers). "per seen" is the loops'
-instructions per seen instruction. The JSON also lists every seen instruction with its chain of
+stores and atomics, asynchronous global-to-shared copies, warp votes, shuffles, matches and
+reductions, barriers). "per seen" is the loops' instructions per seen instruction. The JSON also lists every seen instruction with its chain of
 kernel-header source lines and its loop: benchmarks/bench_kernel_cost.py matches them to the host
 layer's sites to weigh each loop by how often it runs.
 """

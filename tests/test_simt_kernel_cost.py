@@ -41,10 +41,16 @@ def test_kernel_cost_bench(tmp_path):
     assert "today's kernels" in run.stdout  # the recorded baseline is shown beside
 
 
-def test_model_arithmetic():
+def load_bench():
+    """benchmarks/bench_kernel_cost.py as a module (it is a script, not a package)."""
     spec = importlib.util.spec_from_file_location("bench_kernel_cost", ROOT / "benchmarks" / "bench_kernel_cost.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_model_arithmetic():
+    bench = load_bench()
     # A kernel of 60 instructions: one loop of two blocks (12 and 8 instructions) holding two loads
     # and a vote; a peeled copy of the load and a shuffle outside it.
     kernel = {
@@ -71,9 +77,7 @@ def test_model_arithmetic():
 
 
 def test_model_charges_warp_barriers_as_the_sass_has_them():
-    spec = importlib.util.spec_from_file_location("bench_kernel_cost", ROOT / "benchmarks" / "bench_kernel_cost.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     # 50 instructions, no loop, two seen ones (a shuffle, a load): 25 instructions per seen one.
     kernel = {"instructions": 50, "seen_instructions": 2, "innermost_loops": [],
               "seen_list": [["shuffle", ["bitmap.cuh:38"], -1, -1], ["shared load", ["pack.cuh:9"], -1, -1]]}
