@@ -889,11 +889,11 @@ DROPIT_UNROLL
 }
 
 // The body of the per-warp pack kernel: warp w of block b packs chunks b * warps + w, striding by
-// the grid's warps, each chunk of at most kWarpMaxChunk elements, by the warp alone: a 1024-bin
-// first digit (magnitude keys: WindowDigit; random keys, uniform already: the top bits); masks
-// against the bucket's bounds, lane w computing bitmap word w's (at most 32 words); each lane's
-// bucket keys of its word into its own slot (it reads back only what it wrote: no barrier) for
-// the narrow digits, then sorted against the final bounds; one warp scan orders the kept values. Needs warp_smem_bytes() of dynamic shared memory per warp.
+// the grid's warps, each chunk of at most kWarpMaxChunk elements, by the warp alone: a 1024-bin first
+// digit (magnitude keys: WindowDigit; random keys, uniform already: the top bits); masks against the
+// bucket's bounds, lane w computing bitmap word w's (at most 32 words); each lane's bucket keys of its
+// word into its own slot (it reads back only what it wrote: no barrier) for the narrow digits, then
+// sorted against the final bounds; one warp scan orders the kept values. Needs warp_smem_bytes().
 template <typename Bits, typename Key, KeySource Src, typename Sync = simt::BlockSync>
 DROPIT_DEVICE void pack_warps(const PackParams<Bits>& p, Sync sync = Sync()) {
   constexpr int kKeyBits = static_cast<int>(sizeof(Key) * 8) - (Src == KeySource::kRandom ? 0 : 1);

@@ -70,7 +70,7 @@ struct WarpTeam {
 };
 
 // A warp that packs a chunk alone (pack_warps): choose_bin hands its choice round by shuffles, and
-// each lane clears the narrow bins it reads. (pack_block's warp 0 keeps the shared-memory
+// each lane clears the narrow bins it sums. (pack_block's warp 0 keeps the shared-memory
 // hand-over of WarpTeam: there it is a few instructions per chunk of thousands of elements.)
 struct SoloWarpTeam : WarpTeam {};
 
@@ -91,7 +91,7 @@ template <int kBins>
 DROPIT_DEVICE uint32_t run_sum(simt::sptr<uint32_t> hist, int tid, int per) {
   const int top = kBins - tid * per;  // this thread's bins: [bottom, top)
   const int bottom = top - per > 0 ? top - per : 0;
-  uint32_t sum = 0;  // (bin 0 holds 0: it is cleared and never counted)
+  uint32_t sum = 0;  // (bin 0: what was counted there, if anything; choose_bin adds the uncounted keys)
   if (per % 4 == 0 && top - per >= 0) {
     // The run's 16-byte groups in an order rotated by lane, so that the 8 lanes of a quarter warp
     // (one 128-byte pass) read 8 different bank groups: runs of 32 bins a lane would otherwise all
@@ -161,17 +161,17 @@ DROPIT_DEVICE BinChoice choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_
   uint32_t counted = 0;
   uint32_t above = team.exclusive_scan(sum, slots, &counted, sync, scanned);
   const uint32_t in_bin0 = keys - counted;
+  const uint32_t run_keys = sum + (bottom == 0 && top > 0 ? in_bin0 : 0u);  // the keys in this thread's run
+  const bool holds = above < need && above + run_keys >= need;
   if constexpr (std::is_same_v<Team, SoloWarpTeam>) {
     // The first lane whose run holds the bin (from the top); then the warp walks that run at once,
     // lane l on its l-th bin from the top (one scan, one ballot), not the lane bin by bin. Bin 0
     // is read as its stored count plus the uncounted keys, so counts stored there (a first digit's
     // overflow: see WindowDigit) cancel out.
-    const bool holds = above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need;
     const int from = simt::ffs(simt::ballot(holds)) - 1;
     // (A count and the keys above it share a shuffle: a warp's chunk has at most 1024 keys.)
     if constexpr (kBins == bitmap::kWarp) {  // a bin a lane
-      const uint32_t c = sum + (bottom == 0 ? in_bin0 : 0u);
-      const uint32_t above_count = simt::shfl(above | (c << 16), from);
+      const uint32_t above_count = simt::shfl(above | (run_keys << 16), from);
       return BinChoice{static_cast<uint32_t>(kBins - 1 - from), above_count & 0xffffu, above_count >> 16};
     } else {
       const uint32_t run_above = simt::shfl(above, from);
@@ -185,7 +185,7 @@ DROPIT_DEVICE BinChoice choose_bin(Team team, simt::sptr<uint32_t> hist, uint32_
                        above_count >> 16};
     }
   } else {
-    if (above < need && above + sum + (bottom == 0 && top > 0 ? in_bin0 : 0u) >= need) {
+    if (holds) {
       const BinChoice c = walk_run(hist, top, bottom, in_bin0, above, need);
       sel[0] = c.bin;
       sel[1] = c.above;
