@@ -263,8 +263,7 @@ def test_direct_binding_is_the_registered_op(case):
         given = dc.pack(x, 0.5, 16, "offsets") if case == "linear_given_pack" else None
         values, index = (given.values, given.index) if given is not None else (None, None)
         args = (x, w, torch.randn(24, generator=g, dtype=torch.float64), values, index, 0.5, 16, given is None, 0,
-                None, torch.float64,
-                case == "linear_weight_t")
+                None, torch.float64, case == "linear_weight_t")
         ops = (DF._PRODUCTS.linear_dropit, torch.ops.dropit_cuda.linear_dropit)
     else:
         x = torch.randn(2, 4, 9, 9, generator=g).to(memory_format=torch.channels_last)
